@@ -1,0 +1,485 @@
+/*
+ * unionfs_core.c: name resolution and merged directory listings across union layers.
+ * See unionfs_core.h for the contract. Semantics follow kernel overlayfs (fs/overlayfs/namei.c and
+ * readdir.c), plus the OCI/AUFS ".wh." forms that image layers carry.
+ */
+#define _GNU_SOURCE
+#include "unionfs_core.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#define OCI_PREFIX ".wh."
+#define OCI_PREFIX_LEN 4
+#define OCI_META_PREFIX ".wh..wh." /* AUFS metadata such as .wh..wh..opq and .wh..wh..plnk */
+#define OCI_OPAQUE ".wh..wh..opq"
+
+/* Where one layer's copy of a directory is: FD plus PREFIX ("" when FD is the directory). */
+struct loc {
+    int fd;             /* -1 when the layer does not take part */
+    const char *prefix; /* path of the directory relative to fd, or "" */
+    int owned;          /* fd was opened by us and must be closed */
+    int xwhiteouts;     /* the directory is marked overlay.opaque=x: -1 not yet known, 0, 1 */
+};
+
+/* ---- paths ---- */
+
+/* BUF = LOC's directory joined with NAME (NAME may be "" for the directory itself). */
+static int join(char *buf, const struct loc *l, const char *name)
+{
+    const char *prefix = l->prefix;
+    int n;
+    if (prefix[0] == '\0' || strcmp(prefix, ".") == 0)
+        n = snprintf(buf, PATH_MAX, "%s", name[0] ? name : ".");
+    else if (name[0] == '\0')
+        n = snprintf(buf, PATH_MAX, "%s", prefix);
+    else
+        n = snprintf(buf, PATH_MAX, "%s/%s", prefix, name);
+    return (n < 0 || n >= PATH_MAX) ? -ENAMETOOLONG : 0;
+}
+
+/* A path that names LOC/NAME for the path-based xattr calls, through the fd's /proc link. */
+static int proc_path(char *buf, const struct loc *l, const char *name)
+{
+    char rel[PATH_MAX];
+    int rc = join(rel, l, name);
+    if (rc < 0)
+        return rc;
+    int n = snprintf(buf, PATH_MAX, "/proc/self/fd/%d/%s", l->fd, rel);
+    return (n < 0 || n >= PATH_MAX) ? -ENAMETOOLONG : 0;
+}
+
+int ufs_open_at(int root_fd, const char *path, int flags)
+{
+    flags |= O_NOFOLLOW | O_CLOEXEC;
+    size_t len = strlen(path);
+    if (len < PATH_MAX) {
+        int fd = openat(root_fd, path, flags);
+        return fd < 0 ? -errno : fd;
+    }
+    /* Too long for one call: open it a piece at a time, each piece ending at a '/'. */
+    char piece[PATH_MAX];
+    int dirfd = root_fd;
+    const char *rest = path;
+    while (strlen(rest) >= PATH_MAX) {
+        const char *cut = rest + PATH_MAX - 1;
+        while (cut > rest && *cut != '/')
+            cut--;
+        if (cut == rest) {
+            if (dirfd != root_fd)
+                close(dirfd);
+            return -ENAMETOOLONG;
+        }
+        memcpy(piece, rest, (size_t)(cut - rest));
+        piece[cut - rest] = '\0';
+        int next = openat(dirfd, piece, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        int err = errno;
+        if (dirfd != root_fd)
+            close(dirfd);
+        if (next < 0)
+            return -err;
+        dirfd = next;
+        rest = cut + 1;
+    }
+    int fd = openat(dirfd, rest, flags);
+    int err = errno;
+    close(dirfd);
+    return fd < 0 ? -err : fd;
+}
+
+/* Point LOC at layer directory PATH; long paths get an fd of their own so joins stay short. */
+static int loc_init(struct loc *l, int root_fd, const char *path)
+{
+    l->xwhiteouts = -1;
+    l->owned = 0;
+    if (strlen(path) + UFS_NAME_MAX + 64 < PATH_MAX) {
+        l->fd = root_fd;
+        l->prefix = path;
+        return 0;
+    }
+    int fd = ufs_open_at(root_fd, path, O_PATH | O_DIRECTORY);
+    if (fd < 0)
+        return fd;
+    l->fd = fd;
+    l->prefix = "";
+    l->owned = 1;
+    return 0;
+}
+
+static void locs_release(struct loc *locs, int nlayers)
+{
+    for (int i = 0; i < nlayers; i++)
+        if (locs[i].owned)
+            close(locs[i].fd);
+}
+
+/* ---- per-layer facts ---- */
+
+static int stat_in(const struct loc *l, const char *name, struct stat *st)
+{
+    char rel[PATH_MAX];
+    int rc = join(rel, l, name);
+    if (rc < 0)
+        return rc;
+    return fstatat(l->fd, rel, st, AT_SYMLINK_NOFOLLOW) < 0 ? -errno : 0;
+}
+
+static int exists_in(const struct loc *l, const char *name)
+{
+    struct stat st;
+    return stat_in(l, name, &st) == 0;
+}
+
+/* Value of overlay.KEY on LOC/NAME, in the trusted or the user namespace; -1 when absent. */
+static ssize_t overlay_xattr(const struct loc *l, const char *name, const char *key, char *val,
+                             size_t size)
+{
+    static const char *const namespaces[] = {"trusted.overlay.", "user.overlay."};
+    char path[PATH_MAX], xname[64];
+    if (proc_path(path, l, name) < 0)
+        return -1;
+    for (size_t i = 0; i < sizeof(namespaces) / sizeof(namespaces[0]); i++) {
+        snprintf(xname, sizeof(xname), "%s%s", namespaces[i], key);
+        ssize_t n = lgetxattr(path, xname, val, size);
+        if (n >= 0)
+            return n;
+    }
+    return -1;
+}
+
+static int opaque_value_is(const struct loc *l, const char *name, char want)
+{
+    char val[8];
+    ssize_t n = overlay_xattr(l, name, "opaque", val, sizeof(val));
+    return n == 1 && val[0] == want;
+}
+
+/* Is the directory LOC/NAME opaque, so that lower layers do not take part below it? */
+static int dir_is_opaque(const struct ufs_layer *layer, const struct loc *l, const char *name)
+{
+    if (opaque_value_is(l, name, 'y'))
+        return 1;
+    if (layer->flags & UFS_LAYER_OCI) {
+        char marker[UFS_NAME_MAX + sizeof(OCI_OPAQUE) + 2];
+        snprintf(marker, sizeof(marker), "%s/%s", name, OCI_OPAQUE);
+        return exists_in(l, marker);
+    }
+    return 0;
+}
+
+static int is_whiteout(const struct ufs_layer *layer, struct loc *l, const char *name,
+                       const struct stat *st)
+{
+    if (S_ISCHR(st->st_mode) && st->st_rdev == makedev(0, 0))
+        return 1;
+    if (!(layer->flags & UFS_LAYER_XWHITEOUT) || !S_ISREG(st->st_mode) || st->st_size != 0)
+        return 0;
+    if (l->xwhiteouts < 0)
+        l->xwhiteouts = opaque_value_is(l, "", 'x');
+    if (!l->xwhiteouts)
+        return 0;
+    char val[8];
+    return overlay_xattr(l, name, "whiteout", val, sizeof(val)) >= 0;
+}
+
+static void fill_attr(struct ufs_attr *a, const struct stat *st)
+{
+    a->dev = st->st_dev;
+    a->ino = st->st_ino;
+    a->size = (uint64_t)st->st_size;
+    a->blocks = (uint64_t)st->st_blocks;
+    a->rdev = st->st_rdev;
+    a->mode = st->st_mode;
+    a->nlink = (uint32_t)st->st_nlink;
+    a->uid = st->st_uid;
+    a->gid = st->st_gid;
+    a->blksize = (uint32_t)st->st_blksize;
+    a->atime_ns = (int64_t)st->st_atim.tv_sec * 1000000000 + st->st_atim.tv_nsec;
+    a->mtime_ns = (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
+    a->ctime_ns = (int64_t)st->st_ctim.tv_sec * 1000000000 + st->st_ctim.tv_nsec;
+}
+
+int ufs_stat_at(int root_fd, const char *path, struct ufs_attr *out)
+{
+    struct stat st;
+    int fd = ufs_open_at(root_fd, path, O_PATH);
+    if (fd < 0)
+        return fd;
+    int rc = fstat(fd, &st) < 0 ? -errno : 0;
+    close(fd);
+    if (rc == 0)
+        fill_attr(out, &st);
+    return rc;
+}
+
+/* ---- resolution ---- */
+
+static int has_layer_below(const struct loc *locs, int i, int nlayers)
+{
+    for (int j = i + 1; j < nlayers; j++)
+        if (locs[j].fd >= 0)
+            return 1;
+    return 0;
+}
+
+/* Does an OCI ".wh.NAME" in this layer hide NAME in the layers below? */
+static int oci_whiteout_in(const struct ufs_layer *layer, const struct loc *l, const char *name)
+{
+    char wh[UFS_NAME_MAX + OCI_PREFIX_LEN + 1];
+    if (!(layer->flags & UFS_LAYER_OCI) || strlen(name) + OCI_PREFIX_LEN > UFS_NAME_MAX)
+        return 0;
+    snprintf(wh, sizeof(wh), OCI_PREFIX "%s", name);
+    return exists_in(l, wh);
+}
+
+/* Resolve NAME from layer FIRST down; the layers above FIRST are known not to hold it. */
+static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc *locs, int first,
+                        const char *name, struct ufs_found *out)
+{
+    int oci_name = strncmp(name, OCI_PREFIX, OCI_PREFIX_LEN) == 0;
+    memset(out, 0, sizeof(*out));
+    out->layer = -1;
+    for (int i = first; i < nlayers; i++) {
+        struct loc *l = &locs[i];
+        if (l->fd < 0)
+            continue;
+        /* In an OCI layer ".wh." names are whiteout markers, not objects. */
+        if (!(oci_name && (layers[i].flags & UFS_LAYER_OCI))) {
+            struct stat st;
+            int rc = stat_in(l, name, &st);
+            if (rc == 0) {
+                if (is_whiteout(&layers[i], l, name, &st))
+                    break;
+                if (out->layer < 0) {
+                    out->layer = i;
+                    fill_attr(&out->attr, &st);
+                }
+                /* A non-directory ends the search, and also ends a merged directory above it. */
+                if (!S_ISDIR(st.st_mode) || !S_ISDIR(out->attr.mode))
+                    break;
+                out->dir_layers[i / 64] |= UINT64_C(1) << (i % 64);
+                if (!has_layer_below(locs, i, nlayers) || dir_is_opaque(&layers[i], l, name))
+                    break;
+            } else if (rc != -ENOENT) {
+                return rc;
+            }
+        }
+        if (!has_layer_below(locs, i, nlayers) || oci_whiteout_in(&layers[i], l, name))
+            break;
+    }
+    return out->layer < 0 ? -ENOENT : 0;
+}
+
+static int locs_init(struct loc *locs, const struct ufs_layer *layers, int nlayers,
+                     const char *const *dir_paths)
+{
+    if (nlayers < 1 || nlayers > UFS_MAX_LAYERS)
+        return -EINVAL;
+    for (int i = 0; i < nlayers; i++)
+        locs[i].owned = 0;
+    for (int i = 0; i < nlayers; i++) {
+        if (!dir_paths[i]) {
+            locs[i].fd = -1;
+            continue;
+        }
+        int rc = loc_init(&locs[i], layers[i].root_fd, dir_paths[i]);
+        if (rc < 0) {
+            locs_release(locs, i);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+int ufs_resolve(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
+                const char *name, struct ufs_found *out)
+{
+    struct loc locs[UFS_MAX_LAYERS];
+    if (strlen(name) > UFS_NAME_MAX)
+        return -ENAMETOOLONG;
+    int rc = locs_init(locs, layers, nlayers, dir_paths);
+    if (rc < 0)
+        return rc;
+    rc = resolve_from(layers, nlayers, locs, 0, name, out);
+    locs_release(locs, nlayers);
+    return rc;
+}
+
+/* ---- listing ---- */
+
+/* A set of names (open addressing, FNV-1a); it owns copies of its names. */
+struct nameset {
+    char **slots;
+    size_t cap;
+    size_t count;
+};
+
+static uint64_t hash_name(const char *s)
+{
+    uint64_t h = UINT64_C(1469598103934665603);
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * UINT64_C(1099511628211);
+    return h;
+}
+
+static char **nameset_slot(const struct nameset *set, const char *name)
+{
+    size_t i = hash_name(name) & (set->cap - 1);
+    while (set->slots[i] && strcmp(set->slots[i], name) != 0)
+        i = (i + 1) & (set->cap - 1);
+    return &set->slots[i];
+}
+
+static int nameset_grow(struct nameset *set)
+{
+    struct nameset bigger = {calloc(set->cap * 2, sizeof(char *)), set->cap * 2, set->count};
+    if (!bigger.slots)
+        return -ENOMEM;
+    for (size_t i = 0; i < set->cap; i++)
+        if (set->slots[i])
+            *nameset_slot(&bigger, set->slots[i]) = set->slots[i];
+    free(set->slots);
+    *set = bigger;
+    return 0;
+}
+
+/* Add NAME; returns 1 when it was new, 0 when already there, or -errno. */
+static int nameset_add(struct nameset *set, const char *name)
+{
+    if ((set->count + 1) * 2 > set->cap && nameset_grow(set) < 0)
+        return -ENOMEM;
+    char **slot = nameset_slot(set, name);
+    if (*slot)
+        return 0;
+    if (!(*slot = strdup(name)))
+        return -ENOMEM;
+    set->count++;
+    return 1;
+}
+
+static void nameset_free(struct nameset *set)
+{
+    for (size_t i = 0; i < set->cap; i++)
+        free(set->slots[i]);
+    free(set->slots);
+}
+
+static int listing_push(struct ufs_listing *out, uint64_t *cap, const char *name,
+                        const struct ufs_found *found)
+{
+    if (out->count == *cap) {
+        uint64_t want = *cap ? *cap * 2 : 64;
+        struct ufs_dirent *grown = realloc(out->entries, want * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        out->entries = grown;
+        *cap = want;
+    }
+    struct ufs_dirent *e = &out->entries[out->count++];
+    snprintf(e->name, sizeof(e->name), "%s", name);
+    e->found = *found;
+    return 0;
+}
+
+/* Read layer I of the directory, adding the names it makes visible and recording those it hides. */
+static int list_layer(const struct ufs_layer *layers, int nlayers, struct loc *locs, int i,
+                      struct nameset *seen, struct ufs_listing *out, uint64_t *cap)
+{
+    int fd = dup(locs[i].fd);
+    if (fd < 0)
+        return -errno;
+    DIR *dir = fdopendir(fd);
+    if (!dir) {
+        close(fd);
+        return -errno;
+    }
+    /* ".wh." markers hide names only in the layers below their own. */
+    struct nameset hidden = {calloc(16, sizeof(char *)), 16, 0};
+    int rc = hidden.slots ? 0 : -ENOMEM;
+    int oci = layers[i].flags & UFS_LAYER_OCI;
+    struct dirent *d;
+    while (rc >= 0 && (errno = 0, d = readdir(dir))) {
+        const char *name = d->d_name;
+        if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+            continue;
+        if (oci && strncmp(name, OCI_PREFIX, OCI_PREFIX_LEN) == 0) {
+            if (strncmp(name, OCI_META_PREFIX, strlen(OCI_META_PREFIX)) != 0)
+                rc = nameset_add(&hidden, name + OCI_PREFIX_LEN);
+            continue;
+        }
+        rc = nameset_add(seen, name);
+        if (rc <= 0)
+            continue;
+        struct ufs_found found;
+        rc = resolve_from(layers, nlayers, locs, i, name, &found);
+        if (rc == 0)
+            rc = listing_push(out, cap, name, &found);
+        else if (rc == -ENOENT) /* a whiteout, or gone since readdir */
+            rc = 0;
+    }
+    if (rc >= 0 && errno)
+        rc = -errno;
+    closedir(dir);
+    for (size_t k = 0; rc >= 0 && k < hidden.cap; k++)
+        if (hidden.slots[k])
+            rc = nameset_add(seen, hidden.slots[k]);
+    if (hidden.slots)
+        nameset_free(&hidden);
+    return rc < 0 ? rc : 0;
+}
+
+int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
+             struct ufs_listing *out)
+{
+    struct loc locs[UFS_MAX_LAYERS];
+    out->count = 0;
+    out->entries = NULL;
+    if (nlayers < 1 || nlayers > UFS_MAX_LAYERS)
+        return -EINVAL;
+    int rc = 0, opened = 0;
+    for (; opened < nlayers && rc >= 0; opened++) {
+        locs[opened].owned = 0;
+        locs[opened].fd = -1;
+        locs[opened].prefix = "";
+        locs[opened].xwhiteouts = -1;
+        if (!dir_paths[opened])
+            continue;
+        /* getdents needs a readable fd, so each taking-part layer's directory is opened. */
+        int fd = ufs_open_at(layers[opened].root_fd, dir_paths[opened], O_RDONLY | O_DIRECTORY);
+        if (fd < 0)
+            rc = fd;
+        else {
+            locs[opened].fd = fd;
+            locs[opened].owned = 1;
+        }
+    }
+    struct nameset seen = {NULL, 256, 0};
+    uint64_t cap = 0;
+    if (rc >= 0 && !(seen.slots = calloc(seen.cap, sizeof(char *))))
+        rc = -ENOMEM;
+    for (int i = 0; rc >= 0 && i < nlayers; i++)
+        if (locs[i].fd >= 0)
+            rc = list_layer(layers, nlayers, locs, i, &seen, out, &cap);
+    if (seen.slots)
+        nameset_free(&seen);
+    locs_release(locs, opened);
+    if (rc < 0)
+        ufs_listing_free(out);
+    return rc;
+}
+
+void ufs_listing_free(struct ufs_listing *listing)
+{
+    free(listing->entries);
+    listing->entries = NULL;
+    listing->count = 0;
+}

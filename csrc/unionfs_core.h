@@ -1,0 +1,101 @@
+/*
+ * unionfs_core.h: the contract between pyunionfs's Python policy and its C loops.
+ *
+ * The C core knows layers only as open directory file descriptors and paths relative to them.
+ * It never builds an absolute host path and never follows a symlink in the last component, so a
+ * symlink inside a layer cannot lead out of it. It holds no state between calls and no Python
+ * objects: Python decides which layers a directory spans, how inode numbers are composed and what
+ * to cache; C does the per-layer system calls.
+ *
+ * Every function returns 0 on success or a negative errno value.
+ */
+#ifndef UNIONFS_CORE_H
+#define UNIONFS_CORE_H
+
+#include <stdint.h>
+
+#define UFS_MAX_LAYERS 128 /* layers in one union, upper included */
+#define UFS_MASK_WORDS 2   /* 64-bit words in a layer mask: UFS_MAX_LAYERS / 64 */
+#define UFS_NAME_MAX 255
+
+/* Layer flags. */
+#define UFS_LAYER_OCI 1       /* honour OCI/AUFS ".wh.NAME" whiteouts and ".wh..wh..opq" */
+#define UFS_LAYER_XWHITEOUT 2 /* honour xwhiteouts: empty files with overlay.whiteout in an
+                                 overlay.opaque=x directory (lower layers only, like the kernel) */
+
+struct ufs_layer {
+    int root_fd; /* directory fd of the layer root (O_PATH is enough) */
+    int flags;   /* UFS_LAYER_* */
+};
+
+/* lstat() of the object as found in one layer, in fixed-width fields. */
+struct ufs_attr {
+    uint64_t dev;
+    uint64_t ino;
+    uint64_t size;
+    uint64_t blocks;
+    uint64_t rdev;
+    uint32_t mode;
+    uint32_t nlink;
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t blksize;
+    int64_t atime_ns;
+    int64_t mtime_ns;
+    int64_t ctime_ns;
+};
+
+/* A name resolved across the layers of its parent directory. */
+struct ufs_found {
+    int layer;            /* the layer holding the visible object */
+    struct ufs_attr attr; /* that object's attributes */
+    /* For a directory: bit i is set when layer i takes part in the merged directory. The
+       merge stops at an opaque directory, a whiteout, a non-directory or a ".wh." whiteout. */
+    uint64_t dir_layers[UFS_MASK_WORDS];
+};
+
+/*
+ * A directory of the union, as a path per layer. dir_paths[i] is the directory's path relative
+ * to layer i's root ("." for the root), or NULL when layer i does not take part in it.
+ */
+
+/*
+ * Resolve NAME in the union directory given by DIR_PATHS: stat it in each taking-part layer from
+ * the top, stop at the first hit, skip whiteouts and merge directories.
+ * Returns 0 and fills OUT, -ENOENT when the name is absent or whited out, or another -errno.
+ */
+int ufs_resolve(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
+                const char *name, struct ufs_found *out);
+
+/* One visible entry of a merged directory listing. */
+struct ufs_dirent {
+    char name[UFS_NAME_MAX + 1];
+    struct ufs_found found;
+};
+
+struct ufs_listing {
+    uint64_t count;
+    struct ufs_dirent *entries; /* owned by the listing: release with ufs_listing_free() */
+};
+
+/*
+ * List the union directory given by DIR_PATHS: read each taking-part layer from the top, keep the
+ * first occurrence of each name, drop whiteouts and the names they hide, and resolve every entry
+ * as ufs_resolve() would. "." and ".." are not listed. Entries come in layer order, then in the
+ * order the layer's directory returns them.
+ */
+int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
+             struct ufs_listing *out);
+
+void ufs_listing_free(struct ufs_listing *listing);
+
+/* lstat() PATH below ROOT_FD into OUT. */
+int ufs_stat_at(int root_fd, const char *path, struct ufs_attr *out);
+
+/*
+ * Open PATH (relative to ROOT_FD) with FLAGS | O_NOFOLLOW | O_CLOEXEC, walking it a piece at a
+ * time when it is longer than PATH_MAX. Returns the new fd or -errno.
+ */
+int ufs_open_at(int root_fd, const char *path, int flags);
+
+#endif

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up everything pyunionfs needs on Debian 12, as root: the system packages, then a virtualenv
+# in .venv with pyunionfs (its C core compiled by pip) and its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(fuse3 libfuse3-dev pkg-config gcc
+          fuse-overlayfs busybox-static attr)  # the last three: test oracles and fixtures
+if ! python3 -c 'import sysconfig, os, sys, venv, ensurepip
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+    packages+=(python3-dev python3-venv)
+fi
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+modprobe fuse 2>/dev/null || true
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "setup: ready (.venv/bin/pyunionfs)"

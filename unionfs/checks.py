@@ -1,0 +1,86 @@
+"""Checks of the user's directories before anything is mounted or written."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from unionfs.core import MAX_LAYERS
+from unionfs.options import ConfigError, MountConfig
+
+FUSE_DEVICE = "/dev/fuse"
+
+
+def _inside(path: str, top: str) -> bool:
+    """Is PATH equal to TOP or below it? Both are real paths."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _existing_dir(role: str, path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{role} does not exist: {path}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise ConfigError(f"{role} is a stale FUSE mount: {path} (unmount it: fusermount3 -u {path})") from None
+        raise ConfigError(f"{role} cannot be used: {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{role} is not a directory: {path}")
+    return os.path.realpath(path)
+
+
+def mount_points() -> set[str]:
+    """Every mount point in this mount namespace."""
+    points = set()
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            # Field 5; spaces and other specials are written as octal escapes (\040).
+            field = line.split(b" ")[4].decode("unicode_escape").encode("latin-1")
+            points.add(os.fsdecode(field))
+    return points
+
+
+def check_fuse_device() -> None:
+    try:
+        os.close(os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        raise ConfigError(f"cannot use {FUSE_DEVICE}: {exc.strerror}"
+                          " (load the fuse module, or make the device accessible)") from None
+
+
+def validate(config: MountConfig) -> None:
+    """Raise ConfigError, with a one-line reason, unless CONFIG can be mounted."""
+    if not config.lowers:
+        raise ConfigError("no lower directory given (--lower DIR or -o lowerdir=DIR)")
+    if len(config.lowers) + bool(config.upper) > MAX_LAYERS:
+        raise ConfigError(f"too many layers: at most {MAX_LAYERS}")
+    if bool(config.upper) != bool(config.workdir):
+        raise ConfigError("an upper directory needs a workdir, and a workdir needs an upper directory")
+    lowers = [_existing_dir("lower directory", path) for path in config.lowers]
+    upper = config.upper and _existing_dir("upper directory", config.upper)
+    workdir = config.workdir and _existing_dir("workdir", config.workdir)
+    mountpoint = _existing_dir("mountpoint", config.mountpoint)
+
+    if upper and workdir:
+        if os.stat(upper).st_dev != os.stat(workdir).st_dev:
+            raise ConfigError(f"upper directory and workdir are on different filesystems: {upper}, {workdir}")
+        if _inside(workdir, upper) or _inside(upper, workdir):
+            raise ConfigError(f"upper directory and workdir overlap: {upper}, {workdir}")
+        for lower in lowers:
+            for name, path in (("upper directory", upper), ("workdir", workdir)):
+                if _inside(path, lower) or _inside(lower, path):
+                    raise ConfigError(f"{name} and lower directory overlap: {path}, {lower}")
+
+    # The daemon reaches layers through fds opened before the mount. A mountpoint strictly inside a
+    # layer would route the daemon's own lookups back into the union and hang it; a mountpoint on a
+    # lower itself is fine (the union then covers that lower, as an overlay over it would).
+    for role, path in [("upper directory", upper), ("workdir", workdir)]:
+        if path and _inside(mountpoint, path):
+            raise ConfigError(f"mountpoint is inside the {role}: {mountpoint}")
+    for lower in lowers:
+        if mountpoint != lower and _inside(mountpoint, lower):
+            raise ConfigError(f"mountpoint is inside a lower directory: {mountpoint} (in {lower})")
+    if mountpoint in mount_points():
+        raise ConfigError(f"mountpoint is already mounted: {mountpoint} (unmount it first)")
+    check_fuse_device()

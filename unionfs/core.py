@@ -1,0 +1,101 @@
+"""Python face of the C core (csrc/unionfs_core.h): resolution and listings across layers."""
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, NamedTuple, Sequence
+
+from unionfs._core import ffi, lib
+
+MAX_LAYERS: int = lib.UFS_MAX_LAYERS
+LAYER_OCI: int = lib.UFS_LAYER_OCI
+LAYER_XWHITEOUT: int = lib.UFS_LAYER_XWHITEOUT
+
+
+
+class Attr(NamedTuple):
+    """lstat() of an object in one layer (struct ufs_attr)."""
+
+    dev: int
+    ino: int
+    size: int
+    blocks: int
+    rdev: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    blksize: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def _copy_attr(a: Any) -> Attr:
+    return Attr(a.dev, a.ino, a.size, a.blocks, a.rdev, a.mode, a.nlink, a.uid, a.gid, a.blksize,
+                a.atime_ns, a.mtime_ns, a.ctime_ns)
+
+
+class Found(NamedTuple):
+    """A name resolved across layers: where the visible object lives and its lstat()."""
+
+    layer: int
+    attr: Attr
+    dir_layers: int  # bit i set when layer i takes part in the merged directory
+
+
+def _check(rc: int, what: bytes) -> int:
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc), os.fsdecode(what))
+    return rc
+
+
+def _copy_found(c_found: Any) -> Found:
+    words = c_found.dir_layers
+    return Found(c_found.layer, _copy_attr(c_found.attr), words[0] | (words[1] << 64))
+
+
+class LayerArray:
+    """The layers as the C core sees them: root fds and flags, top first."""
+
+    def __init__(self, roots: Sequence[tuple[int, int]]):
+        if not 1 <= len(roots) <= MAX_LAYERS:
+            raise ValueError(f"a union takes 1 to {MAX_LAYERS} layers, not {len(roots)}")
+        self.count = len(roots)
+        self._c_layers = ffi.new("struct ufs_layer[]", [{"root_fd": fd, "flags": fl} for fd, fl in roots])
+
+    def dir_paths(self, path: bytes, mask: int) -> tuple[Any, Any]:
+        """The C argument naming directory PATH in the layers set in MASK (the tuple keeps it alive)."""
+        c_path = ffi.new("char[]", path)
+        paths = ffi.new("char *[]", [c_path if mask >> i & 1 else ffi.NULL for i in range(self.count)])
+        return paths, c_path
+
+    def resolve(self, dir_paths: tuple[Any, Any], name: bytes) -> Found | None:
+        """Resolve NAME in a union directory; None when absent or whited out."""
+        out = ffi.new("struct ufs_found *")
+        rc = lib.ufs_resolve(self._c_layers, self.count, dir_paths[0], name, out)
+        if rc == -errno.ENOENT:
+            return None
+        _check(rc, name)
+        return _copy_found(out)
+
+    def list(self, dir_paths: tuple[Any, Any], path: bytes) -> list[tuple[bytes, Found]]:
+        """The visible entries of a union directory, each resolved."""
+        listing = ffi.new("struct ufs_listing *")
+        _check(lib.ufs_list(self._c_layers, self.count, dir_paths[0], listing), path)
+        try:
+            return [(ffi.string(e.name), _copy_found(e.found)) for e in listing.entries[0 : listing.count]]
+        finally:
+            lib.ufs_listing_free(listing)
+
+
+def stat_at(root_fd: int, path: bytes) -> Attr:
+    """lstat() of PATH below ROOT_FD as a struct ufs_attr."""
+    out = ffi.new("struct ufs_attr *")
+    _check(lib.ufs_stat_at(root_fd, path, out), path)
+    return _copy_attr(out)
+
+
+def open_at(root_fd: int, path: bytes, flags: int) -> int:
+    """Open PATH below ROOT_FD without following a final symlink; long paths are walked."""
+    return _check(lib.ufs_open_at(root_fd, path, flags), path)

@@ -1,0 +1,125 @@
+"""Mounting and serving a union: the FUSE session, daemonizing, signals and unmounting."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pyfuse3
+import trio
+
+from unionfs import checks
+from unionfs.fs import UnionOperations
+from unionfs.layers import LayerStack
+from unionfs.options import ConfigError, MountConfig
+from unionfs.union import Union
+
+log = logging.getLogger("pyunionfs")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def open_union(config: MountConfig) -> Union:
+    """Check CONFIG and open its layers; nothing is mounted yet."""
+    checks.validate(config)
+    try:
+        stack = LayerStack(config.lowers, config.upper)
+    except OSError as exc:
+        raise ConfigError(f"cannot open layer {exc.filename}: {exc.strerror}") from None
+    return Union(stack)
+
+
+async def _serve(ops: UnionOperations) -> bool:
+    """Serve until the union is unmounted from outside (False) or a stop signal arrives (True)."""
+    stopped = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            nonlocal stopped
+            with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        # As in fuse-overlayfs: the size of the inode table, seen from outside.
+                        print(f"pyunionfs: nodes={len(ops.union.inodes)}", file=sys.stderr, flush=True)
+                        continue
+                    log.debug("signal %d: unmounting", signum)
+                    stopped = True
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return stopped
+
+
+def serve(config: MountConfig, foreground: bool, debug: bool) -> int:
+    """Mount CONFIG and serve it until unmounted or signalled. Without FOREGROUND the calling
+    process returns once the union is mounted, and a daemon child serves it."""
+    union = open_union(config)
+    options = config.fuse_options() | ({"debug"} if debug else set())
+    ready_w = -1
+    if not foreground:
+        # Fork before the FUSE session or trio starts a thread.
+        ready_r, ready_w = os.pipe()
+        if os.fork():
+            os.close(ready_w)
+            return _wait_until_mounted(ready_r)
+        os.close(ready_r)
+        os.setsid()
+    ops = UnionOperations(union)
+    try:
+        pyfuse3.init(ops, config.mountpoint, options)
+    except RuntimeError as exc:
+        _report_ready(ready_w, f"mounting {config.mountpoint} failed: {exc}")
+        return 1
+    _report_ready(ready_w, "")
+    if not foreground:
+        _detach_stdio()
+    unmount = True
+    try:
+        unmount = trio.run(_serve, ops)
+    finally:
+        pyfuse3.close(unmount=unmount)
+        union.stack.close()
+    return 0
+
+
+def _report_ready(ready_w: int, error: str) -> None:
+    """Tell the waiting parent (if any) that the mount is live, or why it is not."""
+    if ready_w < 0:
+        if error:
+            raise ConfigError(error)
+        return
+    os.write(ready_w, error.encode() or b"ok")
+    os.close(ready_w)
+
+
+def _wait_until_mounted(ready_r: int) -> int:
+    message = os.read(ready_r, 4096).decode(errors="replace")
+    os.close(ready_r)
+    if message == "ok":
+        return 0
+    raise ConfigError(message or "the mount daemon died before the mount was live")
+
+
+def _detach_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def unmount(mountpoint: str) -> None:
+    """Unmount a union (the daemon then exits by itself)."""
+    path = os.path.abspath(mountpoint)
+    if path not in checks.mount_points():
+        raise ConfigError(f"not mounted: {path}")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", path] if tool else ["umount", path]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        raise ConfigError(f"unmounting {path} failed: {detail}")

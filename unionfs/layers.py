@@ -1,0 +1,87 @@
+"""The layer stack: open layer roots, per-layer flags and inode number composition."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from unionfs import core
+
+# st_ino = fsid << INO_SHIFT | inode number in that filesystem, as kernel overlayfs's xino does:
+# layers on the same filesystem share an fsid, so one object has one number; layers on different
+# filesystems get different numbers even where their inode numbers are equal.
+INO_SHIFT = 56
+INO_MASK = (1 << INO_SHIFT) - 1
+
+ROOT_PATH = b"."
+
+
+@dataclass(frozen=True)
+class Layer:
+    path: str
+    root_fd: int
+    is_upper: bool
+
+
+def child_path(parent: bytes, name: bytes) -> bytes:
+    """The layer-relative path of NAME inside the directory PARENT."""
+    return name if parent == ROOT_PATH else parent + b"/" + name
+
+
+class LayerStack:
+    """Upper (if any) then lowers, top first; each opened once, by path, before the mount."""
+
+    def __init__(self, lowers: Sequence[str], upper: str | None = None):
+        paths = ([upper] if upper else []) + list(lowers)
+        fds: list[int] = []
+        try:
+            for path in paths:
+                fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.layers = [Layer(p, fd, bool(upper) and i == 0) for i, (p, fd) in enumerate(zip(paths, fds))]
+        self.c = core.LayerArray([(layer.root_fd, self._flags(layer)) for layer in self.layers])
+        self.all_layers_mask = (1 << len(self.layers)) - 1
+        self._fsids: dict[int, int] = {}
+        for layer in self.layers:
+            self._fsid(os.fstat(layer.root_fd).st_dev)
+
+    @staticmethod
+    def _flags(layer: Layer) -> int:
+        # Image layers may carry OCI ".wh." whiteouts and xwhiteouts; the upper holds only the
+        # kernel's formats, so a user's own ".wh.name" file there stays an ordinary file.
+        return 0 if layer.is_upper else core.LAYER_OCI | core.LAYER_XWHITEOUT
+
+    def _fsid(self, dev: int) -> int:
+        # Numbered in layer order, so the same stack gives the same numbers at every mount.
+        return self._fsids.setdefault(dev, len(self._fsids))
+
+    def compose_ino(self, dev: int, ino: int) -> int:
+        """The union's st_ino for inode INO of filesystem DEV: stable and unique across layers."""
+        if ino > INO_MASK:  # fold rare huge inode numbers into the low bits
+            ino = (ino ^ (ino >> INO_SHIFT)) & INO_MASK
+        return self._fsid(dev) << INO_SHIFT | ino
+
+    def top(self) -> Layer:
+        return self.layers[0]
+
+    def close(self) -> None:
+        for layer in self.layers:
+            os.close(layer.root_fd)
+
+    @contextlib.contextmanager
+    def at(self, layer: int, path: bytes) -> Iterator[tuple[int, bytes]]:
+        """(dir_fd, name) naming PATH in LAYER for the *at() calls; long paths get their own fd."""
+        root_fd = self.layers[layer].root_fd
+        if len(path) < 4000:
+            yield root_fd, path
+            return
+        parent, _, name = path.rpartition(b"/")
+        dir_fd = core.open_at(root_fd, parent, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield dir_fd, name
+        finally:
+            os.close(dir_fd)

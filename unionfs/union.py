@@ -1,0 +1,80 @@
+"""The union as a plain Python API: lookups, listings and reads over a LayerStack, with the inode
+table. The FUSE Operations class translates requests into these calls."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pyfuse3
+
+from unionfs import core, xattrs
+from unionfs.inodes import ROOT_INODE, InodeTable, Node, make_entry
+from unionfs.layers import ROOT_PATH, LayerStack, child_path
+
+# Layers do not change behind the union's back (kernel overlayfs assumes the same), so the kernel
+# may keep entries and attributes for as long as it likes.
+DEFAULT_TIMEOUT = 1e6
+
+
+class Union:
+    def __init__(self, stack: LayerStack, timeout: float = DEFAULT_TIMEOUT):
+        self.stack = stack
+        self.timeout = timeout
+        found = core.Found(0, core.stat_at(stack.top().root_fd, ROOT_PATH), stack.all_layers_mask)
+        self.inodes = InodeTable(Node(ROOT_INODE, ROOT_INODE, ROOT_PATH, found, make_entry(ROOT_INODE, found, timeout)))
+
+    def _c_dir(self, node: Node):
+        if node.c_dir is None:
+            node.c_dir = self.stack.c.dir_paths(node.path, node.dir_layers)
+        return node.c_dir
+
+    def _node_for(self, parent: Node, name: bytes, found: core.Found) -> Node:
+        """The node for a resolved name: the known one for its object, or a new, uncounted one."""
+        ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
+        known = self.inodes.find(ino)
+        if known is not None:
+            return known
+        return Node(ino, parent.ino, child_path(parent.path, name), found, make_entry(ino, found, self.timeout))
+
+    def lookup(self, parent: Node, name: bytes) -> Node | None:
+        """Resolve NAME in PARENT and count the kernel's new reference; None when absent."""
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        found = self.stack.c.resolve(self._c_dir(parent), name)
+        if found is None:
+            return None
+        return self.inodes.remember(self._node_for(parent, name, found))
+
+    def listdir(self, node: Node) -> list[tuple[bytes, Node]]:
+        """The entries of directory NODE: "." and "..", then the merged names. Their nodes are not
+        counted: the caller calls inodes.remember() for each merged name it hands to the kernel."""
+        entries = self.stack.c.list(self._c_dir(node), node.path)
+        dots = [(b".", node), (b"..", self.inodes.find(node.parent_ino) or node)]
+        return dots + [(name, self._node_for(node, name, found)) for name, found in entries]
+
+    def readlink(self, node: Node) -> bytes:
+        with self.stack.at(node.layer, node.path) as (dir_fd, name):
+            return os.readlink(name, dir_fd=dir_fd)
+
+    def open_file(self, node: Node, flags: int) -> int:
+        return core.open_at(self.stack.layers[node.layer].root_fd, node.path, flags)
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        if xattrs.is_private(name):
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        with self.stack.at(node.layer, node.path) as (dir_fd, rel):
+            return os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), name, follow_symlinks=False)
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        with self.stack.at(node.layer, node.path) as (dir_fd, rel):
+            names = os.listxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), follow_symlinks=False)
+        return xattrs.visible([os.fsencode(n) for n in names])
+
+    def statfs(self) -> pyfuse3.StatvfsData:
+        """The filesystem of the top layer: the upper when there is one, as in kernel overlayfs."""
+        st = os.statvfs(f"/proc/self/fd/{self.stack.top().root_fd}")
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                      "f_favail", "f_namemax"):
+            setattr(data, field, getattr(st, field))
+        return data
