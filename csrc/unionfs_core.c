@@ -16,56 +16,41 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+#include <linux/openat2.h>
 
 #define OCI_PREFIX ".wh."
 #define OCI_PREFIX_LEN 4
 #define OCI_META_PREFIX ".wh..wh." /* AUFS metadata such as .wh..wh..opq and .wh..wh..plnk */
 #define OCI_OPAQUE ".wh..wh..opq"
 
-/* Where one layer's copy of a directory is: FD plus PREFIX ("" when FD is the directory). */
+/* One layer's copy of a directory during a call. */
 struct loc {
-    int fd;             /* -1 when the layer does not take part */
-    const char *prefix; /* path of the directory relative to fd, or "" */
-    int owned;          /* fd was opened by us and must be closed */
-    int xwhiteouts;     /* the directory is marked overlay.opaque=x: -1 not yet known, 0, 1 */
+    int fd;         /* the directory; -1 when the layer does not take part */
+    int owned;      /* fd was opened by us and must be closed */
+    int xwhiteouts; /* the directory is marked overlay.opaque=x: -1 not yet known, 0, 1 */
 };
 
 /* ---- paths ---- */
 
-/* BUF = LOC's directory joined with NAME (NAME may be "" for the directory itself). */
-static int join(char *buf, const struct loc *l, const char *name)
+/* Open PATH below DIRFD without following any symlink and without leaving DIRFD's tree. */
+static int open_beneath(int dirfd, const char *path, int flags)
 {
-    const char *prefix = l->prefix;
-    int n;
-    if (prefix[0] == '\0' || strcmp(prefix, ".") == 0)
-        n = snprintf(buf, PATH_MAX, "%s", name[0] ? name : ".");
-    else if (name[0] == '\0')
-        n = snprintf(buf, PATH_MAX, "%s", prefix);
-    else
-        n = snprintf(buf, PATH_MAX, "%s/%s", prefix, name);
-    return (n < 0 || n >= PATH_MAX) ? -ENAMETOOLONG : 0;
-}
-
-/* A path that names LOC/NAME for the path-based xattr calls, through the fd's /proc link. */
-static int proc_path(char *buf, const struct loc *l, const char *name)
-{
-    char rel[PATH_MAX];
-    int rc = join(rel, l, name);
-    if (rc < 0)
-        return rc;
-    int n = snprintf(buf, PATH_MAX, "/proc/self/fd/%d/%s", l->fd, rel);
-    return (n < 0 || n >= PATH_MAX) ? -ENAMETOOLONG : 0;
+    struct open_how how = {
+        .flags = (uint64_t)(flags | O_NOFOLLOW | O_CLOEXEC),
+        .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+    if (fd < 0 && errno == ENOSYS) /* kernels before 5.6: only the last component is checked */
+        fd = openat(dirfd, path, flags | O_NOFOLLOW | O_CLOEXEC);
+    return fd < 0 ? -errno : fd;
 }
 
 int ufs_open_at(int root_fd, const char *path, int flags)
 {
-    flags |= O_NOFOLLOW | O_CLOEXEC;
-    size_t len = strlen(path);
-    if (len < PATH_MAX) {
-        int fd = openat(root_fd, path, flags);
-        return fd < 0 ? -errno : fd;
-    }
+    if (strlen(path) < PATH_MAX)
+        return open_beneath(root_fd, path, flags);
     /* Too long for one call: open it a piece at a time, each piece ending at a '/'. */
     char piece[PATH_MAX];
     int dirfd = root_fd;
@@ -81,36 +66,38 @@ int ufs_open_at(int root_fd, const char *path, int flags)
         }
         memcpy(piece, rest, (size_t)(cut - rest));
         piece[cut - rest] = '\0';
-        int next = openat(dirfd, piece, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        int err = errno;
+        int next = open_beneath(dirfd, piece, O_PATH | O_DIRECTORY);
         if (dirfd != root_fd)
             close(dirfd);
         if (next < 0)
-            return -err;
+            return next;
         dirfd = next;
         rest = cut + 1;
     }
-    int fd = openat(dirfd, rest, flags);
-    int err = errno;
+    int fd = open_beneath(dirfd, rest, flags);
     close(dirfd);
-    return fd < 0 ? -err : fd;
+    return fd;
 }
 
-/* Point LOC at layer directory PATH; long paths get an fd of their own so joins stay short. */
-static int loc_init(struct loc *l, int root_fd, const char *path)
+/* A path naming L/NAME (NAME "" for the directory) for the path-based xattr calls. */
+static int proc_path(char *buf, const struct loc *l, const char *name)
+{
+    int n = snprintf(buf, PATH_MAX, "/proc/self/fd/%d/%s", l->fd, name);
+    return (n < 0 || n >= PATH_MAX) ? -ENAMETOOLONG : 0;
+}
+
+/* Open layer directory PATH (with FLAGS) for the names to be looked up in it. */
+static int loc_init(struct loc *l, int root_fd, const char *path, int flags)
 {
     l->xwhiteouts = -1;
     l->owned = 0;
-    if (strlen(path) + UFS_NAME_MAX + 64 < PATH_MAX) {
-        l->fd = root_fd;
-        l->prefix = path;
+    l->fd = root_fd;
+    if (strcmp(path, ".") == 0 && (flags & O_PATH))
         return 0;
-    }
-    int fd = ufs_open_at(root_fd, path, O_PATH | O_DIRECTORY);
+    int fd = ufs_open_at(root_fd, path, flags | O_DIRECTORY);
     if (fd < 0)
         return fd;
     l->fd = fd;
-    l->prefix = "";
     l->owned = 1;
     return 0;
 }
@@ -126,11 +113,7 @@ static void locs_release(struct loc *locs, int nlayers)
 
 static int stat_in(const struct loc *l, const char *name, struct stat *st)
 {
-    char rel[PATH_MAX];
-    int rc = join(rel, l, name);
-    if (rc < 0)
-        return rc;
-    return fstatat(l->fd, rel, st, AT_SYMLINK_NOFOLLOW) < 0 ? -errno : 0;
+    return fstatat(l->fd, name, st, AT_SYMLINK_NOFOLLOW) < 0 ? -errno : 0;
 }
 
 static int exists_in(const struct loc *l, const char *name)
@@ -280,7 +263,7 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
 }
 
 static int locs_init(struct loc *locs, const struct ufs_layer *layers, int nlayers,
-                     const char *const *dir_paths)
+                     const char *const *dir_paths, int flags)
 {
     if (nlayers < 1 || nlayers > UFS_MAX_LAYERS)
         return -EINVAL;
@@ -291,7 +274,7 @@ static int locs_init(struct loc *locs, const struct ufs_layer *layers, int nlaye
             locs[i].fd = -1;
             continue;
         }
-        int rc = loc_init(&locs[i], layers[i].root_fd, dir_paths[i]);
+        int rc = loc_init(&locs[i], layers[i].root_fd, dir_paths[i], flags);
         if (rc < 0) {
             locs_release(locs, i);
             return rc;
@@ -306,7 +289,7 @@ int ufs_resolve(const struct ufs_layer *layers, int nlayers, const char *const *
     struct loc locs[UFS_MAX_LAYERS];
     if (strlen(name) > UFS_NAME_MAX)
         return -ENAMETOOLONG;
-    int rc = locs_init(locs, layers, nlayers, dir_paths);
+    int rc = locs_init(locs, layers, nlayers, dir_paths, O_PATH);
     if (rc < 0)
         return rc;
     rc = resolve_from(layers, nlayers, locs, 0, name, out);
@@ -443,25 +426,10 @@ int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir
     struct loc locs[UFS_MAX_LAYERS];
     out->count = 0;
     out->entries = NULL;
-    if (nlayers < 1 || nlayers > UFS_MAX_LAYERS)
-        return -EINVAL;
-    int rc = 0, opened = 0;
-    for (; opened < nlayers && rc >= 0; opened++) {
-        locs[opened].owned = 0;
-        locs[opened].fd = -1;
-        locs[opened].prefix = "";
-        locs[opened].xwhiteouts = -1;
-        if (!dir_paths[opened])
-            continue;
-        /* getdents needs a readable fd, so each taking-part layer's directory is opened. */
-        int fd = ufs_open_at(layers[opened].root_fd, dir_paths[opened], O_RDONLY | O_DIRECTORY);
-        if (fd < 0)
-            rc = fd;
-        else {
-            locs[opened].fd = fd;
-            locs[opened].owned = 1;
-        }
-    }
+    /* getdents needs readable fds, so each taking-part layer's directory is opened O_RDONLY. */
+    int rc = locs_init(locs, layers, nlayers, dir_paths, O_RDONLY);
+    if (rc < 0)
+        return rc;
     struct nameset seen = {NULL, 256, 0};
     uint64_t cap = 0;
     if (rc >= 0 && !(seen.slots = calloc(seen.cap, sizeof(char *))))
@@ -471,7 +439,7 @@ int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir
             rc = list_layer(layers, nlayers, locs, i, &seen, out, &cap);
     if (seen.slots)
         nameset_free(&seen);
-    locs_release(locs, opened);
+    locs_release(locs, nlayers);
     if (rc < 0)
         ufs_listing_free(out);
     return rc;

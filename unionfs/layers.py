@@ -74,12 +74,13 @@ class LayerStack:
 
     @contextlib.contextmanager
     def at(self, layer: int, path: bytes) -> Iterator[tuple[int, bytes]]:
-        """(dir_fd, name) naming PATH in LAYER for the *at() calls; long paths get their own fd."""
+        """(dir_fd, name) naming PATH in LAYER for the *at() calls. The parent directory is opened
+        by the C core, which follows no symlink on the way, so the name cannot lead out of LAYER."""
         root_fd = self.layers[layer].root_fd
-        if len(path) < 4000:
+        parent, _, name = path.rpartition(b"/")
+        if not parent:
             yield root_fd, path
             return
-        parent, _, name = path.rpartition(b"/")
         dir_fd = core.open_at(root_fd, parent, os.O_PATH | os.O_DIRECTORY)
         try:
             yield dir_fd, name

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mounts import daemons_for, force_unmount, is_mounted
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() != 0:
+        raise pytest.UsageError("the tests mount FUSE and overlay filesystems: run them as root")
+
+
+@pytest.fixture
+def mnt(tmp_path: Path):
+    """A mountpoint that is checked to be unmounted, with no daemon left, after the test."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    leftover = is_mounted(path)
+    force_unmount(path)
+    daemons = daemons_for(path)
+    deadline = time.monotonic() + 5
+    while daemons and time.monotonic() < deadline:  # an unmounted daemon may still be exiting
+        time.sleep(0.05)
+        daemons = daemons_for(path)
+    for pid in daemons:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftover, f"{path} was left mounted"
+    assert not daemons, f"pyunionfs processes left running: {daemons}"

@@ -1,0 +1,103 @@
+"""Mounting pyunionfs and kernel overlayfs in tests, always unmounted and reaped afterwards."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+from unionfs.checks import mount_points
+
+PYUNIONFS = str(Path(sys.executable).with_name("pyunionfs"))
+
+
+def is_mounted(path: Path | str) -> bool:
+    return os.path.realpath(path) in mount_points()
+
+
+def wait_for_mount(mountpoint: Path, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not is_mounted(mountpoint):
+        if proc.poll() is not None:
+            raise AssertionError(f"pyunionfs exited with {proc.returncode} before mounting")
+        if time.monotonic() > deadline:
+            raise AssertionError("pyunionfs did not mount in time")
+        time.sleep(0.02)
+
+
+def force_unmount(mountpoint: Path | str) -> None:
+    """Unmount whatever is at MOUNTPOINT, lazily if a normal unmount does not work."""
+    for command in (["fusermount3", "-u", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        if not is_mounted(mountpoint):
+            return
+        subprocess.run(command, capture_output=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def mount_args(lowers: Sequence[Path], upper: Path | None = None, workdir: Path | None = None) -> list[str]:
+    args = [f"--lower={lower}" for lower in lowers]
+    if upper:
+        args += [f"--upper={upper}", f"--workdir={workdir}"]
+    return args
+
+
+@contextlib.contextmanager
+def pyunionfs(lowers: Sequence[Path], mountpoint: Path, *extra: str, upper: Path | None = None,
+              workdir: Path | None = None, stderr: IO | None = None) -> Iterator[subprocess.Popen]:
+    """pyunionfs in the foreground (-f), so the test owns the daemon's PID."""
+    command = [PYUNIONFS, "mount", *mount_args(lowers, upper, workdir), str(mountpoint), "-f", *extra]
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=stderr if stderr is not None else subprocess.DEVNULL)
+    try:
+        wait_for_mount(mountpoint, proc)
+        yield proc
+    finally:
+        force_unmount(mountpoint)
+        stop(proc)
+
+
+@contextlib.contextmanager
+def kernel_overlay(lowers: Sequence[Path], mountpoint: Path, options: str = "") -> Iterator[None]:
+    opts = "lowerdir=" + ":".join(str(lower) for lower in lowers) + (f",{options}" if options else "")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mountpoint)], check=True)
+    try:
+        yield
+    finally:
+        force_unmount(mountpoint)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        force_unmount(path)
+
+
+def daemons_for(mountpoint: Path) -> list[int]:
+    """PIDs of pyunionfs processes whose command line names MOUNTPOINT."""
+    pids = []
+    needle = os.fsencode(str(mountpoint))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(b"pyunionfs" in arg for arg in argv[:2]) and needle in argv:
+            pids.append(int(entry))
+    return pids
