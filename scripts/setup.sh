@@ -23,4 +23,7 @@ modprobe fuse 2>/dev/null || true
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-echo "setup: ready (.venv/bin/pyunionfs)"
+# mount(8) runs helpers with a fixed PATH, so `mount -t fuse.pyunionfs` finds the command only
+# in a system directory: link this checkout's command there.
+ln -sfn "$PWD/.venv/bin/pyunionfs" /usr/local/bin/pyunionfs
+echo "setup: ready (.venv/bin/pyunionfs, linked from /usr/local/bin/pyunionfs)"

@@ -9,6 +9,7 @@ from unionfs.core import MAX_LAYERS
 from unionfs.options import ConfigError, MountConfig
 
 FUSE_DEVICE = "/dev/fuse"
+FUSE_DEVICE_NUMBER = os.makedev(10, 229)
 
 
 def _inside(path: str, top: str) -> bool:
@@ -43,10 +44,14 @@ def mount_points() -> set[str]:
 
 def check_fuse_device() -> None:
     try:
-        os.close(os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC))
+        fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"cannot use {FUSE_DEVICE}: {exc.strerror}"
                           " (load the fuse module, or make the device accessible)") from None
+    st = os.fstat(fd)
+    os.close(fd)
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != FUSE_DEVICE_NUMBER:
+        raise ConfigError(f"cannot use {FUSE_DEVICE}: it is not the FUSE device (char 10:229)")
 
 
 def validate(config: MountConfig) -> None:

@@ -1,0 +1,155 @@
+"""The mounted read path: whiteout forms the kernel does not read, xattrs, inode numbers, FORGET."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mounts import pyunionfs, tmpfs
+from trees import make_opaque, make_xwhiteout, snapshot
+
+
+def layer_dirs(tmp_path: Path, count: int) -> list[Path]:
+    layers = [tmp_path / f"layer{i}" for i in range(count)]
+    for layer in layers:
+        layer.mkdir()
+    return layers
+
+
+def test_oci_and_user_namespace_forms(tmp_path, mnt):
+    """Forms kernel overlayfs (as root) does not read, against the tree they describe."""
+    top, middle, bottom = layer_dirs(tmp_path, 3)
+    for name in ("kept", "oci-deleted", "wh-and-name", "xwh-deleted"):
+        (bottom / name).write_text(f"bottom {name}\n")
+    for d in ("oci-opaque", "user-opaque", "merged"):
+        (bottom / d).mkdir()
+        (bottom / d / "from-bottom").touch()
+    (middle / ".wh.oci-deleted").touch()
+    (middle / "wh-and-name").write_text("middle replaces bottom\n")
+    (middle / ".wh.wh-and-name").touch()
+    (middle / "oci-opaque").mkdir()
+    (middle / "oci-opaque" / ".wh..wh..opq").touch()
+    (middle / "oci-opaque" / "from-middle").touch()
+    (middle / ".wh..wh..plnk").mkdir()  # AUFS hard-link store: never shown
+    (middle / "user-opaque").mkdir()
+    make_opaque(middle / "user-opaque", namespace="user")
+    (top / "merged").mkdir()
+    (top / "merged" / "from-top").touch()
+    os.setxattr(top, "trusted.overlay.opaque", b"x")
+    (top / "xwh-deleted").touch()
+    os.setxattr(top / "xwh-deleted", "trusted.overlay.whiteout", b"")
+    (top / "empty-file").touch()
+    os.setxattr(top / "empty-file", "user.overlay.origin", b"private")
+    os.setxattr(top / "empty-file", "user.visible", b"shown")
+
+    with pyunionfs([top, middle, bottom], mnt):
+        tree = snapshot(mnt)
+        assert sorted(tree) == sorted([
+            "kept", "wh-and-name", "empty-file", "oci-opaque", "oci-opaque/from-middle",
+            "user-opaque", "merged", "merged/from-top", "merged/from-bottom"])
+        assert (mnt / "wh-and-name").read_text() == "middle replaces bottom\n"
+        assert not (mnt / ".wh.oci-deleted").exists()
+        assert not (mnt / "oci-deleted").exists()
+        assert os.listxattr(mnt / "empty-file") == ["user.visible"]
+        with pytest.raises(OSError):
+            os.getxattr(mnt / "empty-file", "user.overlay.origin")
+        assert os.listxattr(mnt) == []  # trusted.overlay.opaque on the root is private too
+
+
+def test_read_only_without_upper(tmp_path, mnt):
+    (layer,) = layer_dirs(tmp_path, 1)
+    (layer / "f").write_text("data")
+    with pyunionfs([layer], mnt):
+        for action in (lambda: (mnt / "f").write_text("x"), lambda: (mnt / "new").touch(),
+                       lambda: (mnt / "f").unlink(), lambda: os.mkdir(mnt / "d"),
+                       lambda: os.chmod(mnt / "f", 0o600)):
+            with pytest.raises(OSError) as exc:
+                action()
+            assert exc.value.errno == 30  # EROFS
+        assert (layer / "f").read_text() == "data"
+
+
+def test_inode_numbers_stable_unique_and_in_readdir(tmp_path, mnt):
+    with tmpfs(tmp_path / "fs1") as fs1, tmpfs(tmp_path / "fs2") as fs2:
+        (fs1 / "one").write_text("1")
+        (fs2 / "two").write_text("2")
+        (fs1 / "dir").mkdir()
+        (fs2 / "dir").mkdir()
+        (fs2 / "dir" / "deep").touch()
+        assert os.stat(fs1 / "one").st_ino == os.stat(fs2 / "two").st_ino  # the collision to avoid
+
+        def numbers() -> dict[str, tuple[int, int]]:
+            seen = {}
+            for directory, _, names in os.walk(mnt):
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        st = entry.stat(follow_symlinks=False)
+                        assert entry.inode() == st.st_ino  # d_ino == st_ino
+                        seen[os.path.relpath(entry.path, mnt)] = (st.st_ino, st.st_dev)
+            return seen
+
+        with pyunionfs([fs1, fs2], mnt):
+            first = numbers()
+            again = numbers()
+            root_dev = os.stat(mnt).st_dev
+        with pyunionfs([fs1, fs2], mnt):
+            remounted = numbers()
+    assert first == again == remounted
+    inos = [ino for ino, _ in first.values()]
+    assert len(set(inos)) == len(inos)
+    assert {dev for _, dev in first.values()} == {root_dev}
+
+
+def test_hard_links_share_an_inode(tmp_path, mnt):
+    top, bottom = layer_dirs(tmp_path, 2)
+    (bottom / "a").write_text("linked")
+    os.link(bottom / "a", bottom / "b")
+    with pyunionfs([top, bottom], mnt):
+        a, b = os.stat(mnt / "a"), os.stat(mnt / "b")
+        assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+        assert (mnt / "b").read_text() == "linked"
+
+
+def test_forget_keeps_the_inode_table_bounded(tmp_path, mnt):
+    (layer,) = layer_dirs(tmp_path, 1)
+    for d in range(40):
+        (layer / f"d{d}").mkdir()
+        for f in range(100):
+            (layer / f"d{d}" / f"f{f}").touch()
+    log = tmp_path / "daemon.log"
+
+    def table_size(proc: subprocess.Popen) -> int:
+        before = log.read_text().count("nodes=")
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while log.read_text().count("nodes=") == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return int(log.read_text().rsplit("nodes=", 1)[1].split()[0])
+
+    with open(log, "w") as stderr, pyunionfs([layer], mnt, stderr=stderr) as proc:
+        subprocess.run(["find", str(mnt)], check=True, stdout=subprocess.DEVNULL)
+        walked = table_size(proc)
+        subprocess.run(["sh", "-c", "sync; echo 2 > /proc/sys/vm/drop_caches"], check=True)
+        dropped = table_size(proc)
+    assert walked >= 4000
+    assert dropped < 100, f"{dropped} nodes still held after the kernel dropped its inodes"
+
+
+def test_paths_near_path_max(tmp_path, mnt):
+    (layer,) = layer_dirs(tmp_path, 1)
+    budget = 4095 - len(os.fsencode(str(mnt))) - 260
+    parts, used = [], 0
+    while used + 256 < budget:
+        parts.append(("p%d" % len(parts)).ljust(255, "z"))
+        used += 256
+    layer.joinpath(*parts).mkdir(parents=True)
+    layer.joinpath(*parts, "f" * 255).write_text("deep")
+    target = mnt.joinpath(*parts, "f" * 255)
+    assert len(os.fsencode(str(target))) > 3800
+    with pyunionfs([layer], mnt):
+        assert target.read_text() == "deep"
+        assert os.listdir(target.parent) == ["f" * 255]
