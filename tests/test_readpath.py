@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mounts import pyunionfs, tmpfs
-from trees import make_opaque, make_xwhiteout, snapshot
+from trees import make_opaque, snapshot
 
 
 def layer_dirs(tmp_path: Path, count: int) -> list[Path]:
@@ -153,3 +153,17 @@ def test_paths_near_path_max(tmp_path, mnt):
     with pyunionfs([layer], mnt):
         assert target.read_text() == "deep"
         assert os.listdir(target.parent) == ["f" * 255]
+
+
+def test_node_ids_are_kept_apart_from_st_ino(tmp_path, mnt):
+    from unionfs.inodes import SEPARATE_NODE_IDS
+
+    assert SEPARATE_NODE_IDS, "pyfuse3's EntryAttributes layout changed: node id and st_ino are one"
+    (layer,) = layer_dirs(tmp_path, 1)
+    (layer / "f").write_text("x")
+    log = tmp_path / "debug.log"
+    with open(log, "w") as stderr, pyunionfs([layer], mnt, "-d", stderr=stderr):
+        assert os.stat(mnt / "f").st_ino == os.stat(layer / "f").st_ino  # the layer's own number
+        assert (mnt / "f").read_text() == "x"
+    # The kernel opened the file by its FUSE node id: the first one after the root's.
+    assert "opcode: OPEN (14), nodeid: 2," in log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import logging
 import os
 from typing import Awaitable, Callable, Iterator, Sequence, TypeVar
 
@@ -12,19 +13,27 @@ import pyfuse3
 from unionfs.inodes import Node, negative_entry
 from unionfs.union import Union
 
+log = logging.getLogger("pyunionfs")
 T = TypeVar("T")
 DOT_ENTRIES = 2  # "." and ".." open every listing
 
 
 def replies_errno(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn an OSError from the layers into the FUSE reply with its errno."""
+    """Turn an OSError from the layers into the FUSE reply with its errno. Any other error is a
+    bug: it is logged and answered with EIO, because letting it out would end the daemon and
+    leave every user of the mount with ENOTCONN."""
 
     @functools.wraps(method)
     async def wrapper(*args: object) -> T:
         try:
             return await method(*args)
+        except pyfuse3.FUSEError:
+            raise
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
 
@@ -69,10 +78,12 @@ class UnionOperations(pyfuse3.Operations):
             return negative_entry(self.union.timeout)
         return node.entry
 
+    @replies_errno
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.union.inodes.forget(ino, count)
 
+    @replies_errno
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         return self._node(inode).entry
 
@@ -86,21 +97,25 @@ class UnionOperations(pyfuse3.Operations):
         # One snapshot per open directory, so offsets stay valid between readdir calls.
         return self._add_handle(self.union.listdir(node))
 
+    @replies_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._handles[fh]
-        remember = self.union.inodes.remember
+        inodes = self.union.inodes
         for index in range(start_id, len(entries)):
             name, node = entries[index]
+            node = inodes.current(node)
             if not pyfuse3.readdir_reply(token, name, node.entry, index + 1):
                 return
             # readdirplus hands the kernel a reference to each entry it accepts, except "." and
             # ".." (the first two), which the kernel does not count (fuse_direntplus_link).
             if index >= DOT_ENTRIES:
-                remember(node)
+                inodes.remember(node)
 
+    @replies_errno
     async def releasedir(self, fh: int) -> None:
         del self._handles[fh]
 
+    @replies_errno
     async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
         return pyfuse3.FileInfo(fh=self._add_handle(OpenFile(self._node(inode))), keep_cache=True)
 
@@ -111,6 +126,7 @@ class UnionOperations(pyfuse3.Operations):
             handle.fd = self.union.open_file(handle.node, os.O_RDONLY)
         return os.pread(handle.fd, size, off)
 
+    @replies_errno
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         if handle.fd >= 0:
@@ -128,6 +144,7 @@ class UnionOperations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
         return self.union.listxattr(self._node(inode))
 
+    @replies_errno
     async def access(self, inode: int, mode: int, ctx=None) -> bool:
         # Mounted with default_permissions: the kernel checks permissions itself.
         return True

@@ -1,30 +1,59 @@
 """The inode table: one node per union object, with ready-made attributes, kept while the kernel
-holds a reference (lookup count) and dropped on FORGET."""
+holds a reference (lookup count) and dropped on FORGET.
+
+FUSE node ids and st_ino are kept apart: node ids come from a counter and are never reused within a
+mount, while st_ino is the object's stable, composed number. When a layer filesystem reuses an
+inode number for a new object, the kernel therefore never mistakes it for an old one it still
+caches."""
 from __future__ import annotations
 
+import ctypes
+import itertools
 import stat
 
 import pyfuse3
 
 from unionfs.core import Attr, Found
 
-ROOT_INODE: int = pyfuse3.ROOT_INODE
+ROOT_ID: int = pyfuse3.ROOT_INODE
+
+
+def _locate_stat_ino() -> int | None:
+    """The offset of attr.st_ino inside a pyfuse3 EntryAttributes object, or None.
+
+    pyfuse3's st_ino setter writes the FUSE node id and attr.st_ino from one value and offers no way
+    to set them apart, so the second is written in place. The offset is found by probing a fresh
+    object and is used only when the probe finds the struct fuse_entry_param layout it expects:
+    node id, then generation, then the struct stat, whose st_ino follows the 8-byte st_dev."""
+    probe = 0x5EEDF00DC0FFEE11
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = probe
+    raw = ctypes.string_at(id(entry), type(entry).__basicsize__)
+    needle = probe.to_bytes(8, "little")
+    offsets = [i for i in range(len(raw) - 7) if raw[i:i + 8] == needle]
+    if len(offsets) != 2 or offsets[1] - offsets[0] != 24:
+        return None
+    ctypes.c_uint64.from_address(id(entry) + offsets[1]).value = 1
+    return offsets[1] if entry.st_ino == probe else None
+
+
+_STAT_INO_OFFSET = _locate_stat_ino()
+SEPARATE_NODE_IDS = _STAT_INO_OFFSET is not None
 
 
 class Node:
-    """A union object the kernel knows. pyfuse3 uses one field for the FUSE node id and st_ino,
-    so the node id is the object's composed, stable st_ino (the root is node 1)."""
+    """A union object the kernel knows."""
 
-    __slots__ = ("ino", "parent_ino", "path", "layer", "dir_layers", "entry", "lookups", "c_dir")
+    __slots__ = ("id", "ino", "parent_id", "path", "layer", "dir_layers", "entry", "lookups", "c_dir")
 
-    def __init__(self, ino: int, parent_ino: int, path: bytes, found: Found,
-                 entry: pyfuse3.EntryAttributes):
-        self.ino = ino
-        self.parent_ino = parent_ino  # for "..": a directory has one parent
+    def __init__(self, node_id: int, ino: int, parent_id: int, path: bytes, found: Found, timeout: float):
+        self.id = node_id  # the FUSE node id
+        self.ino = ino  # st_ino
+        self.parent_id = parent_id  # for "..": a directory has one parent
         self.path = path  # relative to every layer root; b"." for the root
         self.layer = found.layer  # the layer that holds the visible object
         self.dir_layers = found.dir_layers  # for a directory, the layers it merges
-        self.entry = entry  # attributes served by lookup, getattr and readdirplus
+        self.entry = make_entry(node_id, ino, found, timeout)  # served by lookup, getattr, readdirplus
         self.lookups = 0
         self.c_dir = None  # the directory's C path argument, built on first use
 
@@ -33,10 +62,12 @@ class Node:
         return stat.S_ISDIR(self.entry.st_mode)
 
 
-def make_entry(ino: int, found: Found, timeout: float) -> pyfuse3.EntryAttributes:
+def make_entry(node_id: int, ino: int, found: Found, timeout: float) -> pyfuse3.EntryAttributes:
     a: Attr = found.attr
     entry = pyfuse3.EntryAttributes()
-    entry.st_ino = ino
+    entry.st_ino = node_id
+    if _STAT_INO_OFFSET is not None:
+        ctypes.c_uint64.from_address(id(entry) + _STAT_INO_OFFSET).value = ino
     entry.entry_timeout = timeout
     entry.attr_timeout = timeout
     entry.st_mode = a.mode
@@ -65,30 +96,50 @@ def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
 
 
 class InodeTable:
-    def __init__(self, root: Node):
+    def __init__(self, root_ino: int, root_found: Found, root_path: bytes, timeout: float):
+        self.timeout = timeout
+        self._ids = itertools.count(ROOT_ID + 1)
+        root = Node(ROOT_ID, root_ino, ROOT_ID, root_path, root_found, timeout)
         root.lookups = 1  # the kernel never forgets the root
-        self._nodes: dict[int, Node] = {ROOT_INODE: root}
+        self._by_id: dict[int, Node] = {ROOT_ID: root}
+        self._by_ino: dict[int, Node] = {root_ino: root}
 
     def __len__(self) -> int:
-        return len(self._nodes)
+        return len(self._by_id)
 
-    def get(self, ino: int) -> Node:
-        """The node for INO; KeyError when the kernel asks for one it was never given."""
-        return self._nodes[ino]
+    def get(self, node_id: int) -> Node:
+        """The node for a FUSE node id; KeyError when the kernel asks for one it does not hold."""
+        return self._by_id[node_id]
 
-    def find(self, ino: int) -> Node | None:
-        return self._nodes.get(ino)
+    def find(self, node_id: int) -> Node | None:
+        return self._by_id.get(node_id)
+
+    def node_for(self, ino: int, parent: Node, path: bytes, found: Found) -> Node:
+        """The known node of object INO, or a new one, not yet counted, with a fresh node id.
+        When st_ino is also the node id (see SEPARATE_NODE_IDS), st_ino is the node id too."""
+        known = self._by_ino.get(ino)
+        if known is not None:
+            return known
+        node_id = next(self._ids) if SEPARATE_NODE_IDS else ino
+        return Node(node_id, ino, parent.id, path, found, self.timeout)
+
+    def current(self, node: Node) -> Node:
+        """The counted node for NODE's object: a listing may hold a node made before another was."""
+        return self._by_ino.get(node.ino, node)
 
     def remember(self, node: Node) -> Node:
-        """Count one kernel reference to NODE's object; an existing node for it wins."""
-        known = self._nodes.setdefault(node.ino, node)
-        known.lookups += 1
-        return known
+        """Count one kernel reference to NODE, which must be current()."""
+        known = self._by_ino.setdefault(node.ino, node)
+        assert known is node, "remember() takes the current node of an object"
+        self._by_id[node.id] = node
+        node.lookups += 1
+        return node
 
-    def forget(self, ino: int, count: int) -> None:
-        node = self._nodes.get(ino)
-        if node is None or ino == ROOT_INODE:
+    def forget(self, node_id: int, count: int) -> None:
+        node = self._by_id.get(node_id)
+        if node is None or node_id == ROOT_ID:
             return
         node.lookups -= count
         if node.lookups <= 0:
-            del self._nodes[ino]
+            del self._by_id[node_id]
+            del self._by_ino[node.ino]

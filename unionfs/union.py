@@ -8,7 +8,7 @@ import os
 import pyfuse3
 
 from unionfs import core, xattrs
-from unionfs.inodes import ROOT_INODE, InodeTable, Node, make_entry
+from unionfs.inodes import InodeTable, Node
 from unionfs.layers import ROOT_PATH, LayerStack, child_path
 
 # Layers do not change behind the union's back (kernel overlayfs assumes the same), so the kernel
@@ -21,7 +21,8 @@ class Union:
         self.stack = stack
         self.timeout = timeout
         found = core.Found(0, core.stat_at(stack.top().root_fd, ROOT_PATH), stack.all_layers_mask)
-        self.inodes = InodeTable(Node(ROOT_INODE, ROOT_INODE, ROOT_PATH, found, make_entry(ROOT_INODE, found, timeout)))
+        root_ino = stack.compose_ino(found.attr.dev, found.attr.ino)
+        self.inodes = InodeTable(root_ino, found, ROOT_PATH, timeout)
 
     def _c_dir(self, node: Node):
         if node.c_dir is None:
@@ -31,10 +32,7 @@ class Union:
     def _node_for(self, parent: Node, name: bytes, found: core.Found) -> Node:
         """The node for a resolved name: the known one for its object, or a new, uncounted one."""
         ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
-        known = self.inodes.find(ino)
-        if known is not None:
-            return known
-        return Node(ino, parent.ino, child_path(parent.path, name), found, make_entry(ino, found, self.timeout))
+        return self.inodes.node_for(ino, parent, child_path(parent.path, name), found)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """Resolve NAME in PARENT and count the kernel's new reference; None when absent."""
@@ -49,7 +47,7 @@ class Union:
         """The entries of directory NODE: "." and "..", then the merged names. Their nodes are not
         counted: the caller calls inodes.remember() for each merged name it hands to the kernel."""
         entries = self.stack.c.list(self._c_dir(node), node.path)
-        dots = [(b".", node), (b"..", self.inodes.find(node.parent_ino) or node)]
+        dots = [(b".", node), (b"..", self.inodes.find(node.parent_id) or node)]
         return dots + [(name, self._node_for(node, name, found)) for name, found in entries]
 
     def readlink(self, node: Node) -> bytes:
