@@ -39,6 +39,9 @@ def _mount_parser() -> argparse.ArgumentParser:
 def _helper_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="pyunionfs",
+        usage="pyunionfs [SOURCE] MOUNTPOINT -o lowerdir=A:B[,...] [-f] [-d]\n"
+              "       pyunionfs mount --lower DIR [--lower DIR ...] [-o OPTS] [-f] [-d] MOUNTPOINT\n"
+              "       pyunionfs umount MOUNTPOINT",
         description="A union filesystem with kernel overlayfs semantics. Commands: "
                     "`pyunionfs mount ...`, `pyunionfs umount MOUNTPOINT`, or the mount-helper form "
                     "`pyunionfs [SOURCE] MOUNTPOINT -o lowerdir=A:B[,upperdir=U,workdir=W]`.")

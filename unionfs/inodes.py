@@ -44,7 +44,8 @@ SEPARATE_NODE_IDS = _STAT_INO_OFFSET is not None
 class Node:
     """A union object the kernel knows."""
 
-    __slots__ = ("id", "ino", "parent_id", "path", "layer", "dir_layers", "entry", "lookups", "c_dir")
+    __slots__ = ("id", "ino", "parent_id", "path", "layer", "dir_layers", "entry", "lookups", "c_dir",
+                 "xattr_names")
 
     def __init__(self, node_id: int, ino: int, parent_id: int, path: bytes, found: Found, timeout: float):
         self.id = node_id  # the FUSE node id
@@ -56,6 +57,9 @@ class Node:
         self.entry = make_entry(node_id, ino, found, timeout)  # served by lookup, getattr, readdirplus
         self.lookups = 0
         self.c_dir = None  # the directory's C path argument, built on first use
+        # The names of the object's xattrs, read on first use: ls -l asks for ACLs and SELinux
+        # labels of every file, and most have none, which this answers without a system call.
+        self.xattr_names: frozenset[bytes] | None = None
 
     @property
     def is_dir(self) -> bool:

@@ -57,16 +57,21 @@ class Union:
     def open_file(self, node: Node, flags: int) -> int:
         return core.open_at(self.stack.layers[node.layer].root_fd, node.path, flags)
 
+    def _xattr_names(self, node: Node) -> frozenset[bytes]:
+        if node.xattr_names is None:
+            with self.stack.at(node.layer, node.path) as (dir_fd, rel):
+                names = os.listxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), follow_symlinks=False)
+            node.xattr_names = frozenset(os.fsencode(name) for name in names)
+        return node.xattr_names
+
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        if xattrs.is_private(name):
+        if xattrs.is_private(name) or name not in self._xattr_names(node):
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         with self.stack.at(node.layer, node.path) as (dir_fd, rel):
             return os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), name, follow_symlinks=False)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        with self.stack.at(node.layer, node.path) as (dir_fd, rel):
-            names = os.listxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), follow_symlinks=False)
-        return xattrs.visible([os.fsencode(n) for n in names])
+        return xattrs.visible(sorted(self._xattr_names(node)))
 
     def statfs(self) -> pyfuse3.StatvfsData:
         """The filesystem of the top layer: the upper when there is one, as in kernel overlayfs."""
