@@ -14,6 +14,7 @@ import stat
 import pyfuse3
 
 from unionfs.core import Attr, Found
+from unionfs.layers import ROOT_PATH
 
 ROOT_ID: int = pyfuse3.ROOT_INODE
 
@@ -42,28 +43,50 @@ SEPARATE_NODE_IDS = _STAT_INO_OFFSET is not None
 
 
 class Node:
-    """A union object the kernel knows."""
+    """A union object the kernel knows, found under its parent by name."""
 
-    __slots__ = ("id", "ino", "parent_id", "path", "layer", "dir_layers", "entry", "lookups", "c_dir",
+    __slots__ = ("id", "ino", "parent", "name", "layer", "dir_layers", "entry", "lookups", "c_dir",
                  "xattr_names")
 
-    def __init__(self, node_id: int, ino: int, parent_id: int, path: bytes, found: Found, timeout: float):
+    def __init__(self, node_id: int, ino: int, parent: Node | None, name: bytes, found: Found,
+                 timeout: float):
         self.id = node_id  # the FUSE node id
         self.ino = ino  # st_ino
-        self.parent_id = parent_id  # for "..": a directory has one parent
-        self.path = path  # relative to every layer root; b"." for the root
+        self.parent = parent  # None for the root; a directory has one parent
+        self.name = name
         self.layer = found.layer  # the layer that holds the visible object
         self.dir_layers = found.dir_layers  # for a directory, the layers it merges
         self.entry = make_entry(node_id, ino, found, timeout)  # served by lookup, getattr, readdirplus
         self.lookups = 0
-        self.c_dir = None  # the directory's C path argument, built on first use
+        self.c_dir: tuple | None = None  # the directory's C path argument and its path, built on use
         # The names of the object's xattrs, read on first use: ls -l asks for ACLs and SELinux
         # labels of every file, and most have none, which this answers without a system call.
         self.xattr_names: frozenset[bytes] | None = None
 
     @property
+    def path(self) -> bytes:
+        """The path relative to every layer root (b"." for the root), from the parent chain, so a
+        directory rename moves everything below it at once."""
+        if self.parent is None:
+            return ROOT_PATH
+        names = [self.name]
+        node = self.parent
+        while node.parent is not None:
+            names.append(node.name)
+            node = node.parent
+        return b"/".join(reversed(names))
+
+    @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.entry.st_mode)
+
+    def update(self, found: Found, timeout: float) -> None:
+        """Take new attributes after a change; st_ino and the node id stay."""
+        self.layer = found.layer
+        if found.dir_layers != self.dir_layers:
+            self.dir_layers = found.dir_layers
+            self.c_dir = None
+        self.entry = make_entry(self.id, self.ino, found, timeout)
 
 
 def make_entry(node_id: int, ino: int, found: Found, timeout: float) -> pyfuse3.EntryAttributes:
@@ -100,10 +123,10 @@ def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
 
 
 class InodeTable:
-    def __init__(self, root_ino: int, root_found: Found, root_path: bytes, timeout: float):
+    def __init__(self, root_ino: int, root_found: Found, timeout: float):
         self.timeout = timeout
         self._ids = itertools.count(ROOT_ID + 1)
-        root = Node(ROOT_ID, root_ino, ROOT_ID, root_path, root_found, timeout)
+        root = Node(ROOT_ID, root_ino, None, b"", root_found, timeout)
         root.lookups = 1  # the kernel never forgets the root
         self._by_id: dict[int, Node] = {ROOT_ID: root}
         self._by_ino: dict[int, Node] = {root_ino: root}
@@ -118,14 +141,14 @@ class InodeTable:
     def find(self, node_id: int) -> Node | None:
         return self._by_id.get(node_id)
 
-    def node_for(self, ino: int, parent: Node, path: bytes, found: Found) -> Node:
+    def node_for(self, ino: int, parent: Node, name: bytes, found: Found) -> Node:
         """The known node of object INO, or a new one, not yet counted, with a fresh node id.
         When st_ino is also the node id (see SEPARATE_NODE_IDS), st_ino is the node id too."""
         known = self._by_ino.get(ino)
         if known is not None:
             return known
         node_id = next(self._ids) if SEPARATE_NODE_IDS else ino
-        return Node(node_id, ino, parent.id, path, found, self.timeout)
+        return Node(node_id, ino, parent, name, found, self.timeout)
 
     def current(self, node: Node) -> Node:
         """The counted node for NODE's object: a listing may hold a node made before another was."""

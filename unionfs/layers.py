@@ -24,11 +24,6 @@ class Layer:
     is_upper: bool
 
 
-def child_path(parent: bytes, name: bytes) -> bytes:
-    """The layer-relative path of NAME inside the directory PARENT."""
-    return name if parent == ROOT_PATH else parent + b"/" + name
-
-
 class LayerStack:
     """Upper (if any) then lowers, top first; each opened once, by path, before the mount."""
 

@@ -9,7 +9,7 @@ import pyfuse3
 
 from unionfs import core, xattrs
 from unionfs.inodes import InodeTable, Node
-from unionfs.layers import ROOT_PATH, LayerStack, child_path
+from unionfs.layers import ROOT_PATH, LayerStack
 
 # Layers do not change behind the union's back (kernel overlayfs assumes the same), so the kernel
 # may keep entries and attributes for as long as it likes.
@@ -22,17 +22,18 @@ class Union:
         self.timeout = timeout
         found = core.Found(0, core.stat_at(stack.top().root_fd, ROOT_PATH), stack.all_layers_mask)
         root_ino = stack.compose_ino(found.attr.dev, found.attr.ino)
-        self.inodes = InodeTable(root_ino, found, ROOT_PATH, timeout)
+        self.inodes = InodeTable(root_ino, found, timeout)
 
     def _c_dir(self, node: Node):
-        if node.c_dir is None:
-            node.c_dir = self.stack.c.dir_paths(node.path, node.dir_layers)
-        return node.c_dir
+        path = node.path
+        if node.c_dir is None or node.c_dir[1] != path:
+            node.c_dir = (self.stack.c.dir_paths(path, node.dir_layers), path)
+        return node.c_dir[0]
 
     def _node_for(self, parent: Node, name: bytes, found: core.Found) -> Node:
         """The node for a resolved name: the known one for its object, or a new, uncounted one."""
         ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
-        return self.inodes.node_for(ino, parent, child_path(parent.path, name), found)
+        return self.inodes.node_for(ino, parent, name, found)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """Resolve NAME in PARENT and count the kernel's new reference; None when absent."""
@@ -47,7 +48,7 @@ class Union:
         """The entries of directory NODE: "." and "..", then the merged names. Their nodes are not
         counted: the caller calls inodes.remember() for each merged name it hands to the kernel."""
         entries = self.stack.c.list(self._c_dir(node), node.path)
-        dots = [(b".", node), (b"..", self.inodes.find(node.parent_id) or node)]
+        dots = [(b".", node), (b"..", node.parent or node)]
         return dots + [(name, self._node_for(node, name, found)) for name, found in entries]
 
     def readlink(self, node: Node) -> bytes:
