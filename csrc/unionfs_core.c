@@ -445,6 +445,12 @@ int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir
     return rc;
 }
 
+int ufs_rename(int old_dir_fd, const char *old_name, int new_dir_fd, const char *new_name,
+               unsigned int flags)
+{
+    return renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags) < 0 ? -errno : 0;
+}
+
 void ufs_listing_free(struct ufs_listing *listing)
 {
     free(listing->entries);

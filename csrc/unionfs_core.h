@@ -98,4 +98,9 @@ int ufs_stat_at(int root_fd, const char *path, struct ufs_attr *out);
  */
 int ufs_open_at(int root_fd, const char *path, int flags);
 
+/* renameat2(2), which glibc 2.36 has but Python does not: FLAGS are RENAME_NOREPLACE (1),
+   RENAME_EXCHANGE (2) and RENAME_WHITEOUT (4). */
+int ufs_rename(int old_dir_fd, const char *old_name, int new_dir_fd, const char *new_name,
+               unsigned int flags);
+
 #endif

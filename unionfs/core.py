@@ -99,3 +99,8 @@ def stat_at(root_fd: int, path: bytes) -> Attr:
 def open_at(root_fd: int, path: bytes, flags: int) -> int:
     """Open PATH below ROOT_FD without following a final symlink; long paths are walked."""
     return _check(lib.ufs_open_at(root_fd, path, flags), path)
+
+
+def rename(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes, flags: int = 0) -> None:
+    """renameat2(2) with its flags."""
+    _check(lib.ufs_rename(old_dir_fd, old_name, new_dir_fd, new_name, flags), new_name)

@@ -27,9 +27,9 @@ def open_union(config: MountConfig) -> Union:
     checks.validate(config)
     try:
         stack = LayerStack(config.lowers, config.upper)
+        return Union(stack, None if config.read_only else config.workdir)
     except OSError as exc:
         raise ConfigError(f"cannot open layer {exc.filename}: {exc.strerror}") from None
-    return Union(stack)
 
 
 async def _serve(ops: UnionOperations) -> bool:
@@ -58,6 +58,7 @@ async def _serve(ops: UnionOperations) -> bool:
 def serve(config: MountConfig, foreground: bool, debug: bool) -> int:
     """Mount CONFIG and serve it until unmounted or signalled. Without FOREGROUND the calling
     process returns once the union is mounted, and a daemon child serves it."""
+    os.umask(0)  # modes arrive with the caller's umask applied; the daemon's must not apply again
     union = open_union(config)
     options = config.fuse_options() | ({"debug"} if debug else set())
     ready_w = -1

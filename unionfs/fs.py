@@ -1,4 +1,4 @@
-"""FUSE operations: a thin translation of pyfuse3 requests into Union calls and errno values."""
+"""FUSE operations: a thin translation of pyfuse3 requests into union calls and errno values."""
 from __future__ import annotations
 
 import errno
@@ -10,6 +10,9 @@ from typing import Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import pyfuse3
 
+from unionfs import dirops, inode_ops
+from unionfs.dirops import Caller
+from unionfs.file import OpenFile, open_file
 from unionfs.inodes import Node, negative_entry
 from unionfs.union import Union
 
@@ -38,15 +41,8 @@ def replies_errno(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitabl
     return wrapper
 
 
-class OpenFile:
-    """An open regular file. The layer file is opened on the first read: with keep_cache a
-    cached file is often never read, and open() then costs no system call."""
-
-    __slots__ = ("node", "fd")
-
-    def __init__(self, node: Node):
-        self.node = node
-        self.fd = -1
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid)
 
 
 class UnionOperations(pyfuse3.Operations):
@@ -70,10 +66,11 @@ class UnionOperations(pyfuse3.Operations):
         self._handles[fh] = handle
         return fh
 
+    # ---- names and attributes ----
+
     @replies_errno
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
-        parent = self._node(parent_inode)
-        node = self.union.lookup(parent, name)
+        node = self.union.lookup(self._node(parent_inode), name)
         if node is None:
             return negative_entry(self.union.timeout)
         return node.entry
@@ -85,17 +82,54 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
-        return self._node(inode).entry
+        return self.union.getattr(self._node(inode))
+
+    @replies_errno
+    async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+        handle = self._handles.get(fh) if fh is not None else None
+        return await inode_ops.setattr(self.union, self._node(inode), attr, fields, handle)
 
     @replies_errno
     async def readlink(self, inode: int, ctx=None) -> bytes:
         return self.union.readlink(self._node(inode))
 
     @replies_errno
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx) -> pyfuse3.EntryAttributes:
+        return dirops.mknod(self.union, self._node(parent_inode), name, mode, rdev, _caller(ctx)).entry
+
+    @replies_errno
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx) -> pyfuse3.EntryAttributes:
+        return dirops.mkdir(self.union, self._node(parent_inode), name, mode, _caller(ctx)).entry
+
+    @replies_errno
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx) -> pyfuse3.EntryAttributes:
+        return dirops.symlink(self.union, self._node(parent_inode), name, target, _caller(ctx)).entry
+
+    @replies_errno
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx) -> pyfuse3.EntryAttributes:
+        node = await dirops.link(self.union, self._node(inode), self._node(new_parent_inode), new_name)
+        return node.entry
+
+    @replies_errno
+    async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+        dirops.unlink(self.union, self._node(parent_inode), name)
+
+    @replies_errno
+    async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
+        dirops.rmdir(self.union, self._node(parent_inode), name)
+
+    @replies_errno
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx) -> None:
+        await dirops.rename(self.union, self._node(parent_inode_old), name_old,
+                            self._node(parent_inode_new), name_new, flags)
+
+    # ---- directories ----
+
+    @replies_errno
     async def opendir(self, inode: int, ctx=None) -> int:
-        node = self._node(inode)
         # One snapshot per open directory, so offsets stay valid between readdir calls.
-        return self._add_handle(self.union.listdir(node))
+        return self._add_handle(self.union.listdir(self._node(inode)))
 
     @replies_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -116,21 +150,42 @@ class UnionOperations(pyfuse3.Operations):
         del self._handles[fh]
 
     @replies_errno
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass  # directory changes are made by rename and mkdir calls that the upper fs orders
+
+    # ---- files ----
+
+    @replies_errno
     async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=self._add_handle(OpenFile(self._node(inode))), keep_cache=True)
+        handle = await open_file(self.union, self._node(inode), flags)
+        return pyfuse3.FileInfo(fh=self._add_handle(handle), keep_cache=True)
+
+    @replies_errno
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
+        node, fd = dirops.create(self.union, self._node(parent_inode), name, mode, flags, _caller(ctx))
+        handle = OpenFile(node, fd, flags & os.O_ACCMODE)
+        node.open_files.add(handle)
+        return pyfuse3.FileInfo(fh=self._add_handle(handle), keep_cache=True), node.entry
 
     @replies_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._handles[fh].layer_fd(self.union), size, off)
+
+    @replies_errno
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self._handles[fh].layer_fd(self.union), buf, off)
+
+    @replies_errno
+    async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles[fh]
-        if handle.fd < 0:
-            handle.fd = self.union.open_file(handle.node, os.O_RDONLY)
-        return os.pread(handle.fd, size, off)
+        if handle.fd >= 0:
+            (os.fdatasync if datasync else os.fsync)(handle.fd)
 
     @replies_errno
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh)
-        if handle.fd >= 0:
-            os.close(handle.fd)
+        self._handles.pop(fh).close()
+
+    # ---- the rest ----
 
     @replies_errno
     async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
@@ -143,6 +198,14 @@ class UnionOperations(pyfuse3.Operations):
     @replies_errno
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
         return self.union.listxattr(self._node(inode))
+
+    @replies_errno
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        await inode_ops.setxattr(self.union, self._node(inode), name, value)
+
+    @replies_errno
+    async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        await inode_ops.removexattr(self.union, self._node(inode), name)
 
     @replies_errno
     async def access(self, inode: int, mode: int, ctx=None) -> bool:

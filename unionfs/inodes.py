@@ -8,6 +8,7 @@ caches."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import stat
 
@@ -46,7 +47,7 @@ class Node:
     """A union object the kernel knows, found under its parent by name."""
 
     __slots__ = ("id", "ino", "parent", "name", "layer", "dir_layers", "entry", "lookups", "c_dir",
-                 "xattr_names")
+                 "xattr_names", "open_files")
 
     def __init__(self, node_id: int, ino: int, parent: Node | None, name: bytes, found: Found,
                  timeout: float):
@@ -62,6 +63,7 @@ class Node:
         # The names of the object's xattrs, read on first use: ls -l asks for ACLs and SELinux
         # labels of every file, and most have none, which this answers without a system call.
         self.xattr_names: frozenset[bytes] | None = None
+        self.open_files: set = set()  # open handles, moved to the upper copy on copy-up
 
     @property
     def path(self) -> bytes:
@@ -69,6 +71,8 @@ class Node:
         directory rename moves everything below it at once."""
         if self.parent is None:
             return ROOT_PATH
+        if self.name is None:
+            raise FileNotFoundError(errno.ENOENT, "the name of this object was removed")
         names = [self.name]
         node = self.parent
         while node.parent is not None:
@@ -79,6 +83,10 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.entry.st_mode)
+
+    def detach(self) -> None:
+        """The object lost the name this node knew it by; a later lookup may find another."""
+        self.name = None
 
     def update(self, found: Found, timeout: float) -> None:
         """Take new attributes after a change; st_ino and the node id stay."""
@@ -146,6 +154,9 @@ class InodeTable:
         When st_ino is also the node id (see SEPARATE_NODE_IDS), st_ino is the node id too."""
         known = self._by_ino.get(ino)
         if known is not None:
+            if known.name is None:  # another name of an object whose known name was removed
+                known.parent, known.name = parent, name
+                known.update(found, self.timeout)
             return known
         node_id = next(self._ids) if SEPARATE_NODE_IDS else ino
         return Node(node_id, ino, parent, name, found, self.timeout)
@@ -162,6 +173,13 @@ class InodeTable:
         node.lookups += 1
         return node
 
+    def drop_object(self, node: Node) -> None:
+        """NODE's object is gone from the union. The kernel may still hold the node (an open
+        file), but a new object that reuses the inode number must get a node of its own."""
+        node.detach()
+        if self._by_ino.get(node.ino) is node:
+            del self._by_ino[node.ino]
+
     def forget(self, node_id: int, count: int) -> None:
         node = self._by_id.get(node_id)
         if node is None or node_id == ROOT_ID:
@@ -169,4 +187,5 @@ class InodeTable:
         node.lookups -= count
         if node.lookups <= 0:
             del self._by_id[node_id]
-            del self._by_ino[node.ino]
+            if self._by_ino.get(node.ino) is node:
+                del self._by_ino[node.ino]

@@ -37,8 +37,7 @@ class MountConfig:
 
     @property
     def read_only(self) -> bool:
-        # Copy-on-write through the upper is not built yet (issue: union filesystem, part 2).
-        return True
+        return self.upper is None or "ro" in self.fuse_flags
 
     def add_flag(self, flag: str) -> None:
         """Add a FUSE flag; the later of two opposite flags (ro after rw, ...) wins."""

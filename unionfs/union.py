@@ -1,28 +1,52 @@
-"""The union as a plain Python API: lookups, listings and reads over a LayerStack, with the inode
-table. The FUSE Operations class translates requests into these calls."""
+"""The union as a plain Python API over a LayerStack and the inode table: lookups, listings and
+reads, and the upper-layer plumbing that writes build on (copy-up, upper directories). The FUSE
+Operations class translates requests into these calls."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import stat
+from typing import Iterator
 
 import pyfuse3
+import trio
 
 from unionfs import core, xattrs
+from unionfs.copy_up import build_copy
 from unionfs.inodes import InodeTable, Node
 from unionfs.layers import ROOT_PATH, LayerStack
+from unionfs.workdir import WorkDir
 
 # Layers do not change behind the union's back (kernel overlayfs assumes the same), so the kernel
 # may keep entries and attributes for as long as it likes.
 DEFAULT_TIMEOUT = 1e6
+UPPER = 0  # the upper layer, when there is one, is layer 0
+UPPER_BIT = 1 << UPPER
+
+
+def fail(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
 
 
 class Union:
-    def __init__(self, stack: LayerStack, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, stack: LayerStack, workdir: str | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.stack = stack
         self.timeout = timeout
+        # Writable with an upper layer and a work directory; without them, read-only.
+        self.writable = stack.top().is_upper and workdir is not None
+        self.work = WorkDir(workdir) if self.writable else None
+        # Namespace of the overlay xattrs this union writes: trusted.* needs CAP_SYS_ADMIN;
+        # unprivileged, the kernel's userxattr format (user.*) is written instead.
+        self.xattr_namespace = b"trusted." if os.geteuid() == 0 else b"user."
         found = core.Found(0, core.stat_at(stack.top().root_fd, ROOT_PATH), stack.all_layers_mask)
         root_ino = stack.compose_ino(found.attr.dev, found.attr.ino)
         self.inodes = InodeTable(root_ino, found, timeout)
+        # st_ino of copied-up objects, by their upper (dev, ino): a copy keeps its lower number.
+        self._copied_inos: dict[tuple[int, int], int] = {}
+        self._copy_locks: dict[int, trio.Lock] = {}
+
+    # ---- reading ----
 
     def _c_dir(self, node: Node):
         path = node.path
@@ -30,19 +54,48 @@ class Union:
             node.c_dir = (self.stack.c.dir_paths(path, node.dir_layers), path)
         return node.c_dir[0]
 
+    def _ino_of(self, found: core.Found) -> int:
+        attr = found.attr
+        if found.layer == UPPER and self.writable:
+            copied = self._copied_inos.get((attr.dev, attr.ino))
+            if copied is not None:
+                return copied
+        return self.stack.compose_ino(attr.dev, attr.ino)
+
     def _node_for(self, parent: Node, name: bytes, found: core.Found) -> Node:
-        """The node for a resolved name: the known one for its object, or a new, uncounted one."""
-        ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
-        return self.inodes.node_for(ino, parent, name, found)
+        """The node for a resolved name: the known one for its object (with fresh attributes when
+        it lives in the upper layer), or a new, uncounted one."""
+        node = self.inodes.node_for(self._ino_of(found), parent, name, found)
+        if found.layer == UPPER and self.writable and node.layer == UPPER:
+            node.update(found, self.timeout)
+        return node
+
+    def resolve(self, parent: Node, name: bytes) -> core.Found | None:
+        if not parent.is_dir:
+            raise fail(errno.ENOTDIR)
+        return self.stack.c.resolve(self._c_dir(parent), name)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """Resolve NAME in PARENT and count the kernel's new reference; None when absent."""
-        if not parent.is_dir:
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        found = self.stack.c.resolve(self._c_dir(parent), name)
+        found = self.resolve(parent, name)
         if found is None:
             return None
         return self.inodes.remember(self._node_for(parent, name, found))
+
+    def lookup_existing(self, parent: Node, name: bytes) -> Node:
+        """The node for NAME, not counted as a kernel reference; ENOENT when absent."""
+        found = self.resolve(parent, name)
+        if found is None:
+            raise fail(errno.ENOENT)
+        return self.inodes.current(self._node_for(parent, name, found))
+
+    def has_lower(self, parent: Node, name: bytes) -> bool:
+        """Does a layer below the upper hold NAME in PARENT (so that removing the upper object, or
+        its absence from the upper, needs a whiteout)?"""
+        lower_mask = parent.dir_layers & ~UPPER_BIT
+        if not lower_mask:
+            return False
+        return self.stack.c.resolve(self.stack.c.dir_paths(parent.path, lower_mask), name) is not None
 
     def listdir(self, node: Node) -> list[tuple[bytes, Node]]:
         """The entries of directory NODE: "." and "..", then the merged names. Their nodes are not
@@ -51,6 +104,12 @@ class Union:
         dots = [(b".", node), (b"..", node.parent or node)]
         return dots + [(name, self._node_for(node, name, found)) for name, found in entries]
 
+    def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
+        if node.layer == UPPER and self.writable and node.name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.refresh(node)
+        return node.entry
+
     def readlink(self, node: Node) -> bytes:
         with self.stack.at(node.layer, node.path) as (dir_fd, name):
             return os.readlink(name, dir_fd=dir_fd)
@@ -58,7 +117,7 @@ class Union:
     def open_file(self, node: Node, flags: int) -> int:
         return core.open_at(self.stack.layers[node.layer].root_fd, node.path, flags)
 
-    def _xattr_names(self, node: Node) -> frozenset[bytes]:
+    def xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattr_names is None:
             with self.stack.at(node.layer, node.path) as (dir_fd, rel):
                 names = os.listxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), follow_symlinks=False)
@@ -66,13 +125,14 @@ class Union:
         return node.xattr_names
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        if xattrs.is_private(name) or name not in self._xattr_names(node):
-            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        name = xattrs.to_stored(name)
+        if name not in self.xattr_names(node):
+            raise fail(errno.ENODATA)
         with self.stack.at(node.layer, node.path) as (dir_fd, rel):
             return os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), name, follow_symlinks=False)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        return xattrs.visible(sorted(self._xattr_names(node)))
+        return xattrs.visible(sorted(self.xattr_names(node)))
 
     def statfs(self) -> pyfuse3.StatvfsData:
         """The filesystem of the top layer: the upper when there is one, as in kernel overlayfs."""
@@ -82,3 +142,93 @@ class Union:
                       "f_favail", "f_namemax"):
             setattr(data, field, getattr(st, field))
         return data
+
+    # ---- the upper layer ----
+
+    def require_writable(self) -> None:
+        if not self.writable:
+            raise fail(errno.EROFS)
+
+    @contextlib.contextmanager
+    def upper_dir(self, node: Node) -> Iterator[int]:
+        """An fd of directory NODE in the upper layer (which must hold it)."""
+        root_fd = self.stack.layers[UPPER].root_fd
+        path = node.path
+        if path == ROOT_PATH:
+            yield root_fd
+            return
+        fd = core.open_at(root_fd, path, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def upper_location(self, node: Node) -> Iterator[tuple[int, bytes]]:
+        """(dir_fd, name) of NODE's object in the upper layer, for the *at() calls."""
+        if node.parent is None:
+            yield self.stack.layers[UPPER].root_fd, ROOT_PATH
+            return
+        with self.upper_dir(node.parent) as dir_fd:
+            yield dir_fd, node.name
+
+    def refresh(self, node: Node) -> core.Attr:
+        """Re-read NODE's attributes from its upper object."""
+        attr = core.stat_at(self.stack.layers[UPPER].root_fd, node.path)
+        dir_layers = node.dir_layers | UPPER_BIT if stat.S_ISDIR(attr.mode) else 0
+        node.update(core.Found(UPPER, attr, dir_layers), self.timeout)
+        node.xattr_names = None
+        return attr
+
+    def ensure_upper_dir(self, node: Node) -> None:
+        """Copy directory NODE, and the directories above it, up to the upper layer (metadata
+        only: a directory's entries stay where they are and keep merging)."""
+        self.require_writable()
+        if node.layer == UPPER:
+            return
+        self.ensure_upper_dir(node.parent)
+        self._install_copy(node, with_data=False)
+
+    async def copy_up(self, node: Node, with_data: bool = True) -> None:
+        """Copy NODE's object to the upper layer before its first change. A big file is copied in
+        a worker thread, so other requests go on meanwhile; one copy-up per object at a time."""
+        self.require_writable()
+        if node.layer == UPPER:
+            return
+        if node.is_dir:
+            self.ensure_upper_dir(node)
+            return
+        lock = self._copy_locks.setdefault(node.ino, trio.Lock())
+        try:
+            async with lock:
+                if node.layer != UPPER:  # not done meanwhile by a request that held the lock
+                    self.ensure_upper_dir(node.parent)
+                    await self._install_copy_async(node, with_data)
+        finally:
+            if not lock.statistics().tasks_waiting:
+                self._copy_locks.pop(node.ino, None)
+
+    def _install_copy(self, node: Node, with_data: bool) -> None:
+        tmp = self.work.temp_name()
+        with self.stack.at(node.layer, node.path) as (src_dir, src_name):
+            build_copy(src_dir, src_name, self.work.fd, tmp, with_data)
+        self._put_copy_in_place(node, tmp)
+
+    async def _install_copy_async(self, node: Node, with_data: bool) -> None:
+        tmp = self.work.temp_name()
+        with self.stack.at(node.layer, node.path) as (src_dir, src_name):
+            try:
+                await trio.to_thread.run_sync(build_copy, src_dir, src_name, self.work.fd, tmp, with_data)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.work.remove(tmp)
+                raise
+        self._put_copy_in_place(node, tmp)
+
+    def _put_copy_in_place(self, node: Node, tmp: bytes) -> None:
+        with self.upper_dir(node.parent) as parent_fd:
+            os.rename(tmp, node.name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+        attr = self.refresh(node)
+        self._copied_inos[(attr.dev, attr.ino)] = node.ino
+        for handle in list(node.open_files):
+            handle.reopen(self)

@@ -1,0 +1,295 @@
+"""Operations that change names: create, link, unlink, rmdir and rename, with whiteouts and opaque
+directories in kernel overlayfs's format (after fs/overlayfs/dir.c)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from typing import Callable, NamedTuple
+
+from unionfs import core
+from unionfs.inodes import Node
+from unionfs.union import UPPER_BIT, Union, fail
+from unionfs.whiteout import is_whiteout, make_whiteout, set_opaque
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+NAME_MAX = 255
+
+
+class Caller(NamedTuple):
+    """Who asks: the request's fsuid and fsgid."""
+
+    uid: int
+    gid: int
+
+
+def _stat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _whiteout_at(dir_fd: int, name: bytes) -> bool:
+    st = _stat_at(dir_fd, name)
+    return st is not None and is_whiteout(st)
+
+
+def _discard(dir_fd: int, name: bytes) -> None:
+    with contextlib.suppress(OSError):
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except IsADirectoryError:
+            os.rmdir(name, dir_fd=dir_fd)
+
+
+def _owner_and_mode(parent_fd: int, caller: Caller, mode: int) -> tuple[int, int, int]:
+    """Owner and mode of a new object: a set-group-ID directory hands on its group (and, to a
+    new directory, the set-group-ID bit), as the upper filesystem would for the caller itself."""
+    parent = os.fstat(parent_fd)
+    if parent.st_mode & stat.S_ISGID:
+        return caller.uid, parent.st_gid, mode | (stat.S_ISGID if stat.S_ISDIR(mode) else 0)
+    return caller.uid, caller.gid, mode
+
+
+def _build(dir_fd: int, name: bytes, make: Callable[[int, bytes], None], uid: int, gid: int,
+           mode: int, opaque_namespace: bytes | None) -> None:
+    make(dir_fd, name)
+    try:
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(mode):  # after chown, which clears set-ID bits
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
+        if opaque_namespace:
+            set_opaque(dir_fd, name, opaque_namespace)
+    except BaseException:
+        _discard(dir_fd, name)
+        raise
+
+
+def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
+            make: Callable[[int, bytes], None]) -> Node:
+    """Create NAME in PARENT with MAKE(dir_fd, name), owned by the caller, and return its node
+    (counted as a kernel reference). Over a whiteout the object is built in the work directory
+    and swapped in with RENAME_EXCHANGE, so the lower object never shows through; a directory
+    made there is opaque, so the lower directory's entries stay hidden."""
+    union.require_writable()
+    if len(name) > NAME_MAX:
+        raise fail(errno.ENAMETOOLONG)
+    if union.resolve(parent, name) is not None:
+        raise fail(errno.EEXIST)
+    union.ensure_upper_dir(parent)
+    with union.upper_dir(parent) as parent_fd:
+        uid, gid, mode = _owner_and_mode(parent_fd, caller, mode)
+        if _whiteout_at(parent_fd, name):
+            work = union.work
+            tmp = work.temp_name()
+            opaque = union.xattr_namespace if stat.S_ISDIR(mode) else None
+            _build(work.fd, tmp, make, uid, gid, mode, opaque)
+            try:
+                core.rename(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+            finally:
+                work.remove(tmp)  # the whiteout after the exchange, or the new object if it failed
+        else:
+            _build(parent_fd, name, make, uid, gid, mode, None)
+    node = union.lookup(parent, name)
+    assert node is not None
+    return node
+
+
+def mkdir(union: Union, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
+    return install(union, parent, name, caller, stat.S_IFDIR | mode,
+                   lambda dir_fd, n: os.mkdir(n, 0o700, dir_fd=dir_fd))
+
+
+def mknod(union: Union, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+    if stat.S_ISCHR(mode) and rdev == 0:
+        raise fail(errno.EPERM)  # a whiteout is not something users make, as in the kernel
+    return install(union, parent, name, caller, mode,
+                   lambda dir_fd, n: os.mknod(n, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dir_fd))
+
+
+def symlink(union: Union, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
+    return install(union, parent, name, caller, stat.S_IFLNK | 0o777,
+                   lambda dir_fd, n: os.symlink(target, n, dir_fd=dir_fd))
+
+
+def create(union: Union, parent: Node, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Node, int]:
+    """Create and open a regular file; returns its node and an fd opened with FLAGS' access mode."""
+    opened: list[int] = []
+
+    def make(dir_fd: int, n: bytes) -> None:
+        access = flags & os.O_ACCMODE
+        opened.append(os.open(n, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd))
+
+    try:
+        node = install(union, parent, name, caller, stat.S_IFREG | mode, make)
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    return node, opened[0]
+
+
+async def link(union: Union, node: Node, new_parent: Node, new_name: bytes) -> Node:
+    """A new name for NODE's object, which is copied up first."""
+    union.require_writable()
+    if len(new_name) > NAME_MAX:
+        raise fail(errno.ENAMETOOLONG)
+    if union.resolve(new_parent, new_name) is not None:
+        raise fail(errno.EEXIST)
+    await union.copy_up(node)
+    union.ensure_upper_dir(new_parent)
+    with union.upper_dir(node.parent) as src_fd, union.upper_dir(new_parent) as dst_fd:
+        if _whiteout_at(dst_fd, new_name):
+            work = union.work
+            tmp = work.temp_name()
+            os.link(node.name, tmp, src_dir_fd=src_fd, dst_dir_fd=work.fd, follow_symlinks=False)
+            try:
+                core.rename(work.fd, tmp, dst_fd, new_name, RENAME_EXCHANGE)
+            finally:
+                work.remove(tmp)
+        else:
+            os.link(node.name, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+    union.refresh(node)
+    return union.inodes.remember(node)
+
+
+def _remove_from_upper(union: Union, parent: Node, name: bytes, parent_fd: int, needs_whiteout: bool) -> None:
+    """Take NAME out of the upper directory, leaving a whiteout there when a lower layer has the
+    name. An upper object is moved to the work directory in the same step (RENAME_WHITEOUT), so
+    there is no moment in which the lower object shows through; a directory, which may still hold
+    whiteouts, is then deleted there."""
+    st = _stat_at(parent_fd, name)
+    if st is None or is_whiteout(st):
+        if needs_whiteout and st is None:
+            make_whiteout(parent_fd, name)
+        return
+    if not stat.S_ISDIR(st.st_mode) and not needs_whiteout:
+        os.unlink(name, dir_fd=parent_fd)
+        return
+    tmp = union.work.temp_name()
+    core.rename(parent_fd, name, union.work.fd, tmp, RENAME_WHITEOUT if needs_whiteout else 0)
+    union.work.remove(tmp)
+
+
+def _gone(union: Union, node: Node) -> None:
+    """NODE lost its name: forget its object, unless other hard links keep it."""
+    if node.is_dir or node.entry.st_nlink <= 1:
+        union.inodes.drop_object(node)
+    else:
+        node.detach()
+
+
+def unlink(union: Union, parent: Node, name: bytes) -> None:
+    union.require_writable()
+    node = union.lookup_existing(parent, name)
+    if node.is_dir:
+        raise fail(errno.EISDIR)
+    _remove(union, parent, name, node)
+
+
+def rmdir(union: Union, parent: Node, name: bytes) -> None:
+    union.require_writable()
+    node = union.lookup_existing(parent, name)
+    if not node.is_dir:
+        raise fail(errno.ENOTDIR)
+    if union.listdir(node)[2:]:
+        raise fail(errno.ENOTEMPTY)
+    _remove(union, parent, name, node)
+
+
+def _remove(union: Union, parent: Node, name: bytes, node: Node) -> None:
+    union.ensure_upper_dir(parent)
+    with union.upper_dir(parent) as parent_fd:
+        _remove_from_upper(union, parent, name, parent_fd, union.has_lower(parent, name))
+    _gone(union, node)
+    union.refresh(parent)
+
+
+def _is_merged_or_lower(node: Node) -> bool:
+    return node.is_dir and bool(node.dir_layers & ~UPPER_BIT)
+
+
+async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+                 flags: int) -> None:
+    union.require_writable()
+    if len(new_name) > NAME_MAX:
+        raise fail(errno.ENAMETOOLONG)
+    src = union.lookup_existing(old_parent, old_name)
+    found = union.resolve(new_parent, new_name)
+    dst = union.lookup_existing(new_parent, new_name) if found else None
+    if flags & RENAME_NOREPLACE and dst is not None:
+        raise fail(errno.EEXIST)
+    if flags & RENAME_EXCHANGE and dst is None:
+        raise fail(errno.ENOENT)
+    if dst is src:
+        return  # two names of one object: nothing to do (rename(2))
+    if dst is not None and not flags & RENAME_EXCHANGE:
+        if src.is_dir and not dst.is_dir:
+            raise fail(errno.ENOTDIR)
+        if dst.is_dir and not src.is_dir:
+            raise fail(errno.EISDIR)
+        if dst.is_dir and union.listdir(dst)[2:]:
+            raise fail(errno.ENOTEMPTY)
+    # A directory that merges lower layers cannot move without redirects (kernel overlayfs with
+    # redirect_dir=off answers the same, and tools such as mv then copy).
+    if _is_merged_or_lower(src) or (flags & RENAME_EXCHANGE and _is_merged_or_lower(dst)):
+        raise fail(errno.EXDEV)
+    await union.copy_up(src)
+    if flags & RENAME_EXCHANGE:
+        await union.copy_up(dst)
+    union.ensure_upper_dir(old_parent)
+    union.ensure_upper_dir(new_parent)
+    src_has_lower = union.has_lower(old_parent, old_name)
+    dst_has_lower = union.has_lower(new_parent, new_name)
+    ns = union.xattr_namespace
+    with union.upper_dir(old_parent) as old_fd, union.upper_dir(new_parent) as new_fd:
+        if flags & RENAME_EXCHANGE:
+            core.rename(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
+            # A directory now at a name that a lower layer also has must not merge with it.
+            if src.is_dir and dst_has_lower:
+                set_opaque(new_fd, new_name, ns)
+            if dst.is_dir and src_has_lower:
+                set_opaque(old_fd, old_name, ns)
+        else:
+            _rename_into(union, old_fd, old_name, new_fd, new_name, src, src_has_lower, dst_has_lower)
+    if dst is not None and not flags & RENAME_EXCHANGE:
+        _gone(union, dst)
+    src.parent, src.name = new_parent, new_name
+    if flags & RENAME_EXCHANGE:
+        dst.parent, dst.name = old_parent, old_name
+        union.refresh(dst)
+    union.refresh(src)
+    union.refresh(old_parent)
+    union.refresh(new_parent)
+
+
+def _rename_into(union: Union, old_fd: int, old_name: bytes, new_fd: int, new_name: bytes, src: Node,
+                 src_has_lower: bool, dst_has_lower: bool) -> None:
+    target = _stat_at(new_fd, new_name)
+    if src.is_dir:
+        if dst_has_lower:
+            set_opaque(old_fd, old_name, union.xattr_namespace)
+        if target is not None and stat.S_ISDIR(target.st_mode):
+            # The target is empty in the union, but its upper copy may hold whiteouts.
+            _empty_upper_dir(union, new_fd, new_name)
+        elif target is not None and is_whiteout(target):
+            # A directory cannot replace a whiteout by rename: swap them, then drop the whiteout
+            # unless the old name needs one.
+            core.rename(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
+            if not src_has_lower:
+                os.unlink(old_name, dir_fd=old_fd)
+            return
+    core.rename(old_fd, old_name, new_fd, new_name, RENAME_WHITEOUT if src_has_lower else 0)
+
+
+def _empty_upper_dir(union: Union, parent_fd: int, name: bytes) -> None:
+    fd = core.open_at(parent_fd, name, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for entry in os.listdir(fd):
+            os.unlink(entry, dir_fd=fd)  # only whiteouts: the directory is empty in the union
+    finally:
+        os.close(fd)

@@ -1,0 +1,54 @@
+"""Open files: reads from whichever layer holds the object, writes to its upper copy."""
+from __future__ import annotations
+
+import os
+
+from unionfs.inodes import Node
+from unionfs.union import UPPER, Union
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+
+
+class OpenFile:
+    """An open regular file. A read-only open of a lower file opens the layer file on the first
+    read: with keep_cache a cached file is often never read, and open() then costs no system call.
+    When the object is copied up, every handle moves to the copy, so reads see new data."""
+
+    __slots__ = ("node", "fd", "flags")
+
+    def __init__(self, node: Node, fd: int, flags: int):
+        self.node = node
+        self.fd = fd  # -1 until the first read of a lower file
+        self.flags = flags  # the access mode the layer file is opened with
+
+    def layer_fd(self, union: Union) -> int:
+        if self.fd < 0:
+            self.fd = union.open_file(self.node, self.flags)
+        return self.fd
+
+    def reopen(self, union: Union) -> None:
+        """Point this handle at the node's upper copy."""
+        if self.fd >= 0:
+            old, self.fd = self.fd, union.open_file(self.node, self.flags)
+            os.close(old)
+
+    def close(self) -> None:
+        self.node.open_files.discard(self)
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+async def open_file(union: Union, node: Node, flags: int) -> OpenFile:
+    if flags & WRITE_FLAGS:
+        # O_TRUNC needs no copy of the data it is about to drop.
+        await union.copy_up(node, with_data=not flags & os.O_TRUNC)
+    access = flags & os.O_ACCMODE
+    if node.layer == UPPER:
+        fd = union.open_file(node, access | (flags & os.O_TRUNC))
+    else:
+        fd = -1
+    handle = OpenFile(node, fd, access)
+    node.open_files.add(handle)
+    if flags & os.O_TRUNC:
+        union.refresh(node)
+    return handle
