@@ -67,8 +67,13 @@ def pyunionfs(lowers: Sequence[Path], mountpoint: Path, *extra: str, upper: Path
 
 
 @contextlib.contextmanager
-def kernel_overlay(lowers: Sequence[Path], mountpoint: Path, options: str = "") -> Iterator[None]:
-    opts = "lowerdir=" + ":".join(str(lower) for lower in lowers) + (f",{options}" if options else "")
+def kernel_overlay(lowers: Sequence[Path], mountpoint: Path, options: str = "", upper: Path | None = None,
+                   workdir: Path | None = None) -> Iterator[None]:
+    opts = "lowerdir=" + ":".join(str(lower) for lower in lowers)
+    if upper:
+        opts += f",upperdir={upper},workdir={workdir}"
+    if options:
+        opts += f",{options}"
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mountpoint)], check=True)
     try:
         yield

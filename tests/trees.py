@@ -40,7 +40,7 @@ def _xattrs(path: Path, prefixes: tuple[str, ...]) -> tuple:
     return tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
 
 
-def describe(path: Path, xattr_prefixes: tuple[str, ...] = ("user.",)) -> tuple:
+def describe(path: Path, xattr_prefixes: tuple[str, ...] = ("user.",), times: bool = True) -> tuple:
     """What a user sees of one object: type, mode, owner, size, times, content, target, xattrs."""
     st = os.lstat(path)
     kind = stat.S_IFMT(st.st_mode)
@@ -52,13 +52,14 @@ def describe(path: Path, xattr_prefixes: tuple[str, ...] = ("user.",)) -> tuple:
         body = (os.major(st.st_rdev), os.minor(st.st_rdev))
     else:
         body = None
-    nlink = None if stat.S_ISDIR(kind) else st.st_nlink
-    return (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, nlink,
-            body, _xattrs(path, xattr_prefixes))
+    nlink = None if stat.S_ISDIR(kind) or (stat.S_ISCHR(kind) and st.st_rdev == WHITEOUT_DEV) else st.st_nlink
+    size = None if stat.S_ISDIR(kind) and not times else st.st_size
+    return (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns if times else None,
+            nlink, body, _xattrs(path, xattr_prefixes))
 
 
 def snapshot(root: Path, xattr_prefixes: tuple[str, ...] = ("user.",),
-             ghosts: list[str] | None = None) -> dict[str, tuple]:
+             ghosts: list[str] | None = None, times: bool = True) -> dict[str, tuple]:
     """Every object below ROOT (not following symlinks), by relative path. With GHOSTS, names that
     readdir lists but lookup does not find are collected there instead of failing."""
     result: dict[str, tuple] = {}
@@ -72,7 +73,7 @@ def snapshot(root: Path, xattr_prefixes: tuple[str, ...] = ("user.",),
                 if ghosts is not None and not os.path.lexists(path):
                     ghosts.append(rel)
                     continue
-                result[rel] = describe(path, xattr_prefixes)
+                result[rel] = describe(path, xattr_prefixes, times)
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(path)
     return result

@@ -153,6 +153,7 @@ async def link(union: Union, node: Node, new_parent: Node, new_name: bytes) -> N
                 work.remove(tmp)
         else:
             os.link(node.name, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+    node.add_name(new_parent, new_name)
     union.refresh(node)
     return union.inodes.remember(node)
 
@@ -175,12 +176,13 @@ def _remove_from_upper(union: Union, parent: Node, name: bytes, parent_fd: int, 
     union.work.remove(tmp)
 
 
-def _gone(union: Union, node: Node) -> None:
-    """NODE lost its name: forget its object, unless other hard links keep it."""
+def _gone(union: Union, node: Node, parent: Node, name: bytes) -> None:
+    """NODE's object lost the name NAME in PARENT: forget the object, unless other hard links
+    keep it; then the node only needs another name if this was the one it knew."""
     if node.is_dir or node.entry.st_nlink <= 1:
         union.inodes.drop_object(node)
     else:
-        node.detach()
+        node.remove_name(parent, name)
 
 
 def unlink(union: Union, parent: Node, name: bytes) -> None:
@@ -205,7 +207,7 @@ def _remove(union: Union, parent: Node, name: bytes, node: Node) -> None:
     union.ensure_upper_dir(parent)
     with union.upper_dir(parent) as parent_fd:
         _remove_from_upper(union, parent, name, parent_fd, union.has_lower(parent, name))
-    _gone(union, node)
+    _gone(union, node, parent, name)
     union.refresh(parent)
 
 
@@ -232,12 +234,12 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
             raise fail(errno.ENOTDIR)
         if dst.is_dir and not src.is_dir:
             raise fail(errno.EISDIR)
-        if dst.is_dir and union.listdir(dst)[2:]:
-            raise fail(errno.ENOTEMPTY)
     # A directory that merges lower layers cannot move without redirects (kernel overlayfs with
     # redirect_dir=off answers the same, and tools such as mv then copy).
     if _is_merged_or_lower(src) or (flags & RENAME_EXCHANGE and _is_merged_or_lower(dst)):
         raise fail(errno.EXDEV)
+    if dst is not None and not flags & RENAME_EXCHANGE and dst.is_dir and union.listdir(dst)[2:]:
+        raise fail(errno.ENOTEMPTY)
     await union.copy_up(src)
     if flags & RENAME_EXCHANGE:
         await union.copy_up(dst)
@@ -257,10 +259,10 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
         else:
             _rename_into(union, old_fd, old_name, new_fd, new_name, src, src_has_lower, dst_has_lower)
     if dst is not None and not flags & RENAME_EXCHANGE:
-        _gone(union, dst)
-    src.parent, src.name = new_parent, new_name
+        _gone(union, dst, new_parent, new_name)
+    src.move_name((old_parent, old_name), (new_parent, new_name))
     if flags & RENAME_EXCHANGE:
-        dst.parent, dst.name = old_parent, old_name
+        dst.move_name((new_parent, new_name), (old_parent, old_name))
         union.refresh(dst)
     union.refresh(src)
     union.refresh(old_parent)

@@ -46,8 +46,8 @@ SEPARATE_NODE_IDS = _STAT_INO_OFFSET is not None
 class Node:
     """A union object the kernel knows, found under its parent by name."""
 
-    __slots__ = ("id", "ino", "parent", "name", "layer", "dir_layers", "entry", "lookups", "c_dir",
-                 "xattr_names", "open_files")
+    __slots__ = ("id", "ino", "parent", "name", "other_names", "layer", "dir_layers", "entry",
+                 "lookups", "c_dir", "xattr_names", "open_files")
 
     def __init__(self, node_id: int, ino: int, parent: Node | None, name: bytes, found: Found,
                  timeout: float):
@@ -55,6 +55,7 @@ class Node:
         self.ino = ino  # st_ino
         self.parent = parent  # None for the root; a directory has one parent
         self.name = name
+        self.other_names: list[tuple[Node, bytes]] = []  # more hard links the kernel has seen
         self.layer = found.layer  # the layer that holds the visible object
         self.dir_layers = found.dir_layers  # for a directory, the layers it merges
         self.entry = make_entry(node_id, ino, found, timeout)  # served by lookup, getattr, readdirplus
@@ -85,8 +86,31 @@ class Node:
         return stat.S_ISDIR(self.entry.st_mode)
 
     def detach(self) -> None:
-        """The object lost the name this node knew it by; a later lookup may find another."""
+        """The object has no name the node knows of; a later lookup may find one."""
         self.name = None
+        self.other_names.clear()
+
+    def add_name(self, parent: Node, name: bytes) -> None:
+        """Another name (a hard link) of this object."""
+        if self.name is None:
+            self.parent, self.name = parent, name
+        elif (parent, name) != (self.parent, self.name) and (parent, name) not in self.other_names:
+            self.other_names.append((parent, name))
+
+    def remove_name(self, parent: Node, name: bytes) -> None:
+        if (parent, name) == (self.parent, self.name):
+            if self.other_names:
+                self.parent, self.name = self.other_names.pop()
+            else:
+                self.detach()
+        elif (parent, name) in self.other_names:
+            self.other_names.remove((parent, name))
+
+    def move_name(self, old: tuple[Node, bytes], new: tuple[Node, bytes]) -> None:
+        if old == (self.parent, self.name):
+            self.parent, self.name = new
+        elif old in self.other_names:
+            self.other_names[self.other_names.index(old)] = new
 
     def update(self, found: Found, timeout: float) -> None:
         """Take new attributes after a change; st_ino and the node id stay."""
@@ -154,9 +178,10 @@ class InodeTable:
         When st_ino is also the node id (see SEPARATE_NODE_IDS), st_ino is the node id too."""
         known = self._by_ino.get(ino)
         if known is not None:
-            if known.name is None:  # another name of an object whose known name was removed
-                known.parent, known.name = parent, name
+            if known.name is None:  # the object's known names were removed: this is another
                 known.update(found, self.timeout)
+            if not stat.S_ISDIR(found.attr.mode):
+                known.add_name(parent, name)
             return known
         node_id = next(self._ids) if SEPARATE_NODE_IDS else ino
         return Node(node_id, ino, parent, name, found, self.timeout)

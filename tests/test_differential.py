@@ -1,0 +1,80 @@
+"""Copy-on-write against kernel overlayfs: the same random operations on both, over the same
+lowers, must give the same results, the same merged tree and the same upper directory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fsops import OpGenerator, outcome
+from mounts import kernel_overlay, pyunionfs
+from trees import checksum, differences, make_opaque, make_whiteout, snapshot
+
+KERNEL_OPTIONS = "redirect_dir=off,index=off,metacopy=off"
+# What the comparison of upper directories looks at: the user's xattrs and the opaque marks.
+# The kernel also writes origin, impure and uuid, which are its own bookkeeping.
+UPPER_XATTRS = ("user.", "trusted.overlay.opaque", "trusted.overlay.overlay.", "trusted.t")
+
+
+def build_lowers(root: Path) -> tuple[list[Path], list[str]]:
+    """Two lowers with files, dirs, symlinks, a fifo, xattrs, a whiteout and an opaque dir."""
+    top, bottom = root / "top", root / "bottom"
+    for d in range(4):
+        for sub in ("", "/s"):
+            (bottom / f"d{d}{sub}").mkdir(parents=True)
+            for f in range(3):
+                (bottom / f"d{d}{sub}" / f"f{f}").write_bytes(os.urandom(100 * (f + 1)))
+    (bottom / "big").write_bytes(os.urandom(300_000))
+    with open(bottom / "sparse", "wb") as sparse:
+        sparse.truncate(5_000_000)
+    (bottom / "rel-link").symlink_to("d0/f0")
+    os.mkfifo(bottom / "fifo")
+    os.setxattr(bottom / "d0" / "f1", "user.a", b"lower")
+    os.setxattr(bottom / "d1", "user.b", b"dir")
+    os.chown(bottom / "d2" / "f2", 1000, 1000)
+    os.chmod(bottom / "d3" / "f0", 0o4755)
+    (top / "d0").mkdir(parents=True)
+    (top / "d0" / "f0").write_text("top replaces bottom\n")
+    (top / "d0" / "t0").write_text("top only\n")
+    make_whiteout(top / "d0" / "f2")
+    (top / "d1").mkdir()
+    make_opaque(top / "d1")
+    (top / "d1" / "only").write_text("opaque dir\n")
+    (top / "d4").mkdir()
+    (top / "d4" / "new").write_text("top dir\n")
+    paths = sorted({os.path.relpath(os.path.join(dirpath, name), layer)
+                    for layer in (top, bottom) for dirpath, dirs, files in os.walk(layer)
+                    for name in dirs + files})
+    paths += ["n0", "n1", "d0/n2", "d1/n3", "d2/s/n4", "d4/n5", "n0/n6"]
+    return [top, bottom], paths
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_random_operations_match_kernel_overlay(seed, tmp_path, mnt):
+    lowers, paths = build_lowers(tmp_path / "lowers")
+    before = [checksum(layer) for layer in lowers]
+    dirs = {name: tmp_path / name for name in ("kmnt", "kupper", "kwork", "upper", "work")}
+    for path in dirs.values():
+        path.mkdir()
+    generator = OpGenerator(seed, paths)
+    log = []
+    with kernel_overlay(lowers, dirs["kmnt"], KERNEL_OPTIONS, dirs["kupper"], dirs["kwork"]), \
+            pyunionfs(lowers, mnt, upper=dirs["upper"], workdir=dirs["work"]):
+        for step in range(1000):
+            label, action = generator.next()
+            expected, got = outcome(action, dirs["kmnt"]), outcome(action, mnt)
+            log.append(f"{step}: {label}: {expected}")
+            assert got == expected, "\n".join(log[-15:] + [f"pyunionfs: {got}"])
+        merged_kernel = snapshot(dirs["kmnt"], times=False)
+        merged_ours = snapshot(mnt, times=False)
+    assert differences(merged_kernel, merged_ours) == []
+    assert differences(snapshot(dirs["kupper"], UPPER_XATTRS, times=False),
+                       snapshot(dirs["upper"], UPPER_XATTRS, times=False)) == []
+    assert [checksum(layer) for layer in lowers] == before
+    # Round trips: each mounts the upper the other wrote, and shows the same tree.
+    with kernel_overlay(lowers, dirs["kmnt"], KERNEL_OPTIONS, dirs["upper"], dirs["work"]):
+        assert differences(merged_ours, snapshot(dirs["kmnt"], times=False)) == []
+    with pyunionfs(lowers, mnt, upper=dirs["kupper"], workdir=dirs["kwork"]):
+        assert differences(merged_kernel, snapshot(mnt, times=False)) == []
