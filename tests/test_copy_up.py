@@ -1,0 +1,196 @@
+"""Copy-up: what the copy keeps, what open files and mappings see, and crashes in the middle."""
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mounts import force_unmount, pyunionfs, stop
+from trees import checksum
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> dict[str, Path]:
+    paths = {name: tmp_path / name for name in ("lower", "upper", "work")}
+    for path in paths.values():
+        path.mkdir()
+    return paths
+
+
+def mounted(layout: dict[str, Path], mnt: Path, **kwargs):
+    return pyunionfs([layout["lower"]], mnt, upper=layout["upper"], workdir=layout["work"], **kwargs)
+
+
+def test_copy_keeps_metadata_xattrs_and_holes(layout, mnt):
+    lower = layout["lower"]
+    (lower / "dir").mkdir()
+    target = lower / "dir" / "file"
+    with open(target, "wb") as f:
+        f.write(b"head")
+        f.seek(64 << 20)
+        f.write(b"tail")
+    os.chown(target, 1000, 1001)
+    os.chmod(target, 0o4750)
+    os.setxattr(target, "user.note", b"kept")
+    os.setxattr(target, "security.capability",
+                bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000"))  # cap_net_raw
+    os.utime(target, ns=(1_000_000_000_123, 2_000_000_000_456))
+    os.chmod(lower / "dir", 0o711)
+    before = os.stat(target)
+    with mounted(layout, mnt):
+        os.setxattr(mnt / "dir" / "file", "user.new", b"1")  # a metadata change copies up
+        st = os.stat(mnt / "dir" / "file")
+        assert st.st_ino == before.st_ino
+    copy = layout["upper"] / "dir" / "file"
+    after = os.stat(copy)
+    assert (after.st_uid, after.st_gid, after.st_mode) == (1000, 1001, before.st_mode)
+    assert after.st_mtime_ns == before.st_mtime_ns
+    assert os.getxattr(copy, "user.note") == b"kept"
+    assert os.getxattr(copy, "security.capability") == os.getxattr(target, "security.capability")
+    assert after.st_blocks * 512 < 1 << 20, "the hole was filled in"
+    assert copy.read_bytes() == target.read_bytes()
+    assert os.stat(layout["upper"] / "dir").st_mode & 0o777 == 0o711
+
+
+def test_st_ino_survives_copy_up_and_cache_drops(layout, mnt):
+    (layout["lower"] / "d").mkdir()
+    (layout["lower"] / "d" / "f").write_text("lower")
+    with mounted(layout, mnt):
+        inos = {name: os.stat(mnt / name).st_ino for name in ("d", "d/f")}
+        cwd_holder = subprocess.Popen(["sleep", "30"], cwd=mnt / "d")
+        try:
+            with open(mnt / "d" / "f", "a") as f:
+                f.write(" and upper")
+            (mnt / "d" / "new").touch()
+            subprocess.run(["sh", "-c", "sync; echo 2 > /proc/sys/vm/drop_caches"], check=True)
+            assert {name: os.stat(mnt / name).st_ino for name in inos} == inos
+            # A process whose cwd was the directory before its copy-up still has it.
+            assert os.stat(f"/proc/{cwd_holder.pid}/cwd").st_ino == inos["d"]
+            assert sorted(os.listdir(f"/proc/{cwd_holder.pid}/cwd")) == ["f", "new"]
+        finally:
+            cwd_holder.kill()
+            cwd_holder.wait()
+
+
+def test_open_reader_and_shared_mapping_see_new_data(layout, mnt):
+    (layout["lower"] / "f").write_bytes(b"A" * 8192)
+    with mounted(layout, mnt):
+        reader = open(mnt / "f", "rb")
+        mapping_fd = os.open(mnt / "f", os.O_RDONLY)
+        mapping = mmap.mmap(mapping_fd, 8192, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            assert reader.read(4) == b"AAAA"
+            with open(mnt / "f", "r+b") as writer:
+                writer.seek(4096)
+                writer.write(b"B" * 4096)
+            assert reader.read() == b"A" * 4092 + b"B" * 4096
+            assert mapping[4096:4100] == b"BBBB"
+        finally:
+            mapping.close()
+            os.close(mapping_fd)
+            reader.close()
+    assert (layout["lower"] / "f").read_bytes() == b"A" * 8192
+
+
+def test_names_kernel_overlayfs_allows(layout, mnt):
+    (layout["lower"] / "d").mkdir()
+    with mounted(layout, mnt):
+        long_name = "x" * 255
+        (mnt / "d" / long_name).write_text("255 bytes")
+        (mnt / "d" / ".wh.looks-like-a-whiteout").write_text("an ordinary file")
+        assert sorted(os.listdir(mnt / "d")) == [".wh.looks-like-a-whiteout", long_name]
+        with pytest.raises(OSError) as exc:
+            os.mknod(mnt / "d" / "wh", 0o600 | 0o020000, os.makedev(0, 0))
+        assert exc.value.errno == 1  # EPERM, as in the kernel
+    assert (layout["upper"] / "d" / ".wh.looks-like-a-whiteout").read_text() == "an ordinary file"
+
+
+def test_concurrent_writers_and_a_copy_up_racing_readers(layout, mnt):
+    data = os.urandom(8 << 20)
+    (layout["lower"] / "shared").write_bytes(data)
+    errors: list[BaseException] = []
+
+    def guarded(work):
+        def run():
+            try:
+                work()
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+        return threading.Thread(target=run)
+
+    with mounted(layout, mnt):
+        def writer(name: str):
+            def work():
+                with open(mnt / name, "wb") as f:
+                    for _ in range(64):
+                        f.write(name.encode() * 4096)
+            return work
+
+        def reader():
+            for _ in range(20):
+                content = (mnt / "shared").read_bytes()
+                assert content in (data, data + b"appended"), "a reader saw a partial copy"
+
+        def appender():
+            with open(mnt / "shared", "ab") as f:
+                f.write(b"appended")
+
+        threads = [guarded(writer("one")), guarded(writer("two")), guarded(reader), guarded(reader),
+                   guarded(appender)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors, errors
+        assert (mnt / "one").read_bytes() == b"one" * 4096 * 64
+        assert (mnt / "two").read_bytes() == b"two" * 4096 * 64
+        assert (mnt / "shared").read_bytes() == data + b"appended"
+    assert (layout["lower"] / "shared").read_bytes() == data
+
+
+def _copy_in_progress(work: Path) -> bool:
+    return any((work / "work").iterdir()) if (work / "work").exists() else False
+
+
+def test_copy_up_does_not_stall_other_requests(layout, mnt):
+    (layout["lower"] / "big").write_bytes(os.urandom(1 << 20) * 512)  # 512 MiB
+    (layout["lower"] / "small").write_text("small")
+    with mounted(layout, mnt):
+        appender = subprocess.Popen(["sh", "-c", f'echo more >> "{mnt}/big"'])
+        try:
+            while not _copy_in_progress(layout["work"]) and appender.poll() is None:
+                time.sleep(0.001)
+            # While the copy is being built, other requests are answered.
+            assert (mnt / "small").read_text() == "small"
+            assert "big" in os.listdir(mnt)
+            still_copying = _copy_in_progress(layout["work"])
+        finally:
+            assert appender.wait(120) == 0
+    assert still_copying, "the copy-up finished before the other requests were answered"
+
+
+@pytest.mark.parametrize("attempt", range(20))
+def test_kill_during_copy_up_loses_nothing(layout, mnt, attempt):
+    original = os.urandom(1 << 20) * 128  # 128 MiB
+    (layout["lower"] / "big").write_bytes(original)
+    lowers_before = checksum(layout["lower"])
+    with mounted(layout, mnt) as daemon:
+        appender = subprocess.Popen(["sh", "-c", f'echo more >> "{mnt}/big"'], stderr=subprocess.DEVNULL)
+        while not _copy_in_progress(layout["work"]):
+            assert appender.poll() is None, "the copy-up finished before the kill"
+            time.sleep(0.0005)
+        daemon.send_signal(signal.SIGKILL)
+        stop(daemon)
+        appender.wait(30)
+        force_unmount(mnt)
+        assert not (layout["upper"] / "big").exists(), "a partial copy reached the upper layer"
+    with mounted(layout, mnt):
+        assert not _copy_in_progress(layout["work"]), "the workdir was not cleaned at mount"
+        assert (mnt / "big").read_bytes() == original
+    assert checksum(layout["lower"]) == lowers_before
