@@ -445,6 +445,45 @@ int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir
     return rc;
 }
 
+int ufs_name_to_handle(int dir_fd, const char *name, unsigned char *handle, unsigned int *len, int *type)
+{
+    union {
+        struct file_handle fh;
+        unsigned char room[sizeof(struct file_handle) + UFS_HANDLE_MAX];
+    } buf;
+    int mount_id;
+    buf.fh.handle_bytes = UFS_HANDLE_MAX;
+    if (name_to_handle_at(dir_fd, name, &buf.fh, &mount_id, 0) < 0) /* 0: a final symlink is not followed */
+        return -errno;
+    memcpy(handle, buf.fh.f_handle, buf.fh.handle_bytes);
+    *len = buf.fh.handle_bytes;
+    *type = buf.fh.handle_type;
+    return 0;
+}
+
+int ufs_stat_handle(int mount_fd, const unsigned char *handle, unsigned int len, int type,
+                    struct ufs_attr *out)
+{
+    union {
+        struct file_handle fh;
+        unsigned char room[sizeof(struct file_handle) + UFS_HANDLE_MAX];
+    } buf;
+    struct stat st;
+    if (len > UFS_HANDLE_MAX)
+        return -EINVAL;
+    buf.fh.handle_bytes = len;
+    buf.fh.handle_type = type;
+    memcpy(buf.fh.f_handle, handle, len);
+    int fd = open_by_handle_at(mount_fd, &buf.fh, O_PATH | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = fstat(fd, &st) < 0 ? -errno : 0;
+    close(fd);
+    if (rc == 0)
+        fill_attr(out, &st);
+    return rc;
+}
+
 int ufs_rename(int old_dir_fd, const char *old_name, int new_dir_fd, const char *new_name,
                unsigned int flags)
 {

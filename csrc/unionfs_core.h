@@ -98,6 +98,18 @@ int ufs_stat_at(int root_fd, const char *path, struct ufs_attr *out);
  */
 int ufs_open_at(int root_fd, const char *path, int flags);
 
+/* File handles, for the kernel's overlay.origin format. UFS_HANDLE_MAX is the largest handle. */
+#define UFS_HANDLE_MAX 128
+
+/* The file handle of NAME in DIR_FD (not following a final symlink): its bytes into HANDLE (room
+   for UFS_HANDLE_MAX), their count into *LEN and the handle type into *TYPE. */
+int ufs_name_to_handle(int dir_fd, const char *name, unsigned char *handle, unsigned int *len, int *type);
+
+/* lstat() of the object that HANDLE names on the filesystem of MOUNT_FD (needs
+   CAP_DAC_READ_SEARCH). */
+int ufs_stat_handle(int mount_fd, const unsigned char *handle, unsigned int len, int type,
+                    struct ufs_attr *out);
+
 /* renameat2(2), which glibc 2.36 has but Python does not: FLAGS are RENAME_NOREPLACE (1),
    RENAME_EXCHANGE (2) and RENAME_WHITEOUT (4). */
 int ufs_rename(int old_dir_fd, const char *old_name, int new_dir_fd, const char *new_name,

@@ -194,3 +194,23 @@ def test_kill_during_copy_up_loses_nothing(layout, mnt, attempt):
         assert not _copy_in_progress(layout["work"]), "the workdir was not cleaned at mount"
         assert (mnt / "big").read_bytes() == original
     assert checksum(layout["lower"]) == lowers_before
+
+
+def test_st_ino_after_remount_matches_kernel(layout, mnt, tmp_path):
+    """The copy records its origin in the kernel's format: after a remount, and under kernel
+    overlayfs, the copied-up file and directory still have their lower inode numbers."""
+    from mounts import kernel_overlay
+
+    (layout["lower"] / "d").mkdir()
+    (layout["lower"] / "d" / "f").write_text("lower")
+    lower_inos = {name: os.stat(layout["lower"] / name).st_ino for name in ("d", "d/f")}
+    with mounted(layout, mnt):
+        with open(mnt / "d" / "f", "a") as f:
+            f.write("+")
+    with mounted(layout, mnt):
+        assert {name: os.stat(mnt / name).st_ino for name in lower_inos} == lower_inos
+    kernel_mnt = tmp_path / "kernel"
+    kernel_mnt.mkdir()
+    with kernel_overlay([layout["lower"]], kernel_mnt, "", layout["upper"], layout["work"]):
+        assert {name: os.stat(kernel_mnt / name).st_ino for name in lower_inos} == lower_inos
+        assert (kernel_mnt / "d" / "f").read_text() == "lower+"

@@ -10,7 +10,7 @@ import fcntl
 import os
 import stat
 
-from unionfs import xattrs
+from unionfs import origin, xattrs
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int): share the data blocks when the filesystem can
 COPY_CHUNK = 1 << 30
@@ -81,10 +81,12 @@ def apply_metadata(dir_fd: int, name: bytes, st: os.stat_result, extra: list[tup
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
-def build_copy(src_dir_fd: int, src_name: bytes, work_fd: int, tmp: bytes, with_data: bool = True) -> os.stat_result:
+def build_copy(src_dir_fd: int, src_name: bytes, work_fd: int, tmp: bytes, with_data: bool,
+               origin_xattr: bytes) -> os.stat_result:
     """Build in the work directory, as TMP, a copy of SRC_NAME: a full copy of a regular file
     (only its metadata when WITH_DATA is false, for a copy-up that truncates), a bare directory,
-    or a symlink, fifo, socket or device. Returns the source's stat."""
+    or a symlink, fifo, socket or device, with an ORIGIN_XATTR naming the source, as the kernel
+    records it. Returns the source's stat."""
     st = os.stat(src_name, dir_fd=src_dir_fd, follow_symlinks=False)
     kind = stat.S_IFMT(st.st_mode)
     if kind == stat.S_IFREG:
@@ -105,5 +107,10 @@ def build_copy(src_dir_fd: int, src_name: bytes, work_fd: int, tmp: bytes, with_
         os.symlink(os.readlink(src_name, dir_fd=src_dir_fd), tmp, dir_fd=work_fd)
     else:
         os.mknod(tmp, kind | 0o600, st.st_rdev, dir_fd=work_fd)
-    apply_metadata(work_fd, tmp, st, read_xattrs(src_dir_fd, src_name))
+    extra = read_xattrs(src_dir_fd, src_name)
+    try:
+        extra.append((origin_xattr, origin.encode(src_dir_fd, src_name)))
+    except OSError:
+        pass  # a filesystem without file handles: the copy gets no origin, as in the kernel
+    apply_metadata(work_fd, tmp, st, extra)
     return st

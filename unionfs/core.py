@@ -104,3 +104,18 @@ def open_at(root_fd: int, path: bytes, flags: int) -> int:
 def rename(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes, flags: int = 0) -> None:
     """renameat2(2) with its flags."""
     _check(lib.ufs_rename(old_dir_fd, old_name, new_dir_fd, new_name, flags), new_name)
+
+
+def name_to_handle(dir_fd: int, name: bytes) -> tuple[int, bytes]:
+    """(handle type, handle bytes) of NAME in DIR_FD."""
+    handle = ffi.new("unsigned char[]", lib.UFS_HANDLE_MAX)
+    length, kind = ffi.new("unsigned int *"), ffi.new("int *")
+    _check(lib.ufs_name_to_handle(dir_fd, name, handle, length, kind), name)
+    return kind[0], bytes(ffi.buffer(handle, length[0]))
+
+
+def stat_handle(mount_fd: int, kind: int, handle: bytes) -> Attr | None:
+    """lstat() of the object HANDLE names on MOUNT_FD's filesystem; None when it is not there."""
+    out = ffi.new("struct ufs_attr *")
+    rc = lib.ufs_stat_handle(mount_fd, handle, len(handle), kind, out)
+    return None if rc < 0 else _copy_attr(out)

@@ -40,6 +40,7 @@ class LayerStack:
         self.layers = [Layer(p, fd, bool(upper) and i == 0) for i, (p, fd) in enumerate(zip(paths, fds))]
         self.c = core.LayerArray([(layer.root_fd, self._flags(layer)) for layer in self.layers])
         self.all_layers_mask = (1 << len(self.layers)) - 1
+        self._readable_roots: dict[int, int] = {}
         self._fsids: dict[int, int] = {}
         for layer in self.layers:
             self._fsid(os.fstat(layer.root_fd).st_dev)
@@ -63,9 +64,16 @@ class LayerStack:
     def top(self) -> Layer:
         return self.layers[0]
 
+    def readable_root(self, layer: int) -> int:
+        """A readable fd of LAYER's root, opened on first use: open_by_handle_at() wants one."""
+        if layer not in self._readable_roots:
+            self._readable_roots[layer] = os.open(f"/proc/self/fd/{self.layers[layer].root_fd}",
+                                                  os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._readable_roots[layer]
+
     def close(self) -> None:
-        for layer in self.layers:
-            os.close(layer.root_fd)
+        for fd in [layer.root_fd for layer in self.layers] + list(self._readable_roots.values()):
+            os.close(fd)
 
     @contextlib.contextmanager
     def at(self, layer: int, path: bytes) -> Iterator[tuple[int, bytes]]:

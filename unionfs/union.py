@@ -12,7 +12,7 @@ from typing import Iterator
 import pyfuse3
 import trio
 
-from unionfs import core, xattrs
+from unionfs import core, origin, xattrs
 from unionfs.copy_up import build_copy
 from unionfs.inodes import InodeTable, Node
 from unionfs.layers import ROOT_PATH, LayerStack
@@ -42,8 +42,10 @@ class Union:
         found = core.Found(0, core.stat_at(stack.top().root_fd, ROOT_PATH), stack.all_layers_mask)
         root_ino = stack.compose_ino(found.attr.dev, found.attr.ino)
         self.inodes = InodeTable(root_ino, found, timeout)
-        # st_ino of copied-up objects, by their upper (dev, ino): a copy keeps its lower number.
-        self._copied_inos: dict[tuple[int, int], int] = {}
+        self.has_upper = stack.top().is_upper
+        self.origin_xattr = self.xattr_namespace + origin.ORIGIN
+        # st_ino of lower objects by their origin value: lower layers do not change.
+        self._origin_inos: dict[bytes, int | None] = {}
         self._copy_locks: dict[int, trio.Lock] = {}
 
     # ---- reading ----
@@ -54,18 +56,42 @@ class Union:
             node.c_dir = (self.stack.c.dir_paths(path, node.dir_layers), path)
         return node.c_dir[0]
 
-    def _ino_of(self, found: core.Found) -> int:
-        attr = found.attr
-        if found.layer == UPPER and self.writable:
-            copied = self._copied_inos.get((attr.dev, attr.ino))
+    def _origin_ino(self, path: bytes) -> int | None:
+        """st_ino of the lower object that upper object PATH was copied from, if it has an origin
+        this union can find."""
+        try:
+            value = os.getxattr(b"/proc/self/fd/%d/%s" % (self.stack.top().root_fd, path),
+                                self.origin_xattr, follow_symlinks=False)
+        except OSError:
+            return None
+        if value not in self._origin_inos:
+            self._origin_inos[value] = self._find_origin(value)
+        return self._origin_inos[value]
+
+    def _find_origin(self, value: bytes) -> int | None:
+        handle = origin.decode(value)
+        if handle is None:
+            return None
+        for layer in range(1, len(self.stack.layers)) if self.has_upper else []:
+            attr = core.stat_handle(self.stack.readable_root(layer), *handle)
+            if attr is not None:
+                return self.stack.compose_ino(attr.dev, attr.ino)
+        return None
+
+    def _ino_of(self, found: core.Found, path: bytes) -> int:
+        """The union's st_ino of a resolved object: a copy-up keeps its lower object's number."""
+        if found.layer == UPPER and self.has_upper:
+            copied = self._origin_ino(path)
             if copied is not None:
                 return copied
-        return self.stack.compose_ino(attr.dev, attr.ino)
+        return self.stack.compose_ino(found.attr.dev, found.attr.ino)
 
-    def _node_for(self, parent: Node, name: bytes, found: core.Found) -> Node:
+    def _node_for(self, parent: Node, name: bytes, found: core.Found, parent_path: bytes | None = None) -> Node:
         """The node for a resolved name: the known one for its object (with fresh attributes when
         it lives in the upper layer), or a new, uncounted one."""
-        node = self.inodes.node_for(self._ino_of(found), parent, name, found)
+        parent_path = parent.path if parent_path is None else parent_path
+        path = name if parent_path == ROOT_PATH else parent_path + b"/" + name
+        node = self.inodes.node_for(self._ino_of(found, path), parent, name, found)
         if found.layer == UPPER and self.writable and node.layer == UPPER:
             node.update(found, self.timeout)
         return node
@@ -100,9 +126,10 @@ class Union:
     def listdir(self, node: Node) -> list[tuple[bytes, Node]]:
         """The entries of directory NODE: "." and "..", then the merged names. Their nodes are not
         counted: the caller calls inodes.remember() for each merged name it hands to the kernel."""
-        entries = self.stack.c.list(self._c_dir(node), node.path)
+        path = node.path
+        entries = self.stack.c.list(self._c_dir(node), path)
         dots = [(b".", node), (b"..", node.parent or node)]
-        return dots + [(name, self._node_for(node, name, found)) for name, found in entries]
+        return dots + [(name, self._node_for(node, name, found, path)) for name, found in entries]
 
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable and node.name is not None:
@@ -172,6 +199,16 @@ class Union:
         with self.upper_dir(node.parent) as dir_fd:
             yield dir_fd, node.name
 
+    def _mark_impure(self, dir_fd: int) -> None:
+        """Mark an upper directory as holding copied-up entries (overlay.impure), as the kernel
+        does: its readdir then reports those entries' origin inode numbers."""
+        path = b"/proc/self/fd/%d" % dir_fd
+        name = self.xattr_namespace + b"overlay.impure"
+        try:
+            os.getxattr(path, name)
+        except OSError:
+            os.setxattr(path, name, b"y")
+
     def refresh(self, node: Node) -> core.Attr:
         """Re-read NODE's attributes from its upper object."""
         attr = core.stat_at(self.stack.layers[UPPER].root_fd, node.path)
@@ -211,14 +248,15 @@ class Union:
     def _install_copy(self, node: Node, with_data: bool) -> None:
         tmp = self.work.temp_name()
         with self.stack.at(node.layer, node.path) as (src_dir, src_name):
-            build_copy(src_dir, src_name, self.work.fd, tmp, with_data)
+            build_copy(src_dir, src_name, self.work.fd, tmp, with_data, self.origin_xattr)
         self._put_copy_in_place(node, tmp)
 
     async def _install_copy_async(self, node: Node, with_data: bool) -> None:
         tmp = self.work.temp_name()
         with self.stack.at(node.layer, node.path) as (src_dir, src_name):
             try:
-                await trio.to_thread.run_sync(build_copy, src_dir, src_name, self.work.fd, tmp, with_data)
+                await trio.to_thread.run_sync(build_copy, src_dir, src_name, self.work.fd, tmp, with_data,
+                                              self.origin_xattr)
             except BaseException:
                 with contextlib.suppress(OSError):
                     self.work.remove(tmp)
@@ -227,8 +265,8 @@ class Union:
 
     def _put_copy_in_place(self, node: Node, tmp: bytes) -> None:
         with self.upper_dir(node.parent) as parent_fd:
+            self._mark_impure(parent_fd)
             os.rename(tmp, node.name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
-        attr = self.refresh(node)
-        self._copied_inos[(attr.dev, attr.ino)] = node.ino
+        self.refresh(node)
         for handle in list(node.open_files):
             handle.reopen(self)
