@@ -231,6 +231,7 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
     int oci_name = strncmp(name, OCI_PREFIX, OCI_PREFIX_LEN) == 0;
     memset(out, 0, sizeof(*out));
     out->layer = -1;
+    out->redirect_layer = -1;
     for (int i = first; i < nlayers; i++) {
         struct loc *l = &locs[i];
         if (l->fd < 0)
@@ -252,6 +253,10 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
                 out->dir_layers[i / 64] |= UINT64_C(1) << (i % 64);
                 if (!has_layer_below(locs, i, nlayers) || dir_is_opaque(&layers[i], l, name))
                     break;
+                if (overlay_xattr(l, name, "redirect", NULL, 0) >= 0) {
+                    out->redirect_layer = i;
+                    break;
+                }
             } else if (rc != -ENOENT) {
                 return rc;
             }
@@ -275,7 +280,9 @@ static int locs_init(struct loc *locs, const struct ufs_layer *layers, int nlaye
             continue;
         }
         int rc = loc_init(&locs[i], layers[i].root_fd, dir_paths[i], flags);
-        if (rc < 0) {
+        if (rc == -ENOENT || rc == -ENOTDIR) {
+            locs[i].fd = -1; /* this layer has no such directory: it takes no part */
+        } else if (rc < 0) {
             locs_release(locs, i);
             return rc;
         }

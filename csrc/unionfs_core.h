@@ -52,6 +52,9 @@ struct ufs_found {
     /* For a directory: bit i is set when layer i takes part in the merged directory. The
        merge stops at an opaque directory, a whiteout, a non-directory or a ".wh." whiteout. */
     uint64_t dir_layers[UFS_MASK_WORDS];
+    /* -1, or the layer whose copy of the directory carries overlay.redirect: the merge stopped
+       there, and the caller goes on in the layers below at the path the redirect names. */
+    int redirect_layer;
 };
 
 /*

@@ -42,6 +42,7 @@ class Found(NamedTuple):
     layer: int
     attr: Attr
     dir_layers: int  # bit i set when layer i takes part in the merged directory
+    redirect_layer: int = -1  # the layer whose directory has overlay.redirect (the merge stopped)
 
 
 def _check(rc: int, what: bytes) -> int:
@@ -52,7 +53,7 @@ def _check(rc: int, what: bytes) -> int:
 
 def _copy_found(c_found: Any) -> Found:
     words = c_found.dir_layers
-    return Found(c_found.layer, _copy_attr(c_found.attr), words[0] | (words[1] << 64))
+    return Found(c_found.layer, _copy_attr(c_found.attr), words[0] | (words[1] << 64), c_found.redirect_layer)
 
 
 class LayerArray:
@@ -64,11 +65,12 @@ class LayerArray:
         self.count = len(roots)
         self._c_layers = ffi.new("struct ufs_layer[]", [{"root_fd": fd, "flags": fl} for fd, fl in roots])
 
-    def dir_paths(self, path: bytes, mask: int) -> tuple[Any, Any]:
-        """The C argument naming directory PATH in the layers set in MASK (the tuple keeps it alive)."""
-        c_path = ffi.new("char[]", path)
-        paths = ffi.new("char *[]", [c_path if mask >> i & 1 else ffi.NULL for i in range(self.count)])
-        return paths, c_path
+    def dir_paths(self, paths: Sequence[bytes | None]) -> tuple[Any, Any]:
+        """The C argument naming a union directory by its path in each layer (None where the
+        layer takes no part); the tuple keeps the strings alive."""
+        c_strings = {path: ffi.new("char[]", path) for path in set(paths) if path is not None}
+        c_paths = ffi.new("char *[]", [ffi.NULL if p is None else c_strings[p] for p in paths])
+        return c_paths, c_strings
 
     def resolve(self, dir_paths: tuple[Any, Any], name: bytes) -> Found | None:
         """Resolve NAME in a union directory; None when absent or whited out."""

@@ -46,11 +46,11 @@ SEPARATE_NODE_IDS = _STAT_INO_OFFSET is not None
 class Node:
     """A union object the kernel knows, found under its parent by name."""
 
-    __slots__ = ("id", "ino", "parent", "name", "other_names", "layer", "dir_layers", "entry",
-                 "lookups", "c_dir", "xattr_names", "open_files")
+    __slots__ = ("id", "ino", "parent", "name", "other_names", "layer", "dir_layers", "lower_paths",
+                 "entry", "lookups", "c_dir", "xattr_names", "open_files")
 
     def __init__(self, node_id: int, ino: int, parent: Node | None, name: bytes, found: Found,
-                 timeout: float):
+                 lower_paths: dict[int, bytes], timeout: float):
         self.id = node_id  # the FUSE node id
         self.ino = ino  # st_ino
         self.parent = parent  # None for the root; a directory has one parent
@@ -58,6 +58,10 @@ class Node:
         self.other_names: list[tuple[Node, bytes]] = []  # more hard links the kernel has seen
         self.layer = found.layer  # the layer that holds the visible object
         self.dir_layers = found.dir_layers  # for a directory, the layers it merges
+        # Where the object is in each lower layer it is found in. A lower layer's path can differ
+        # from the union path: a renamed directory records where its lower copies are
+        # (overlay.redirect), and lower layers never move.
+        self.lower_paths = lower_paths
         self.entry = make_entry(node_id, ino, found, timeout)  # served by lookup, getattr, readdirplus
         self.lookups = 0
         self.c_dir: tuple | None = None  # the directory's C path argument and its path, built on use
@@ -155,10 +159,10 @@ def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
 
 
 class InodeTable:
-    def __init__(self, root_ino: int, root_found: Found, timeout: float):
+    def __init__(self, root_ino: int, root_found: Found, root_lower_paths: dict[int, bytes], timeout: float):
         self.timeout = timeout
         self._ids = itertools.count(ROOT_ID + 1)
-        root = Node(ROOT_ID, root_ino, None, b"", root_found, timeout)
+        root = Node(ROOT_ID, root_ino, None, b"", root_found, root_lower_paths, timeout)
         root.lookups = 1  # the kernel never forgets the root
         self._by_id: dict[int, Node] = {ROOT_ID: root}
         self._by_ino: dict[int, Node] = {root_ino: root}
@@ -173,18 +177,19 @@ class InodeTable:
     def find(self, node_id: int) -> Node | None:
         return self._by_id.get(node_id)
 
-    def node_for(self, ino: int, parent: Node, name: bytes, found: Found) -> Node:
+    def node_for(self, ino: int, parent: Node, name: bytes, found: Found, lower_paths: dict[int, bytes]) -> Node:
         """The known node of object INO, or a new one, not yet counted, with a fresh node id.
         When st_ino is also the node id (see SEPARATE_NODE_IDS), st_ino is the node id too."""
         known = self._by_ino.get(ino)
         if known is not None:
             if known.name is None:  # the object's known names were removed: this is another
                 known.update(found, self.timeout)
+                known.lower_paths = lower_paths
             if not stat.S_ISDIR(found.attr.mode):
                 known.add_name(parent, name)
             return known
         node_id = next(self._ids) if SEPARATE_NODE_IDS else ino
-        return Node(node_id, ino, parent, name, found, self.timeout)
+        return Node(node_id, ino, parent, name, found, lower_paths, self.timeout)
 
     def current(self, node: Node) -> Node:
         """The counted node for NODE's object: a listing may hold a node made before another was."""

@@ -18,6 +18,15 @@ from unionfs.inodes import InodeTable, Node
 from unionfs.layers import ROOT_PATH, LayerStack
 from unionfs.workdir import WorkDir
 
+REDIRECT = b"overlay.redirect"
+
+
+def _where(dir_paths: list[bytes | None], name: bytes, found: core.Found) -> dict[int, bytes]:
+    """The path of each layer's copy of a resolved object."""
+    layers = [i for i in range(len(dir_paths)) if found.dir_layers >> i & 1] or [found.layer]
+    return {i: name if dir_paths[i] == ROOT_PATH else dir_paths[i] + b"/" + name for i in layers}
+
+
 # Layers do not change behind the union's back (kernel overlayfs assumes the same), so the kernel
 # may keep entries and attributes for as long as it likes.
 DEFAULT_TIMEOUT = 1e6
@@ -41,7 +50,8 @@ class Union:
         self.xattr_namespace = b"trusted." if os.geteuid() == 0 else b"user."
         found = core.Found(0, core.stat_at(stack.top().root_fd, ROOT_PATH), stack.all_layers_mask)
         root_ino = stack.compose_ino(found.attr.dev, found.attr.ino)
-        self.inodes = InodeTable(root_ino, found, timeout)
+        root_lower_paths = {i: ROOT_PATH for i in range(len(stack.layers)) if not stack.layers[i].is_upper}
+        self.inodes = InodeTable(root_ino, found, root_lower_paths, timeout)
         self.has_upper = stack.top().is_upper
         self.origin_xattr = self.xattr_namespace + origin.ORIGIN
         # st_ino of lower objects by their origin value: lower layers do not change.
@@ -50,11 +60,73 @@ class Union:
 
     # ---- reading ----
 
+    def layer_path(self, node: Node, layer: int) -> bytes:
+        """Where NODE's object is in LAYER: its union path in the upper layer."""
+        if layer == UPPER and self.has_upper:
+            return node.path
+        return node.lower_paths[layer]
+
+    def _at(self, node: Node):
+        """(dir_fd, name) of NODE's visible object, for the *at() calls."""
+        return self.stack.at(node.layer, self.layer_path(node, node.layer))
+
+    def _dir_paths(self, node: Node, with_upper: bool = True) -> list[bytes | None]:
+        """Directory NODE's path in each layer, None where the layer takes no part."""
+        return [self.layer_path(node, i) if node.dir_layers >> i & 1 and (with_upper or i != UPPER or not self.has_upper)
+                else None for i in range(self.stack.c.count)]
+
     def _c_dir(self, node: Node):
         path = node.path
         if node.c_dir is None or node.c_dir[1] != path:
-            node.c_dir = (self.stack.c.dir_paths(path, node.dir_layers), path)
+            node.c_dir = (self.stack.c.dir_paths(self._dir_paths(node)), path)
         return node.c_dir[0]
+
+    def _follow_redirects(self, found: core.Found, name: bytes, dir_paths: list[bytes | None],
+                          where: dict[int, bytes]) -> core.Found:
+        """Go on merging a directory below a layer whose copy carries overlay.redirect, at the path
+        the redirect names (kernel overlayfs's redirect_dir), adding the layers found to WHERE."""
+        while found.redirect_layer >= 0:
+            layer = found.redirect_layer
+            target = self._read_redirect(layer, where[layer])
+            if target is None:
+                break
+            below = range(layer + 1, self.stack.c.count)
+            if target.startswith(b"/"):  # from the layer roots
+                parent, _, name = target.strip(b"/").rpartition(b"/")
+                paths = [parent or ROOT_PATH if i in below else None for i in range(self.stack.c.count)]
+            else:  # another name in the same parent directory
+                name = target
+                paths = [dir_paths[i] if i in below else None for i in range(self.stack.c.count)]
+            more = self.stack.c.resolve(self.stack.c.dir_paths(paths), name)
+            if more is None or not stat.S_ISDIR(more.attr.mode):
+                found = found._replace(redirect_layer=-1)
+                break
+            where.update(_where(paths, name, more))
+            found = found._replace(dir_layers=found.dir_layers | more.dir_layers,
+                                   redirect_layer=more.redirect_layer)
+        return found
+
+    def _read_redirect(self, layer: int, path: bytes) -> bytes | None:
+        with self.stack.at(layer, path) as (dir_fd, rel):
+            proc = b"/proc/self/fd/%d/%s" % (dir_fd, rel)
+            for namespace in (b"trusted.", b"user."):
+                with contextlib.suppress(OSError):
+                    return os.getxattr(proc, namespace + REDIRECT, follow_symlinks=False)
+        return None
+
+    def _resolve_in(self, dir_paths: list[bytes | None], name: bytes,
+                    found: core.Found | None = None) -> tuple[core.Found, dict[int, bytes]] | None:
+        """NAME resolved in the directory given by DIR_PATHS (FOUND when already resolved),
+        redirects followed: the object and where it is in each lower layer it is found in."""
+        if found is None:
+            found = self.stack.c.resolve(self.stack.c.dir_paths(dir_paths), name)
+            if found is None:
+                return None
+        where = _where(dir_paths, name, found)
+        found = self._follow_redirects(found, name, dir_paths, where)
+        if self.has_upper:
+            where.pop(UPPER, None)
+        return found, where
 
     def _origin_ino(self, path: bytes) -> int | None:
         """st_ino of the lower object that upper object PATH was copied from, if it has an origin
@@ -86,50 +158,54 @@ class Union:
                 return copied
         return self.stack.compose_ino(found.attr.dev, found.attr.ino)
 
-    def _node_for(self, parent: Node, name: bytes, found: core.Found, parent_path: bytes | None = None) -> Node:
+    def _node_for(self, parent: Node, name: bytes, resolved: tuple[core.Found, dict[int, bytes]],
+                  parent_path: bytes | None = None) -> Node:
         """The node for a resolved name: the known one for its object (with fresh attributes when
         it lives in the upper layer), or a new, uncounted one."""
+        found, lower_paths = resolved
         parent_path = parent.path if parent_path is None else parent_path
         path = name if parent_path == ROOT_PATH else parent_path + b"/" + name
-        node = self.inodes.node_for(self._ino_of(found, path), parent, name, found)
+        node = self.inodes.node_for(self._ino_of(found, path), parent, name, found, lower_paths)
         if found.layer == UPPER and self.writable and node.layer == UPPER:
             node.update(found, self.timeout)
         return node
 
-    def resolve(self, parent: Node, name: bytes) -> core.Found | None:
+    def resolve(self, parent: Node, name: bytes) -> tuple[core.Found, dict[int, bytes]] | None:
         if not parent.is_dir:
             raise fail(errno.ENOTDIR)
-        return self.stack.c.resolve(self._c_dir(parent), name)
+        return self._resolve_in(self._dir_paths(parent), name)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """Resolve NAME in PARENT and count the kernel's new reference; None when absent."""
-        found = self.resolve(parent, name)
-        if found is None:
+        resolved = self.resolve(parent, name)
+        if resolved is None:
             return None
-        return self.inodes.remember(self._node_for(parent, name, found))
+        return self.inodes.remember(self._node_for(parent, name, resolved))
 
     def lookup_existing(self, parent: Node, name: bytes) -> Node:
         """The node for NAME, not counted as a kernel reference; ENOENT when absent."""
-        found = self.resolve(parent, name)
-        if found is None:
+        resolved = self.resolve(parent, name)
+        if resolved is None:
             raise fail(errno.ENOENT)
-        return self.inodes.current(self._node_for(parent, name, found))
+        return self.inodes.current(self._node_for(parent, name, resolved))
 
     def has_lower(self, parent: Node, name: bytes) -> bool:
         """Does a layer below the upper hold NAME in PARENT (so that removing the upper object, or
         its absence from the upper, needs a whiteout)?"""
-        lower_mask = parent.dir_layers & ~UPPER_BIT
-        if not lower_mask:
+        paths = self._dir_paths(parent, with_upper=False)
+        if not any(paths):
             return False
-        return self.stack.c.resolve(self.stack.c.dir_paths(parent.path, lower_mask), name) is not None
+        return self.stack.c.resolve(self.stack.c.dir_paths(paths), name) is not None
 
     def listdir(self, node: Node) -> list[tuple[bytes, Node]]:
         """The entries of directory NODE: "." and "..", then the merged names. Their nodes are not
         counted: the caller calls inodes.remember() for each merged name it hands to the kernel."""
         path = node.path
+        dir_paths = self._dir_paths(node)
         entries = self.stack.c.list(self._c_dir(node), path)
         dots = [(b".", node), (b"..", node.parent or node)]
-        return dots + [(name, self._node_for(node, name, found, path)) for name, found in entries]
+        return dots + [(name, self._node_for(node, name, self._resolve_in(dir_paths, name, found), path))
+                       for name, found in entries]
 
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable and node.name is not None:
@@ -138,15 +214,15 @@ class Union:
         return node.entry
 
     def readlink(self, node: Node) -> bytes:
-        with self.stack.at(node.layer, node.path) as (dir_fd, name):
+        with self._at(node) as (dir_fd, name):
             return os.readlink(name, dir_fd=dir_fd)
 
     def open_file(self, node: Node, flags: int) -> int:
-        return core.open_at(self.stack.layers[node.layer].root_fd, node.path, flags)
+        return core.open_at(self.stack.layers[node.layer].root_fd, self.layer_path(node, node.layer), flags)
 
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattr_names is None:
-            with self.stack.at(node.layer, node.path) as (dir_fd, rel):
+            with self._at(node) as (dir_fd, rel):
                 names = os.listxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), follow_symlinks=False)
             node.xattr_names = frozenset(os.fsencode(name) for name in names)
         return node.xattr_names
@@ -155,7 +231,7 @@ class Union:
         name = xattrs.to_stored(name)
         if name not in self.xattr_names(node):
             raise fail(errno.ENODATA)
-        with self.stack.at(node.layer, node.path) as (dir_fd, rel):
+        with self._at(node) as (dir_fd, rel):
             return os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), name, follow_symlinks=False)
 
     def listxattr(self, node: Node) -> list[bytes]:
@@ -247,13 +323,13 @@ class Union:
 
     def _install_copy(self, node: Node, with_data: bool) -> None:
         tmp = self.work.temp_name()
-        with self.stack.at(node.layer, node.path) as (src_dir, src_name):
+        with self._at(node) as (src_dir, src_name):
             build_copy(src_dir, src_name, self.work.fd, tmp, with_data, self.origin_xattr)
         self._put_copy_in_place(node, tmp)
 
     async def _install_copy_async(self, node: Node, with_data: bool) -> None:
         tmp = self.work.temp_name()
-        with self.stack.at(node.layer, node.path) as (src_dir, src_name):
+        with self._at(node) as (src_dir, src_name):
             try:
                 await trio.to_thread.run_sync(build_copy, src_dir, src_name, self.work.fd, tmp, with_data,
                                               self.origin_xattr)
