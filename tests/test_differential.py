@@ -11,7 +11,11 @@ from fsops import OpGenerator, outcome
 from mounts import kernel_overlay, pyunionfs
 from trees import checksum, differences, make_opaque, make_whiteout, snapshot
 
-KERNEL_OPTIONS = "redirect_dir=off,index=off,metacopy=off"
+# Kernel options and the pyunionfs options that give the same semantics.
+MODES = {
+    "redirect": ("redirect_dir=on,index=off,metacopy=off", ()),
+    "exdev": ("redirect_dir=off,index=off,metacopy=off", ("-o", "redirect_dir=off")),
+}
 # What the comparison of upper directories looks at: the user's xattrs and the opaque marks.
 # The kernel also writes origin, impure and uuid, which are its own bookkeeping.
 UPPER_XATTRS = ("user.", "trusted.overlay.opaque", "trusted.overlay.overlay.", "trusted.t")
@@ -51,8 +55,10 @@ def build_lowers(root: Path) -> tuple[list[Path], list[str]]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_random_operations_match_kernel_overlay(seed, tmp_path, mnt):
+def test_random_operations_match_kernel_overlay(seed, mode, tmp_path, mnt):
+    kernel_options, our_options = MODES[mode]
     lowers, paths = build_lowers(tmp_path / "lowers")
     before = [checksum(layer) for layer in lowers]
     dirs = {name: tmp_path / name for name in ("kmnt", "kupper", "kwork", "upper", "work")}
@@ -60,8 +66,8 @@ def test_random_operations_match_kernel_overlay(seed, tmp_path, mnt):
         path.mkdir()
     generator = OpGenerator(seed, paths)
     log = []
-    with kernel_overlay(lowers, dirs["kmnt"], KERNEL_OPTIONS, dirs["kupper"], dirs["kwork"]), \
-            pyunionfs(lowers, mnt, upper=dirs["upper"], workdir=dirs["work"]):
+    with kernel_overlay(lowers, dirs["kmnt"], kernel_options, dirs["kupper"], dirs["kwork"]), \
+            pyunionfs(lowers, mnt, *our_options, upper=dirs["upper"], workdir=dirs["work"]):
         for step in range(1000):
             label, action = generator.next()
             expected, got = outcome(action, dirs["kmnt"]), outcome(action, mnt)
@@ -74,7 +80,7 @@ def test_random_operations_match_kernel_overlay(seed, tmp_path, mnt):
                        snapshot(dirs["upper"], UPPER_XATTRS, times=False)) == []
     assert [checksum(layer) for layer in lowers] == before
     # Round trips: each mounts the upper the other wrote, and shows the same tree.
-    with kernel_overlay(lowers, dirs["kmnt"], KERNEL_OPTIONS, dirs["upper"], dirs["work"]):
+    with kernel_overlay(lowers, dirs["kmnt"], kernel_options, dirs["upper"], dirs["work"]):
         assert differences(merged_ours, snapshot(dirs["kmnt"], times=False)) == []
-    with pyunionfs(lowers, mnt, upper=dirs["kupper"], workdir=dirs["kwork"]):
+    with pyunionfs(lowers, mnt, *our_options, upper=dirs["kupper"], workdir=dirs["kwork"]):
         assert differences(merged_kernel, snapshot(mnt, times=False)) == []

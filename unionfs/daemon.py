@@ -27,7 +27,8 @@ def open_union(config: MountConfig) -> Union:
     checks.validate(config)
     try:
         stack = LayerStack(config.lowers, config.upper)
-        return Union(stack, None if config.read_only else config.workdir)
+        return Union(stack, None if config.read_only else config.workdir,
+                     redirect_dirs=config.redirect_dirs)
     except OSError as exc:
         raise ConfigError(f"cannot open layer {exc.filename}: {exc.strerror}") from None
 

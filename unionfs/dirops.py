@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 from unionfs import core
 from unionfs.inodes import Node
-from unionfs.union import UPPER_BIT, Union, fail
+from unionfs.union import REDIRECT, UPPER_BIT, Union, fail
 from unionfs.whiteout import is_whiteout, make_whiteout, set_opaque
 
 RENAME_NOREPLACE = 1
@@ -81,6 +81,9 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
     if union.resolve(parent, name) is not None:
         raise fail(errno.EEXIST)
     union.ensure_upper_dir(parent)
+    # With redirects on, the kernel makes every new directory in a merged one opaque: a
+    # directory renamed later may bring lower entries of the same name into view.
+    opaque_here = stat.S_ISDIR(mode) and union.redirect_dirs and bool(parent.dir_layers & ~UPPER_BIT)
     with union.upper_dir(parent) as parent_fd:
         uid, gid, mode = _owner_and_mode(parent_fd, caller, mode)
         if _whiteout_at(parent_fd, name):
@@ -93,7 +96,7 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
             finally:
                 work.remove(tmp)  # the whiteout after the exchange, or the new object if it failed
         else:
-            _build(parent_fd, name, make, uid, gid, mode, None)
+            _build(parent_fd, name, make, uid, gid, mode, union.xattr_namespace if opaque_here else None)
     node = union.lookup(parent, name)
     assert node is not None
     return node
@@ -234,9 +237,10 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
             raise fail(errno.ENOTDIR)
         if dst.is_dir and not src.is_dir:
             raise fail(errno.EISDIR)
-    # A directory that merges lower layers cannot move without redirects (kernel overlayfs with
-    # redirect_dir=off answers the same, and tools such as mv then copy).
-    if _is_merged_or_lower(src) or (flags & RENAME_EXCHANGE and _is_merged_or_lower(dst)):
+    # Without redirects a directory that merges lower layers cannot move: kernel overlayfs with
+    # redirect_dir=off answers the same, and tools such as mv then copy.
+    if not union.redirect_dirs and (_is_merged_or_lower(src) or
+                                    (flags & RENAME_EXCHANGE and _is_merged_or_lower(dst))):
         raise fail(errno.EXDEV)
     if dst is not None and not flags & RENAME_EXCHANGE and dst.is_dir and union.listdir(dst)[2:]:
         raise fail(errno.ENOTEMPTY)
@@ -246,18 +250,14 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
     union.ensure_upper_dir(old_parent)
     union.ensure_upper_dir(new_parent)
     src_has_lower = union.has_lower(old_parent, old_name)
-    dst_has_lower = union.has_lower(new_parent, new_name)
-    ns = union.xattr_namespace
+    samedir = old_parent is new_parent
     with union.upper_dir(old_parent) as old_fd, union.upper_dir(new_parent) as new_fd:
+        _prepare_moving_dir(union, src, old_fd, old_name, new_parent, samedir)
         if flags & RENAME_EXCHANGE:
+            _prepare_moving_dir(union, dst, new_fd, new_name, old_parent, samedir)
             core.rename(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
-            # A directory now at a name that a lower layer also has must not merge with it.
-            if src.is_dir and dst_has_lower:
-                set_opaque(new_fd, new_name, ns)
-            if dst.is_dir and src_has_lower:
-                set_opaque(old_fd, old_name, ns)
         else:
-            _rename_into(union, old_fd, old_name, new_fd, new_name, src, src_has_lower, dst_has_lower)
+            _rename_into(union, old_fd, old_name, new_fd, new_name, src, src_has_lower)
     if dst is not None and not flags & RENAME_EXCHANGE:
         _gone(union, dst, new_parent, new_name)
     src.move_name((old_parent, old_name), (new_parent, new_name))
@@ -269,12 +269,38 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
     union.refresh(new_parent)
 
 
+def _prepare_moving_dir(union: Union, node: Node, dir_fd: int, name: bytes, new_parent: Node,
+                        samedir: bool) -> None:
+    """Before directory NODE (upper copy NAME in DIR_FD) moves into NEW_PARENT, record what keeps
+    its view intact, as kernel overlayfs does: a directory that merges lower layers gets an
+    overlay.redirect naming where its lower copies are; one that does not, moving into a merged
+    directory, becomes opaque so that nothing of the lower layers joins it there."""
+    if not node.is_dir:
+        return
+    path = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+    redirect = union.xattr_namespace + REDIRECT
+    if node.lower_paths:
+        existing = _xattr(path, redirect)
+        if existing is not None and (samedir or existing.startswith(b"/")):
+            return  # still names the lower copies from the new place
+        top_lower = node.lower_paths[min(node.lower_paths)]
+        value = name if samedir and existing is None else b"/" + top_lower
+        os.setxattr(path, redirect, value, follow_symlinks=False)
+    elif new_parent.dir_layers & ~UPPER_BIT:
+        set_opaque(dir_fd, name, union.xattr_namespace)
+
+
+def _xattr(path: bytes, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
 def _rename_into(union: Union, old_fd: int, old_name: bytes, new_fd: int, new_name: bytes, src: Node,
-                 src_has_lower: bool, dst_has_lower: bool) -> None:
+                 src_has_lower: bool) -> None:
     target = _stat_at(new_fd, new_name)
     if src.is_dir:
-        if dst_has_lower:
-            set_opaque(old_fd, old_name, union.xattr_namespace)
         if target is not None and stat.S_ISDIR(target.st_mode):
             # The target is empty in the union, but its upper copy may hold whiteouts.
             _empty_upper_dir(union, new_fd, new_name)

@@ -34,6 +34,7 @@ class MountConfig:
     source: str = "pyunionfs"
     fuse_flags: set[str] = field(default_factory=set)
     fuse_values: dict[str, str] = field(default_factory=dict)
+    redirect_dirs: bool = True  # -o redirect_dir=off: EXDEV on renaming merged directories
 
     @property
     def read_only(self) -> bool:
@@ -106,6 +107,8 @@ def apply_option_string(config: MountConfig, text: str) -> None:
                 raise ConfigError("lowerdir= names no directory")
         elif key in ("upperdir", "workdir") and has_value:
             setattr(config, "upper" if key == "upperdir" else "workdir", unescape(value))
+        elif key == "redirect_dir" and value in ("on", "off"):
+            config.redirect_dirs = value == "on"
         elif not has_value and key in FUSE_FLAGS:
             config.add_flag(key)
         elif has_value and key in FUSE_VALUED:

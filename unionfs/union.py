@@ -39,12 +39,16 @@ def fail(code: int) -> OSError:
 
 
 class Union:
-    def __init__(self, stack: LayerStack, workdir: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, stack: LayerStack, workdir: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 redirect_dirs: bool = True):
         self.stack = stack
         self.timeout = timeout
         # Writable with an upper layer and a work directory; without them, read-only.
         self.writable = stack.top().is_upper and workdir is not None
         self.work = WorkDir(workdir) if self.writable else None
+        # Directories that merge lower layers are renamed with overlay.redirect (kernel option
+        # redirect_dir=on); without it such a rename answers EXDEV (redirect_dir=off).
+        self.redirect_dirs = redirect_dirs
         # Namespace of the overlay xattrs this union writes: trusted.* needs CAP_SYS_ADMIN;
         # unprivileged, the kernel's userxattr format (user.*) is written instead.
         self.xattr_namespace = b"trusted." if os.geteuid() == 0 else b"user."
