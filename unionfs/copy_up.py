@@ -81,19 +81,20 @@ def apply_metadata(dir_fd: int, name: bytes, st: os.stat_result, extra: list[tup
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
-def build_copy(src_dir_fd: int, src_name: bytes, work_fd: int, tmp: bytes, with_data: bool,
-               origin_xattr: bytes) -> os.stat_result:
-    """Build in the work directory, as TMP, a copy of SRC_NAME: a full copy of a regular file
-    (only its metadata when WITH_DATA is false, for a copy-up that truncates), a bare directory,
-    or a symlink, fifo, socket or device, with an ORIGIN_XATTR naming the source, as the kernel
-    records it. Returns the source's stat."""
-    st = os.stat(src_name, dir_fd=src_dir_fd, follow_symlinks=False)
+def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: bytes, work_fd: int,
+               tmp: bytes, with_data: bool, origin_xattr: bytes) -> None:
+    """Build in the work directory, as TMP, a copy with the metadata of META_NAME and the data of
+    DATA_NAME (the same object, except when a kernel metacopy file gets its data): a full copy of
+    a regular file (only its metadata when WITH_DATA is false, for a copy-up that truncates), a
+    bare directory, or a symlink, fifo, socket or device, with an ORIGIN_XATTR naming the data
+    source, as the kernel records it."""
+    st = os.stat(meta_name, dir_fd=meta_dir_fd, follow_symlinks=False)
     kind = stat.S_IFMT(st.st_mode)
     if kind == stat.S_IFREG:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
         try:
             if with_data and st.st_size:
-                src = os.open(_proc(src_dir_fd, src_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                src = os.open(_proc(data_dir_fd, data_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 try:
                     copy_data(src, dst, st.st_size)
                 finally:
@@ -104,13 +105,12 @@ def build_copy(src_dir_fd: int, src_name: bytes, work_fd: int, tmp: bytes, with_
     elif kind == stat.S_IFDIR:
         os.mkdir(tmp, 0o700, dir_fd=work_fd)
     elif kind == stat.S_IFLNK:
-        os.symlink(os.readlink(src_name, dir_fd=src_dir_fd), tmp, dir_fd=work_fd)
+        os.symlink(os.readlink(meta_name, dir_fd=meta_dir_fd), tmp, dir_fd=work_fd)
     else:
         os.mknod(tmp, kind | 0o600, st.st_rdev, dir_fd=work_fd)
-    extra = read_xattrs(src_dir_fd, src_name)
+    extra = read_xattrs(meta_dir_fd, meta_name)
     try:
-        extra.append((origin_xattr, origin.encode(src_dir_fd, src_name)))
+        extra.append((origin_xattr, origin.encode(data_dir_fd, data_name)))
     except OSError:
         pass  # a filesystem without file handles: the copy gets no origin, as in the kernel
     apply_metadata(work_fd, tmp, st, extra)
-    return st

@@ -19,6 +19,7 @@ from unionfs.layers import ROOT_PATH, LayerStack
 from unionfs.workdir import WorkDir
 
 REDIRECT = b"overlay.redirect"
+METACOPY = b"overlay.metacopy"
 
 
 def _where(dir_paths: list[bytes | None], name: bytes, found: core.Found) -> dict[int, bytes]:
@@ -129,8 +130,32 @@ class Union:
         where = _where(dir_paths, name, found)
         found = self._follow_redirects(found, name, dir_paths, where)
         if self.has_upper:
-            where.pop(UPPER, None)
+            upper_path = where.pop(UPPER, None)
+            if upper_path is not None and stat.S_ISREG(found.attr.mode):
+                where.update(self._metacopy_data(upper_path, name, dir_paths))
         return found, where
+
+    def _metacopy_data(self, upper_path: bytes, name: bytes, dir_paths: list[bytes | None]) -> dict[int, bytes]:
+        """For an upper file that kernel overlayfs copied up with metacopy=on (overlay.metacopy:
+        metadata only), where its data is: at its overlay.redirect, else at the same name below."""
+        proc = b"/proc/self/fd/%d/%s" % (self.stack.top().root_fd, upper_path)
+        ns = self.xattr_namespace
+        try:
+            os.getxattr(proc, ns + METACOPY, follow_symlinks=False)
+        except OSError:
+            return {}
+        try:
+            target = os.getxattr(proc, ns + REDIRECT, follow_symlinks=False)
+        except OSError:
+            target = name
+        lower = [None] + dir_paths[1:]
+        if target.startswith(b"/"):
+            parent, _, target = target.strip(b"/").rpartition(b"/")
+            lower = [None] + [parent or ROOT_PATH] * (len(dir_paths) - 1)
+        data = self.stack.c.resolve(self.stack.c.dir_paths(lower), target)
+        if data is None or not stat.S_ISREG(data.attr.mode):
+            return {}
+        return _where(lower, target, data)
 
     def _origin_ino(self, path: bytes) -> int | None:
         """st_ino of the lower object that upper object PATH was copied from, if it has an origin
@@ -221,8 +246,20 @@ class Union:
         with self._at(node) as (dir_fd, name):
             return os.readlink(name, dir_fd=dir_fd)
 
+    def data_location(self, node: Node) -> tuple[int, bytes]:
+        """(layer, path) of NODE's data: a metacopy upper file's data is in a lower layer."""
+        if self.needs_data(node):
+            layer = min(node.lower_paths)
+            return layer, node.lower_paths[layer]
+        return node.layer, self.layer_path(node, node.layer)
+
+    def needs_data(self, node: Node) -> bool:
+        """Is NODE an upper file whose data is still below (a kernel metacopy copy-up)?"""
+        return node.layer == UPPER and self.has_upper and not node.is_dir and bool(node.lower_paths)
+
     def open_file(self, node: Node, flags: int) -> int:
-        return core.open_at(self.stack.layers[node.layer].root_fd, self.layer_path(node, node.layer), flags)
+        layer, path = self.data_location(node)
+        return core.open_at(self.stack.layers[layer].root_fd, path, flags)
 
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattr_names is None:
@@ -304,13 +341,14 @@ class Union:
         if node.layer == UPPER:
             return
         self.ensure_upper_dir(node.parent)
-        self._install_copy(node, with_data=False)
+        self._copy_dir_up(node)
 
     async def copy_up(self, node: Node, with_data: bool = True) -> None:
-        """Copy NODE's object to the upper layer before its first change. A big file is copied in
-        a worker thread, so other requests go on meanwhile; one copy-up per object at a time."""
+        """Copy NODE's object to the upper layer before its first change (or, for a kernel
+        metacopy file, its data). A big file is copied in a worker thread, so other requests go
+        on meanwhile; one copy-up per object at a time."""
         self.require_writable()
-        if node.layer == UPPER:
+        if node.layer == UPPER and not self.needs_data(node):
             return
         if node.is_dir:
             self.ensure_upper_dir(node)
@@ -318,24 +356,24 @@ class Union:
         lock = self._copy_locks.setdefault(node.ino, trio.Lock())
         try:
             async with lock:
-                if node.layer != UPPER:  # not done meanwhile by a request that held the lock
+                if node.layer != UPPER or self.needs_data(node):  # not done meanwhile
                     self.ensure_upper_dir(node.parent)
-                    await self._install_copy_async(node, with_data)
+                    await self._install_copy(node, with_data)
         finally:
             if not lock.statistics().tasks_waiting:
                 self._copy_locks.pop(node.ino, None)
 
-    def _install_copy(self, node: Node, with_data: bool) -> None:
+    def _copy_dir_up(self, node: Node) -> None:
         tmp = self.work.temp_name()
         with self._at(node) as (src_dir, src_name):
-            build_copy(src_dir, src_name, self.work.fd, tmp, with_data, self.origin_xattr)
+            build_copy(src_dir, src_name, src_dir, src_name, self.work.fd, tmp, False, self.origin_xattr)
         self._put_copy_in_place(node, tmp)
 
-    async def _install_copy_async(self, node: Node, with_data: bool) -> None:
+    async def _install_copy(self, node: Node, with_data: bool) -> None:
         tmp = self.work.temp_name()
-        with self._at(node) as (src_dir, src_name):
+        with self._at(node) as meta, self.stack.at(*self.data_location(node)) as data:
             try:
-                await trio.to_thread.run_sync(build_copy, src_dir, src_name, self.work.fd, tmp, with_data,
+                await trio.to_thread.run_sync(build_copy, *meta, *data, self.work.fd, tmp, with_data,
                                               self.origin_xattr)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -347,6 +385,8 @@ class Union:
         with self.upper_dir(node.parent) as parent_fd:
             self._mark_impure(parent_fd)
             os.rename(tmp, node.name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+        if not node.is_dir:
+            node.lower_paths = {}  # all of the file is in the upper copy now
         self.refresh(node)
         for handle in list(node.open_files):
             handle.reopen(self)
