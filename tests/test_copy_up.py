@@ -214,3 +214,33 @@ def test_st_ino_after_remount_matches_kernel(layout, mnt, tmp_path):
     with kernel_overlay([layout["lower"]], kernel_mnt, "", layout["upper"], layout["work"]):
         assert {name: os.stat(kernel_mnt / name).st_ino for name in lower_inos} == lower_inos
         assert (kernel_mnt / "d" / "f").read_text() == "lower+"
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_lower_hard_links_follow_a_copy_up(layout, mnt, tmp_path, first):
+    """After one name of a lower hard-link pair is written, the other shows the new data, also
+    after a remount, whichever name is looked up first (fuse-overlayfs serves stale data there),
+    and kernel overlayfs with index=on agrees."""
+    from mounts import kernel_overlay
+
+    (layout["lower"] / "a").write_text("old")
+    os.link(layout["lower"] / "a", layout["lower"] / "b")
+    with mounted(layout, mnt):
+        with open(mnt / "a", "a") as f:
+            f.write("+new")
+        assert (mnt / "b").read_text() == "old+new"
+    other = "b" if first == "a" else "a"
+    with mounted(layout, mnt):
+        assert (mnt / first).read_text() == "old+new"
+        assert (mnt / other).read_text() == "old+new"
+        assert os.stat(mnt / "a").st_ino == os.stat(mnt / "b").st_ino
+        with open(mnt / "b", "a") as f:
+            f.write("+b")
+    with mounted(layout, mnt):
+        assert (mnt / "a").read_text() == (mnt / "b").read_text() == "old+new+b"
+    kernel_mnt = tmp_path / "kernel"
+    kernel_mnt.mkdir()
+    with kernel_overlay([layout["lower"]], kernel_mnt, "index=on,redirect_dir=on", layout["upper"],
+                        layout["work"]):
+        assert (kernel_mnt / "a").read_text() == (kernel_mnt / "b").read_text() == "old+new+b"
+    assert (layout["lower"] / "a").read_text() == "old"

@@ -73,7 +73,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self.union.lookup(self._node(parent_inode), name)
         if node is None:
             return negative_entry(self.union.timeout)
-        return node.entry
+        return self.union.entry(node)
 
     @replies_errno
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -138,7 +138,7 @@ class UnionOperations(pyfuse3.Operations):
         for index in range(start_id, len(entries)):
             name, node = entries[index]
             node = inodes.current(node)
-            if not pyfuse3.readdir_reply(token, name, node.entry, index + 1):
+            if not pyfuse3.readdir_reply(token, name, self.union.entry(node), index + 1):
                 return
             # readdirplus hands the kernel a reference to each entry it accepts, except "." and
             # ".." (the first two), which the kernel does not count (fuse_direntplus_link).
@@ -173,7 +173,9 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self._handles[fh].layer_fd(self.union), buf, off)
+        handle = self._handles[fh]
+        handle.node.stale = True
+        return os.pwrite(handle.layer_fd(self.union), buf, off)
 
     @replies_errno
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -47,7 +47,7 @@ class Node:
     """A union object the kernel knows, found under its parent by name."""
 
     __slots__ = ("id", "ino", "parent", "name", "other_names", "layer", "dir_layers", "lower_paths",
-                 "entry", "lookups", "c_dir", "xattr_names", "open_files")
+                 "entry", "stale", "lookups", "c_dir", "xattr_names", "open_files", "index_name")
 
     def __init__(self, node_id: int, ino: int, parent: Node | None, name: bytes, found: Found,
                  lower_paths: dict[int, bytes], timeout: float):
@@ -63,12 +63,15 @@ class Node:
         # (overlay.redirect), and lower layers never move.
         self.lower_paths = lower_paths
         self.entry = make_entry(node_id, ino, found, timeout)  # served by lookup, getattr, readdirplus
+        self.stale = False  # written since the entry was made: re-read before serving it
         self.lookups = 0
         self.c_dir: tuple | None = None  # the directory's C path argument and its path, built on use
         # The names of the object's xattrs, read on first use: ls -l asks for ACLs and SELinux
         # labels of every file, and most have none, which this answers without a system call.
         self.xattr_names: frozenset[bytes] | None = None
         self.open_files: set = set()  # open handles, moved to the upper copy on copy-up
+        # A lower hard link whose object another name copied up: its copy in the work index.
+        self.index_name: bytes | None = None
 
     @property
     def path(self) -> bytes:
@@ -123,6 +126,7 @@ class Node:
             self.dir_layers = found.dir_layers
             self.c_dir = None
         self.entry = make_entry(self.id, self.ino, found, timeout)
+        self.stale = False
 
 
 def make_entry(node_id: int, ino: int, found: Found, timeout: float) -> pyfuse3.EntryAttributes:

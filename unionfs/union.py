@@ -20,6 +20,7 @@ from unionfs.workdir import WorkDir
 
 REDIRECT = b"overlay.redirect"
 METACOPY = b"overlay.metacopy"
+NLINK = b"overlay.nlink"
 
 
 def _where(dir_paths: list[bytes | None], name: bytes, found: core.Found) -> dict[int, bytes]:
@@ -72,8 +73,18 @@ class Union:
         return node.lower_paths[layer]
 
     def _at(self, node: Node):
-        """(dir_fd, name) of NODE's visible object, for the *at() calls."""
+        """(dir_fd, name) of NODE's object, for the *at() calls: a lower hard link that has an
+        upper copy in the index is that copy."""
+        if node.index_name is not None:
+            return contextlib.nullcontext((self.work.index_fd, node.index_name))
         return self.stack.at(node.layer, self.layer_path(node, node.layer))
+
+    def _data_at(self, node: Node):
+        """(dir_fd, name) of NODE's data: a kernel metacopy file's data is in a lower layer."""
+        if self.needs_data(node):
+            layer = min(node.lower_paths)
+            return self.stack.at(layer, node.lower_paths[layer])
+        return self._at(node)
 
     def _dir_paths(self, node: Node, with_upper: bool = True) -> list[bytes | None]:
         """Directory NODE's path in each layer, None where the layer takes no part."""
@@ -194,10 +205,35 @@ class Union:
         found, lower_paths = resolved
         parent_path = parent.path if parent_path is None else parent_path
         path = name if parent_path == ROOT_PATH else parent_path + b"/" + name
-        node = self.inodes.node_for(self._ino_of(found, path), parent, name, found, lower_paths)
-        if found.layer == UPPER and self.writable and node.layer == UPPER:
+        ino = self._ino_of(found, path)
+        index_name = self._index_entry(found, lower_paths)
+        if index_name is not None:
+            found = found._replace(attr=core.stat_at(self.work.index_fd, index_name))
+        node = self.inodes.node_for(ino, parent, name, found, lower_paths)
+        if node.layer == UPPER:
+            if found.layer == UPPER and self.writable:  # attributes as they are now
+                node.update(found, self.timeout)
+        elif index_name is not None:  # a lower name of an object copied up through another
             node.update(found, self.timeout)
+            node.index_name = index_name
         return node
+
+    def _index_entry(self, found: core.Found, lower_paths: dict[int, bytes]) -> bytes | None:
+        """For a lower hard link whose object was copied up through another of its names, the
+        name of that copy in the index (work/index/<origin as hex>, kernel index=on format)."""
+        if not self.writable or found.layer not in lower_paths or found.attr.nlink < 2 \
+                or stat.S_ISDIR(found.attr.mode):
+            return None
+        name = self._index_name(found.layer, lower_paths[found.layer])
+        try:
+            os.stat(name, dir_fd=self.work.index_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return name
+
+    def _index_name(self, layer: int, path: bytes) -> bytes:
+        with self.stack.at(layer, path) as (dir_fd, name):
+            return origin.encode(dir_fd, name).hex().encode()
 
     def resolve(self, parent: Node, name: bytes) -> tuple[core.Found, dict[int, bytes]] | None:
         if not parent.is_dir:
@@ -242,24 +278,24 @@ class Union:
                 self.refresh(node)
         return node.entry
 
+    def entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """NODE's attributes for a reply. After writes they are read again: a reply with an old
+        size would make the kernel cut the file short."""
+        if node.stale:
+            return self.getattr(node)
+        return node.entry
+
     def readlink(self, node: Node) -> bytes:
         with self._at(node) as (dir_fd, name):
             return os.readlink(name, dir_fd=dir_fd)
-
-    def data_location(self, node: Node) -> tuple[int, bytes]:
-        """(layer, path) of NODE's data: a metacopy upper file's data is in a lower layer."""
-        if self.needs_data(node):
-            layer = min(node.lower_paths)
-            return layer, node.lower_paths[layer]
-        return node.layer, self.layer_path(node, node.layer)
 
     def needs_data(self, node: Node) -> bool:
         """Is NODE an upper file whose data is still below (a kernel metacopy copy-up)?"""
         return node.layer == UPPER and self.has_upper and not node.is_dir and bool(node.lower_paths)
 
     def open_file(self, node: Node, flags: int) -> int:
-        layer, path = self.data_location(node)
-        return core.open_at(self.stack.layers[layer].root_fd, path, flags)
+        with self._data_at(node) as (dir_fd, name):
+            return core.open_at(dir_fd, name, flags)
 
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattr_names is None:
@@ -358,7 +394,10 @@ class Union:
             async with lock:
                 if node.layer != UPPER or self.needs_data(node):  # not done meanwhile
                     self.ensure_upper_dir(node.parent)
-                    await self._install_copy(node, with_data)
+                    if node.index_name is not None:
+                        self._link_from_index(node)
+                    else:
+                        await self._install_copy(node, with_data)
         finally:
             if not lock.statistics().tasks_waiting:
                 self._copy_locks.pop(node.ino, None)
@@ -371,20 +410,41 @@ class Union:
 
     async def _install_copy(self, node: Node, with_data: bool) -> None:
         tmp = self.work.temp_name()
-        with self._at(node) as meta, self.stack.at(*self.data_location(node)) as data:
+        # A lower hard link is copied once, into the index, where its other names find it.
+        indexed = node.layer != UPPER and node.entry.st_nlink > 1
+        index_name = self._index_name(node.layer, self.layer_path(node, node.layer)) if indexed else None
+        with self._at(node) as meta, self._data_at(node) as data:
             try:
                 await trio.to_thread.run_sync(build_copy, *meta, *data, self.work.fd, tmp, with_data,
                                               self.origin_xattr)
+                if index_name is not None:
+                    # The copy's links (index and name) stand for the lower ones (kernel overlay.nlink).
+                    nlink = b"U%+d" % (node.entry.st_nlink - 2)
+                    os.setxattr(b"/proc/self/fd/%d/%s" % (self.work.fd, tmp),
+                                self.xattr_namespace + NLINK, nlink, follow_symlinks=False)
+                    os.link(tmp, index_name, src_dir_fd=self.work.fd, dst_dir_fd=self.work.index_fd)
             except BaseException:
                 with contextlib.suppress(OSError):
                     self.work.remove(tmp)
                 raise
         self._put_copy_in_place(node, tmp)
 
+    def _link_from_index(self, node: Node) -> None:
+        """Copy-up of a lower hard link whose object is in the index already: a new upper link."""
+        with self.upper_dir(node.parent) as parent_fd:
+            self._mark_impure(parent_fd)
+            os.link(node.index_name, node.name, src_dir_fd=self.work.index_fd, dst_dir_fd=parent_fd,
+                    follow_symlinks=False)
+        node.index_name = None
+        self._now_in_upper(node)
+
     def _put_copy_in_place(self, node: Node, tmp: bytes) -> None:
         with self.upper_dir(node.parent) as parent_fd:
             self._mark_impure(parent_fd)
             os.rename(tmp, node.name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+        self._now_in_upper(node)
+
+    def _now_in_upper(self, node: Node) -> None:
         if not node.is_dir:
             node.lower_paths = {}  # all of the file is in the upper copy now
         self.refresh(node)

@@ -8,6 +8,7 @@ import os
 import shutil
 
 WORK_SUBDIR = "work"
+INDEX_SUBDIR = "index"  # upper copies of lower hard links, by origin (kernel's index=on format)
 
 
 class WorkDir:
@@ -16,6 +17,9 @@ class WorkDir:
         os.makedirs(path, mode=0o000, exist_ok=True)
         self._clean(path)
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        index = os.path.join(workdir, INDEX_SUBDIR)
+        os.makedirs(index, mode=0o000, exist_ok=True)
+        self.index_fd = os.open(index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._names = itertools.count(1)
 
     @staticmethod
@@ -41,3 +45,4 @@ class WorkDir:
 
     def close(self) -> None:
         os.close(self.fd)
+        os.close(self.index_fd)
