@@ -15,6 +15,9 @@ from trees import checksum, differences, make_opaque, make_whiteout, snapshot
 MODES = {
     "redirect": ("redirect_dir=on,index=off,metacopy=off", ()),
     "exdev": ("redirect_dir=off,index=off,metacopy=off", ("-o", "redirect_dir=off")),
+    # The kernel's metacopy and index formats differ from pyunionfs's full copies on disk, so
+    # this mode compares the merged trees and the round trips, not the upper directories.
+    "all-kernel-features": ("redirect_dir=on,index=on,metacopy=on", ()),
 }
 # What the comparison of upper directories looks at: the user's xattrs and the opaque marks.
 # The kernel also writes origin, impure and uuid, which are its own bookkeeping.
@@ -76,8 +79,9 @@ def test_random_operations_match_kernel_overlay(seed, mode, tmp_path, mnt):
         merged_kernel = snapshot(dirs["kmnt"], times=False)
         merged_ours = snapshot(mnt, times=False)
     assert differences(merged_kernel, merged_ours) == []
-    assert differences(snapshot(dirs["kupper"], UPPER_XATTRS, times=False),
-                       snapshot(dirs["upper"], UPPER_XATTRS, times=False)) == []
+    if "metacopy=off" in kernel_options:
+        assert differences(snapshot(dirs["kupper"], UPPER_XATTRS, times=False),
+                           snapshot(dirs["upper"], UPPER_XATTRS, times=False)) == []
     assert [checksum(layer) for layer in lowers] == before
     # Round trips: each mounts the upper the other wrote, and shows the same tree.
     with kernel_overlay(lowers, dirs["kmnt"], kernel_options, dirs["upper"], dirs["work"]):

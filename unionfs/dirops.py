@@ -161,6 +161,18 @@ async def link(union: Union, node: Node, new_parent: Node, new_name: bytes) -> N
     return union.inodes.remember(node)
 
 
+def _link_name_in_upper(union: Union, node: Node, parent: Node, name: bytes) -> None:
+    """Give the upper layer the name NAME for NODE's copied-up object, if it lacks it: the name
+    of a lower hard link whose object was copied up through another name."""
+    if node.is_dir:
+        return
+    with union.upper_dir(parent) as parent_fd:
+        if _stat_at(parent_fd, name) is not None:
+            return
+        with union.upper_location(node) as (dir_fd, existing):
+            os.link(existing, name, src_dir_fd=dir_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
+
+
 def _remove_from_upper(union: Union, parent: Node, name: bytes, parent_fd: int, needs_whiteout: bool) -> None:
     """Take NAME out of the upper directory, leaving a whiteout there when a lower layer has the
     name. An upper object is moved to the work directory in the same step (RENAME_WHITEOUT), so
@@ -186,14 +198,17 @@ def _gone(union: Union, node: Node, parent: Node, name: bytes) -> None:
         union.inodes.drop_object(node)
     else:
         node.remove_name(parent, name)
+        union.reresolve(node)
 
 
-def unlink(union: Union, parent: Node, name: bytes) -> None:
+async def unlink(union: Union, parent: Node, name: bytes) -> None:
     union.require_writable()
     node = union.lookup_existing(parent, name)
     if node.is_dir:
         raise fail(errno.EISDIR)
+    count = await _link_count(union, node)
     _remove(union, parent, name, node)
+    _record_link_count(union, node, count, -1)
 
 
 def rmdir(union: Union, parent: Node, name: bytes) -> None:
@@ -204,6 +219,21 @@ def rmdir(union: Union, parent: Node, name: bytes) -> None:
     if union.listdir(node)[2:]:
         raise fail(errno.ENOTEMPTY)
     _remove(union, parent, name, node)
+
+
+async def _link_count(union: Union, node: Node | None) -> int | None:
+    """Before a name of NODE's object changes: its union link count, if it is a hard-linked
+    file, whose object is then copied to the index so that an upper inode can record the new
+    count (as the kernel does with index=on)."""
+    if node is None or node.is_dir or node.entry.st_nlink < 2:
+        return None
+    await union.copy_to_index(node)
+    return node.entry.st_nlink
+
+
+def _record_link_count(union: Union, node: Node | None, count: int | None, change: int) -> None:
+    if count is not None:
+        union.set_union_nlink(node, count + change)
 
 
 def _remove(union: Union, parent: Node, name: bytes, node: Node) -> None:
@@ -249,6 +279,11 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
         await union.copy_up(dst)
     union.ensure_upper_dir(old_parent)
     union.ensure_upper_dir(new_parent)
+    _link_name_in_upper(union, src, old_parent, old_name)
+    if flags & RENAME_EXCHANGE:
+        _link_name_in_upper(union, dst, new_parent, new_name)
+    src_count = await _link_count(union, src)
+    dst_count = await _link_count(union, dst)
     src_has_lower = union.has_lower(old_parent, old_name)
     samedir = old_parent is new_parent
     with union.upper_dir(old_parent) as old_fd, union.upper_dir(new_parent) as new_fd:
@@ -263,6 +298,9 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
     src.move_name((old_parent, old_name), (new_parent, new_name))
     if flags & RENAME_EXCHANGE:
         dst.move_name((new_parent, new_name), (old_parent, old_name))
+    _record_link_count(union, src, src_count, 0)
+    _record_link_count(union, dst, dst_count, 0 if flags & RENAME_EXCHANGE else -1)
+    if flags & RENAME_EXCHANGE:
         union.refresh(dst)
     union.refresh(src)
     union.refresh(old_parent)

@@ -112,7 +112,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
-        dirops.unlink(self.union, self._node(parent_inode), name)
+        await dirops.unlink(self.union, self._node(parent_inode), name)
 
     @replies_errno
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:

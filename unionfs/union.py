@@ -23,6 +23,11 @@ METACOPY = b"overlay.metacopy"
 NLINK = b"overlay.nlink"
 
 
+def node_found(node: Node, attr: core.Attr) -> core.Found:
+    """NODE's place in the layers, with new attributes."""
+    return core.Found(node.layer, attr, node.dir_layers)
+
+
 def _where(dir_paths: list[bytes | None], name: bytes, found: core.Found) -> dict[int, bytes]:
     """The path of each layer's copy of a resolved object."""
     layers = [i for i in range(len(dir_paths)) if found.dir_layers >> i & 1] or [found.layer]
@@ -206,9 +211,7 @@ class Union:
         parent_path = parent.path if parent_path is None else parent_path
         path = name if parent_path == ROOT_PATH else parent_path + b"/" + name
         ino = self._ino_of(found, path)
-        index_name = self._index_entry(found, lower_paths)
-        if index_name is not None:
-            found = found._replace(attr=core.stat_at(self.work.index_fd, index_name))
+        found, index_name = self._with_copy_state(found, lower_paths, path)
         node = self.inodes.node_for(ino, parent, name, found, lower_paths)
         if node.layer == UPPER:
             if found.layer == UPPER and self.writable:  # attributes as they are now
@@ -217,6 +220,30 @@ class Union:
             node.update(found, self.timeout)
             node.index_name = index_name
         return node
+
+    def _with_copy_state(self, found: core.Found, lower_paths: dict[int, bytes],
+                         path: bytes) -> tuple[core.Found, bytes | None]:
+        """FOUND with the attributes the union shows, and the index name of a lower hard link
+        whose object was copied up through another name (whose attributes are the index copy's)."""
+        index_name = self._index_entry(found, lower_paths)
+        if index_name is not None:
+            attr = core.stat_at(self.work.index_fd, index_name)
+            return found._replace(attr=self._union_nlink(attr, self.work.index_fd, index_name)), index_name
+        if found.layer == UPPER and self.has_upper:
+            return found._replace(attr=self._union_nlink(found.attr, self.stack.top().root_fd, path)), None
+        return found, None
+
+    def reresolve(self, node: Node) -> None:
+        """Look NODE's object up again under the name it is known by, after another of its names
+        went away (that name may have held its upper copy)."""
+        resolved = self.resolve(node.parent, node.name) if node.name is not None else None
+        if resolved is None:
+            node.detach()
+            return
+        found, lower_paths = resolved
+        found, node.index_name = self._with_copy_state(found, lower_paths, node.path)
+        node.lower_paths = lower_paths
+        node.update(found, self.timeout)
 
     def _index_entry(self, found: core.Found, lower_paths: dict[int, bytes]) -> bytes | None:
         """For a lower hard link whose object was copied up through another of its names, the
@@ -364,11 +391,49 @@ class Union:
 
     def refresh(self, node: Node) -> core.Attr:
         """Re-read NODE's attributes from its upper object."""
-        attr = core.stat_at(self.stack.layers[UPPER].root_fd, node.path)
+        path = node.path
+        attr = self._union_nlink(core.stat_at(self.stack.layers[UPPER].root_fd, path),
+                                 self.stack.layers[UPPER].root_fd, path)
         dir_layers = node.dir_layers | UPPER_BIT if stat.S_ISDIR(attr.mode) else 0
         node.update(core.Found(UPPER, attr, dir_layers), self.timeout)
         node.xattr_names = None
         return attr
+
+    def _union_nlink(self, attr: core.Attr, dir_fd: int, name: bytes) -> core.Attr:
+        """ATTR with the link count the union shows: the upper copy of a lower hard link carries
+        it in overlay.nlink ("U+n": the upper count plus n), as the kernel writes it. Such a copy
+        has two links or more, unless it is only in the index."""
+        in_index = dir_fd == self.work.index_fd if self.work else False
+        if not stat.S_ISREG(attr.mode) or (attr.nlink < 2 and not in_index):
+            return attr
+        try:
+            value = os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, name), self.xattr_namespace + NLINK,
+                                follow_symlinks=False)
+        except OSError:
+            return attr
+        if value[:1] != b"U":
+            return attr
+        return attr._replace(nlink=attr.nlink + int(value[1:]))
+
+    def set_union_nlink(self, node: Node, nlink: int) -> None:
+        """Record NLINK as the union link count of NODE's object, if its upper copy keeps one in
+        overlay.nlink (a copied-up lower hard link): names can live in the upper layer, in the
+        index or only below, so the upper count alone does not tell."""
+        if node.index_name is not None:
+            where = contextlib.nullcontext((self.work.index_fd, node.index_name))
+        elif node.layer == UPPER and node.name is not None:
+            where = self.upper_location(node)
+        else:
+            return  # all its names are below: the lower count is right
+        with where as (dir_fd, name):
+            path = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+            try:
+                os.getxattr(path, self.xattr_namespace + NLINK, follow_symlinks=False)
+            except OSError:
+                return
+            upper_nlink = os.stat(path, follow_symlinks=False).st_nlink
+            os.setxattr(path, self.xattr_namespace + NLINK, b"U%+d" % (nlink - upper_nlink),
+                        follow_symlinks=False)
 
     def ensure_upper_dir(self, node: Node) -> None:
         """Copy directory NODE, and the directories above it, up to the upper layer (metadata
@@ -408,7 +473,16 @@ class Union:
             build_copy(src_dir, src_name, src_dir, src_name, self.work.fd, tmp, False, self.origin_xattr)
         self._put_copy_in_place(node, tmp)
 
-    async def _install_copy(self, node: Node, with_data: bool) -> None:
+    async def copy_to_index(self, node: Node) -> None:
+        """Copy a lower hard link's object into the index only, before one of its names goes
+        away: its union link count then has an upper inode to be recorded on (as the kernel
+        does with index=on)."""
+        self.require_writable()
+        if node.layer == UPPER or node.index_name is not None or node.is_dir or node.entry.st_nlink < 2:
+            return
+        await self._install_copy(node, True, into_upper=False)
+
+    async def _install_copy(self, node: Node, with_data: bool, into_upper: bool = True) -> None:
         tmp = self.work.temp_name()
         # A lower hard link is copied once, into the index, where its other names find it.
         indexed = node.layer != UPPER and node.entry.st_nlink > 1
@@ -418,8 +492,9 @@ class Union:
                 await trio.to_thread.run_sync(build_copy, *meta, *data, self.work.fd, tmp, with_data,
                                               self.origin_xattr)
                 if index_name is not None:
-                    # The copy's links (index and name) stand for the lower ones (kernel overlay.nlink).
-                    nlink = b"U%+d" % (node.entry.st_nlink - 2)
+                    # The copy's links (the index, and the name if it goes to the upper layer)
+                    # stand for all the lower ones (kernel overlay.nlink).
+                    nlink = b"U%+d" % (node.entry.st_nlink - (2 if into_upper else 1))
                     os.setxattr(b"/proc/self/fd/%d/%s" % (self.work.fd, tmp),
                                 self.xattr_namespace + NLINK, nlink, follow_symlinks=False)
                     os.link(tmp, index_name, src_dir_fd=self.work.fd, dst_dir_fd=self.work.index_fd)
@@ -427,16 +502,25 @@ class Union:
                 with contextlib.suppress(OSError):
                     self.work.remove(tmp)
                 raise
-        self._put_copy_in_place(node, tmp)
+        if into_upper:
+            self._put_copy_in_place(node, tmp)
+        else:
+            self.work.remove(tmp)
+            node.index_name = index_name
+            attr = core.stat_at(self.work.index_fd, index_name)
+            node.update(node_found(node, self._union_nlink(attr, self.work.index_fd, index_name)), self.timeout)
 
     def _link_from_index(self, node: Node) -> None:
         """Copy-up of a lower hard link whose object is in the index already: a new upper link."""
+        count = node.entry.st_nlink
         with self.upper_dir(node.parent) as parent_fd:
             self._mark_impure(parent_fd)
             os.link(node.index_name, node.name, src_dir_fd=self.work.index_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
         node.index_name = None
         self._now_in_upper(node)
+        self.set_union_nlink(node, count)  # one more upper link, but the same names
+        self.refresh(node)
 
     def _put_copy_in_place(self, node: Node, tmp: bytes) -> None:
         with self.upper_dir(node.parent) as parent_fd:
