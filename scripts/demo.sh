@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then show the main job: a small image of three layers (a busybox base, a layer that
 # deletes and replaces files with both kernel and OCI whiteouts, and a config layer), merged by
-# pyunionfs into one read-only tree, listed, and unmounted.
+# pyunionfs under a writable upper directory, listed, written to, and unmounted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -13,7 +13,7 @@ cleanup() {
     rm -rf "$demo"
 }
 trap cleanup EXIT
-mkdir -p "$demo"/{base,app,config,union}
+mkdir -p "$demo"/{base,app,config,upper,work,union}
 
 # base: busybox with a few applets, like a minimal image
 mkdir -p "$demo"/base/{bin,etc,tmp}
@@ -30,13 +30,22 @@ printf 'welcome to the app layer\n' > "$demo/app/etc/motd"
 mkdir -p "$demo/config/etc"
 printf 'demo\n' > "$demo/config/etc/hostname"
 
-"$pyunionfs" mount --lower "$demo/config" --lower "$demo/app" --lower "$demo/base" "$demo/union"
+"$pyunionfs" mount --lower "$demo/config" --lower "$demo/app" --lower "$demo/base" \
+    --upper "$demo/upper" --workdir "$demo/work" "$demo/union"
 echo "== layers (top first): config, app, base; merged at $demo/union"
 (cd "$demo/union" && find . | sort)
 echo "== etc/motd comes from the app layer:"
 cat "$demo/union/etc/motd"
-echo "== bin/vi and tmp are deleted by whiteouts; the union is read-only:"
+echo "== bin/vi and tmp are deleted by whiteouts:"
 ls "$demo/union/bin"
-touch "$demo/union/new-file" 2>&1 | sed 's/^/   /' || true
+echo "== write: append to etc/motd, delete bin/cat, add etc/new"
+echo "changed in the union" >> "$demo/union/etc/motd"
+rm "$demo/union/bin/cat"
+echo new > "$demo/union/etc/new"
+cat "$demo/union/etc/motd"
+echo "== the upper directory holds the changes (a copy, a char 0:0 whiteout, a new file):"
+(cd "$demo/upper" && find . -mindepth 1 | sort | xargs ls -ld)
+echo "== the layers are untouched:"
+cat "$demo/app/etc/motd"; ls "$demo/base/bin"
 echo "== mount:"
 grep " $demo/union " /proc/mounts
