@@ -251,12 +251,16 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
                 if (!S_ISDIR(st.st_mode) || !S_ISDIR(out->attr.mode))
                     break;
                 out->dir_layers[i / 64] |= UINT64_C(1) << (i % 64);
-                if (!has_layer_below(locs, i, nlayers) || dir_is_opaque(&layers[i], l, name))
+                if (i == nlayers - 1 || dir_is_opaque(&layers[i], l, name))
                     break;
+                /* An absolute redirect leads into the lower layers even where the parent
+                   directory has no lower copy, so it is looked for in any but the last layer. */
                 if (overlay_xattr(l, name, "redirect", NULL, 0) >= 0) {
                     out->redirect_layer = i;
                     break;
                 }
+                if (!has_layer_below(locs, i, nlayers))
+                    break;
             } else if (rc != -ENOENT) {
                 return rc;
             }

@@ -55,6 +55,16 @@ def test_merged_directory_moves_with_its_lower_entries(layers, mnt):
         assert differences(merged, snapshot(layers["kernel"], times=False)) == []
 
 
+def test_moved_into_a_new_directory(layers, mnt):
+    """An absolute redirect leads to the lower layers also below a directory that has none."""
+    with union(layers, mnt):
+        os.mkdir(mnt / "new")
+        os.rename(mnt / "d", mnt / "new" / "d")
+        assert tree(mnt / "new" / "d") == EXPECTED
+    with union(layers, mnt):
+        assert tree(mnt / "new" / "d") == EXPECTED
+
+
 def test_rename_in_the_same_directory_records_the_old_name(layers, mnt):
     with union(layers, mnt):
         os.rename(mnt / "d", mnt / "d2")

@@ -114,7 +114,7 @@ class Union:
             below = range(layer + 1, self.stack.c.count)
             if target.startswith(b"/"):  # from the layer roots
                 parent, _, name = target.strip(b"/").rpartition(b"/")
-                paths = [parent or ROOT_PATH if i in below else None for i in range(self.stack.c.count)]
+                paths = [(parent or ROOT_PATH) if i in below else None for i in range(self.stack.c.count)]
             else:  # another name in the same parent directory
                 name = target
                 paths = [dir_paths[i] if i in below else None for i in range(self.stack.c.count)]
