@@ -18,14 +18,17 @@ MODES = {
     # The kernel's metacopy and index formats differ from pyunionfs's full copies on disk, so
     # this mode compares the merged trees and the round trips, not the upper directories.
     "all-kernel-features": ("redirect_dir=on,index=on,metacopy=on", ()),
+    # Lower hard links stay together only with the kernel's index, so only this mode has them.
+    "hard-links": ("redirect_dir=on,index=on,metacopy=on", ()),
 }
 # What the comparison of upper directories looks at: the user's xattrs and the opaque marks.
 # The kernel also writes origin, impure and uuid, which are its own bookkeeping.
 UPPER_XATTRS = ("user.", "trusted.overlay.opaque", "trusted.overlay.overlay.", "trusted.t")
 
 
-def build_lowers(root: Path) -> tuple[list[Path], list[str]]:
-    """Two lowers with files, dirs, symlinks, a fifo, xattrs, a whiteout and an opaque dir."""
+def build_lowers(root: Path, hard_links: bool) -> tuple[list[Path], list[str]]:
+    """Two lowers with files, dirs, symlinks, a fifo, xattrs, a whiteout and an opaque dir, and
+    with HARD_LINKS a lower hard-link pair."""
     top, bottom = root / "top", root / "bottom"
     for d in range(4):
         for sub in ("", "/s"):
@@ -50,6 +53,8 @@ def build_lowers(root: Path) -> tuple[list[Path], list[str]]:
     (top / "d1" / "only").write_text("opaque dir\n")
     (top / "d4").mkdir()
     (top / "d4" / "new").write_text("top dir\n")
+    if hard_links:
+        os.link(bottom / "d2" / "f0", bottom / "d3" / "s" / "linked")
     paths = sorted({os.path.relpath(os.path.join(dirpath, name), layer)
                     for layer in (top, bottom) for dirpath, dirs, files in os.walk(layer)
                     for name in dirs + files})
@@ -62,7 +67,7 @@ def build_lowers(root: Path) -> tuple[list[Path], list[str]]:
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_random_operations_match_kernel_overlay(seed, mode, tmp_path, mnt):
     kernel_options, our_options = MODES[mode]
-    lowers, paths = build_lowers(tmp_path / "lowers")
+    lowers, paths = build_lowers(tmp_path / "lowers", hard_links=mode == "hard-links")
     before = [checksum(layer) for layer in lowers]
     dirs = {name: tmp_path / name for name in ("kmnt", "kupper", "kwork", "upper", "work")}
     for path in dirs.values():
