@@ -13,6 +13,7 @@ from typing import Callable
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -57,6 +58,16 @@ def _append(path: str, data: bytes) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | NONBLOCK)
     try:
         return os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _fallocate(path: str, mode: int, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_WRONLY | NONBLOCK)
+    try:
+        if _libc.fallocate(fd, mode, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
     finally:
         os.close(fd)
 
@@ -109,6 +120,7 @@ class OpGenerator:
         owner = rng.choice([0, 1000, 65534])
         ns = rng.randint(0, 2**40) * 1000
         xname = rng.choice(["user.a", "user.b", "trusted.overlay.fake", "trusted.t"])
+        falloc_mode = rng.choice([0, 1, 3])  # allocate, keep size, punch a hole
         ops: list[tuple[int, str, Callable[[Path], object]]] = [
             (8, f"write {p} @{offset}", lambda m: _write_at(str(m / p), offset, data)),
             (4, f"append {p}", lambda m: _append(str(m / p), data)),
@@ -116,6 +128,7 @@ class OpGenerator:
             (6, f"stat {p}", lambda m: _stat_summary(str(m / p))),
             (4, f"listdir {p}", lambda m: sorted(os.listdir(m / p))),
             (3, f"truncate {p}", lambda m: os.truncate(m / p, offset)),
+            (2, f"fallocate {p} mode {falloc_mode}", lambda m: _fallocate(str(m / p), falloc_mode, offset, 8192)),
             (2, f"open-trunc {p}", lambda m: _truncate_open(str(m / p))),
             (3, f"create-excl {p}", lambda m: _create_excl(str(m / p))),
             (5, f"unlink {p}", lambda m: os.unlink(m / p)),

@@ -244,3 +244,16 @@ def test_lower_hard_links_follow_a_copy_up(layout, mnt, tmp_path, first):
                         layout["work"]):
         assert (kernel_mnt / "a").read_text() == (kernel_mnt / "b").read_text() == "old+new+b"
     assert (layout["lower"] / "a").read_text() == "old"
+
+
+def test_fallocate(layout, mnt):
+    """fallocate(2) through the preloaded shim: pyfuse3 alone has no handler for it."""
+    (layout["lower"] / "f").write_bytes(b"x" * 8192)
+    with mounted(layout, mnt):
+        assert subprocess.run(["fallocate", "-l", "1M", str(mnt / "f")]).returncode == 0
+        assert os.stat(mnt / "f").st_size == 1 << 20
+        assert subprocess.run(["fallocate", "-p", "-o", "0", "-l", "4096", str(mnt / "f")]).returncode == 0
+        data = (mnt / "f").read_bytes()
+        assert data[:4096] == bytes(4096) and data[4096:8192] == b"x" * 4096
+    assert (layout["lower"] / "f").read_bytes() == b"x" * 8192
+    assert os.stat(layout["upper"] / "f").st_size == 1 << 20

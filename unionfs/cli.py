@@ -66,7 +66,7 @@ def _config_from(args: argparse.Namespace, mountpoint: str, source: str = "pyuni
 
 def run(argv: Sequence[str]) -> int:
     # Imported here so that `--help` and bad input do not pay for pyfuse3 and trio.
-    from unionfs import daemon
+    from unionfs import daemon, shim
 
     if argv and argv[0] == "umount":
         daemon.unmount(_umount_parser().parse_args(argv[1:]).mountpoint)
@@ -79,6 +79,7 @@ def run(argv: Sequence[str]) -> int:
         if len(args.paths) > 2:
             raise ConfigError("expected [SOURCE] MOUNTPOINT")
         config = _config_from(args, args.paths[-1], *args.paths[:-1])
+    shim.restart_with_shim(argv)
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
     return daemon.serve(config, foreground=args.foreground or args.debug, debug=args.debug)

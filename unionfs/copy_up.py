@@ -114,3 +114,17 @@ def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: 
     except OSError:
         pass  # a filesystem without file handles: the copy gets no origin, as in the kernel
     apply_metadata(work_fd, tmp, st, extra)
+
+
+def fill_metacopy(data: tuple[int, bytes], target: tuple[int, bytes], size: int, metacopy_xattr: bytes) -> None:
+    """Give a kernel metacopy file (TARGET: metadata only) its data from DATA, in place: it may
+    have other links. The mark goes last, so until then a crash leaves it reading from DATA."""
+    src = os.open(_proc(*data), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    dst = os.open(_proc(*target), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        copy_data(src, dst, size)
+        os.fsync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    os.removexattr(_proc(*target), metacopy_xattr, follow_symlinks=False)

@@ -14,6 +14,7 @@ from unionfs import dirops, inode_ops
 from unionfs.dirops import Caller
 from unionfs.file import OpenFile, open_file
 from unionfs.inodes import Node, negative_entry
+from unionfs.shim import FD_HANDLE
 from unionfs.union import Union
 
 log = logging.getLogger("pyunionfs")
@@ -62,7 +63,9 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
     def _add_handle(self, handle: object) -> int:
-        fh = next(self._next_fh)
+        # An open upper file's handle carries its fd, for the fallocate handler in the shim.
+        writable = isinstance(handle, OpenFile) and handle.flags != os.O_RDONLY and handle.fd >= 0
+        fh = FD_HANDLE + handle.fd if writable else next(self._next_fh)
         self._handles[fh] = handle
         return fh
 

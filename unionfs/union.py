@@ -13,7 +13,7 @@ import pyfuse3
 import trio
 
 from unionfs import core, origin, xattrs
-from unionfs.copy_up import build_copy
+from unionfs.copy_up import build_copy, fill_metacopy
 from unionfs.inodes import InodeTable, Node
 from unionfs.layers import ROOT_PATH, LayerStack
 from unionfs.workdir import WorkDir
@@ -85,11 +85,22 @@ class Union:
         return self.stack.at(node.layer, self.layer_path(node, node.layer))
 
     def _data_at(self, node: Node):
-        """(dir_fd, name) of NODE's data: a kernel metacopy file's data is in a lower layer."""
+        """(dir_fd, name) of NODE's data: a kernel metacopy file's data is in a lower layer, and
+        so is that of a lower hard link whose index copy the kernel made with metacopy."""
         if self.needs_data(node):
             layer = min(node.lower_paths)
             return self.stack.at(layer, node.lower_paths[layer])
+        if node.index_name is not None and self._index_is_metacopy(node):
+            return self.stack.at(node.layer, node.lower_paths[node.layer])
         return self._at(node)
+
+    def _index_is_metacopy(self, node: Node) -> bool:
+        try:
+            os.getxattr(b"/proc/self/fd/%d/%s" % (self.work.index_fd, node.index_name),
+                        self.xattr_namespace + METACOPY)
+        except OSError:
+            return False
+        return True
 
     def _dir_paths(self, node: Node, with_upper: bool = True) -> list[bytes | None]:
         """Directory NODE's path in each layer, None where the layer takes no part."""
@@ -308,8 +319,8 @@ class Union:
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """NODE's attributes for a reply. After writes they are read again: a reply with an old
         size would make the kernel cut the file short."""
-        if node.stale:
-            return self.getattr(node)
+        if node.stale or any(handle.flags != os.O_RDONLY for handle in node.open_files):
+            return self.getattr(node)  # an open writer may change it at any time (fallocate)
         return node.entry
 
     def readlink(self, node: Node) -> bytes:
@@ -513,6 +524,10 @@ class Union:
     def _link_from_index(self, node: Node) -> None:
         """Copy-up of a lower hard link whose object is in the index already: a new upper link."""
         count = node.entry.st_nlink
+        if self._index_is_metacopy(node):
+            with self._data_at(node) as data:
+                fill_metacopy(data, (self.work.index_fd, node.index_name), node.entry.st_size,
+                              self.xattr_namespace + METACOPY)
         with self.upper_dir(node.parent) as parent_fd:
             self._mark_impure(parent_fd)
             os.link(node.index_name, node.name, src_dir_fd=self.work.index_fd, dst_dir_fd=parent_fd,
