@@ -257,3 +257,22 @@ def test_fallocate(layout, mnt):
         assert data[:4096] == bytes(4096) and data[4096:8192] == b"x" * 4096
     assert (layout["lower"] / "f").read_bytes() == b"x" * 8192
     assert os.stat(layout["upper"] / "f").st_size == 1 << 20
+
+
+def test_writes_near_path_max(layout, mnt):
+    """Copy-up of a chain of 255-byte directories down to about 3,800 bytes, and changes there."""
+    budget = 4095 - len(os.fsencode(str(mnt))) - 300
+    parts = [("p%d" % i).ljust(255, "w") for i in range(budget // 256)]
+    layout["lower"].joinpath(*parts).mkdir(parents=True)
+    layout["lower"].joinpath(*parts, "f").write_text("lower")
+    deep = mnt.joinpath(*parts)
+    assert len(os.fsencode(str(deep / ("n" * 255)))) > 3800
+    with mounted(layout, mnt):
+        with open(deep / "f", "a") as f:
+            f.write("+upper")
+        (deep / ("n" * 255)).write_text("new")
+        os.rename(deep / "f", deep / "g")
+        assert sorted(os.listdir(deep)) == ["g", "n" * 255]
+        assert (deep / "g").read_text() == "lower+upper"
+    upper = layout["upper"].joinpath(*parts)
+    assert os.stat(upper / "f").st_rdev == 0 and (upper / "g").read_text() == "lower+upper"
