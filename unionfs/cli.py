@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn, Sequence
 
 from unionfs.options import ConfigError, MountConfig, apply_option_string
 
+
+
+EXIT_RUN_ERROR = 125  # `run` keeps 0-124 and 126-255 for the command, as podman does
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -56,6 +60,73 @@ def _umount_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="pyunionfs run", usage="pyunionfs run --lower DIR [--lower DIR ...] [options] -- CMD [ARGS...]",
+                           description="Run a command in new namespaces with the union as its root.")
+    parser.add_argument("--lower", action="append", required=True, metavar="DIR", help="image layer, top first")
+    parser.add_argument("--upper", metavar="DIR", help="the container's writable layer (default: a temporary one)")
+    parser.add_argument("--workdir", metavar="DIR", help="the overlay work directory for --upper")
+    parser.add_argument("--hostname", default="pyunionfs")
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    parser.add_argument("--env-file", action="append", default=[], metavar="FILE")
+    parser.add_argument("-w", "--chdir", default="/", metavar="DIR", help="working directory in the container")
+    parser.add_argument("--user", metavar="UID[:GID]")
+    parser.add_argument("-v", "--volume", action="append", default=[], metavar="SRC:DST[:ro]")
+    parser.add_argument("--tmpfs", action="append", default=[], metavar="DST")
+    parser.add_argument("--net", choices=("host", "none"), default="host")
+    parser.add_argument("--no-init", action="store_true", help="the command is PID 1")
+    parser.add_argument("--rootless", action="store_true", help="(default when not root)")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _run_config(args: argparse.Namespace):
+    from unionfs.container import ContainerSpec, Volume
+    from unionfs.launcher import RunConfig
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("no command given (pyunionfs run ... -- CMD)")
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+           "TERM": os.environ.get("TERM", "xterm"), "container": "pyunionfs"}
+    lines = [line for path in args.env_file for line in _read_lines(path)] + args.env
+    for line in lines:
+        key, has_value, value = line.partition("=")
+        if not key or not has_value:
+            raise ConfigError(f"environment entries are K=V: {line}")
+        env[key] = value
+    uid = gid = 0
+    if args.user:
+        uid_text, _, gid_text = args.user.partition(":")
+        try:
+            uid, gid = int(uid_text), int(gid_text or uid_text)
+        except ValueError:
+            raise ConfigError(f"--user takes numeric UID[:GID]: {args.user}") from None
+    volumes = []
+    for text in args.volume:
+        source, _, rest = text.partition(":")
+        target, _, mode = rest.partition(":")
+        if not source or not target.startswith("/") or mode not in ("", "ro", "rw"):
+            raise ConfigError(f"volumes are SRC:DST[:ro] with an absolute DST: {text}")
+        if not os.path.exists(source):
+            raise ConfigError(f"volume source does not exist: {source}")
+        volumes.append(Volume(os.path.abspath(source), target, mode == "ro"))
+    spec = ContainerSpec(root="", command=command, env=env, cwd=args.chdir, hostname=args.hostname,
+                         uid=uid, gid=gid, volumes=volumes, tmpfs=args.tmpfs, net_none=args.net == "none",
+                         init=not args.no_init)
+    return RunConfig(lowers=[os.path.abspath(d) for d in args.lower], command=command,
+                     upper=args.upper and os.path.abspath(args.upper),
+                     workdir=args.workdir and os.path.abspath(args.workdir), spec=spec)
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _config_from(args: argparse.Namespace, mountpoint: str, source: str = "pyunionfs") -> MountConfig:
     config = MountConfig(lowers=list(getattr(args, "lower", [])), mountpoint=mountpoint, source=source,
                          upper=getattr(args, "upper", None), workdir=getattr(args, "workdir", None))
@@ -65,6 +136,12 @@ def _config_from(args: argparse.Namespace, mountpoint: str, source: str = "pyuni
 
 
 def run(argv: Sequence[str]) -> int:
+    if argv and argv[0] == "run":
+        # The launcher never imports pyfuse3 or trio: it makes namespaces, which a process
+        # with threads cannot enter, and runs the filesystem server as a process of its own.
+        from unionfs import launcher
+
+        return launcher.run(_run_config(_run_parser().parse_args(argv[1:])))
     # Imported here so that `--help` and bad input do not pay for pyfuse3 and trio.
     from unionfs import daemon, shim
 
@@ -86,11 +163,12 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        return run(argv)
     except ConfigError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_RUN_ERROR if argv[:1] == ["run"] else 1
     except KeyboardInterrupt:
         return 130
 

@@ -1,0 +1,142 @@
+"""`pyunionfs run`: the union as the root of a command in new namespaces.
+
+Process layout (see shared/reference/launcher-notes.md): the launcher, single-threaded and
+without trio or pyfuse3, moves to a private mount namespace (A) and starts the FUSE server there
+as a process of its own, so the union is never visible on the host. Its child becomes PID 1 of a
+new PID namespace, makes mount namespace B (a child of A), builds the root and pivots into it.
+The server stays outside B, and every mount is undone in a `finally`."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from unionfs import checks, sysns
+from unionfs.container import FORWARDED_SIGNALS, ContainerSpec, exit_code, run_in_container
+from unionfs.options import ConfigError
+
+EXIT_LAUNCHER_ERROR = 125
+MOUNT_TIMEOUT = 30.0
+
+
+@dataclass
+class RunConfig:
+    lowers: list[str]
+    command: list[str]
+    upper: str | None = None
+    workdir: str | None = None
+    spec: ContainerSpec = field(default_factory=lambda: ContainerSpec(root="", command=[], env={}))
+
+
+def _die_with_parent() -> None:
+    sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) -> int:
+    """The FUSE server, in mount namespace A, killed if the launcher dies."""
+    argv = [sys.executable, "-m", "unionfs.cli", "mount", *[f"--lower={d}" for d in lowers],
+            f"--upper={upper}", f"--workdir={workdir}", mountpoint, "-f"]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _die_with_parent()
+            os.execv(sys.executable, argv)
+        finally:
+            os._exit(EXIT_LAUNCHER_ERROR)
+    return pid
+
+
+def _wait_for_mount(mountpoint: str, server: int) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while mountpoint not in checks.mount_points():
+        done, _ = os.waitpid(server, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            raise ConfigError("the filesystem server did not mount the union")
+        time.sleep(0.01)
+
+
+def _generated_etc(scratch: str, hostname: str) -> dict[str, str]:
+    """/etc/hostname and /etc/hosts for the container, and the host's resolv.conf."""
+    files = {}
+    for name, text in (("hostname", f"{hostname}\n"),
+                       ("hosts", f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n")):
+        path = os.path.join(scratch, name)
+        with open(path, "w") as f:
+            f.write(text)
+        files[f"/etc/{name}"] = path
+    if os.path.exists("/etc/resolv.conf"):
+        files["/etc/resolv.conf"] = os.path.realpath("/etc/resolv.conf")
+    return files
+
+
+def run(config: RunConfig) -> int:
+    """Run the command; its exit code, or 125 when the launcher or the filesystem fails."""
+    if os.geteuid() != 0:
+        raise ConfigError("rootless mode is not built yet: run as root")
+    if bool(config.upper) != bool(config.workdir):
+        raise ConfigError("--upper needs --workdir (on the same filesystem), and --workdir needs --upper")
+    checks.check_fuse_device()
+    for lower in config.lowers:
+        if not os.path.isdir(lower):
+            raise ConfigError(f"lower directory does not exist: {lower}")
+    scratch = tempfile.mkdtemp(prefix="pyunionfs-run.")
+    server = -1
+    mountpoint = os.path.join(scratch, "root")
+    try:
+        upper = config.upper or os.path.join(scratch, "upper")
+        workdir = config.workdir or os.path.join(scratch, "work")
+        for path in (upper, workdir, mountpoint):
+            os.makedirs(path, exist_ok=True)
+        sysns.unshare(sysns.CLONE_NEWNS)
+        sysns.mount(None, "/", None, sysns.MS_REC | sysns.MS_PRIVATE)
+        server = _start_server(config.lowers, upper, workdir, mountpoint)
+        _wait_for_mount(mountpoint, server)
+        spec = config.spec
+        spec.root = mountpoint
+        spec.command = config.command
+        spec.etc_files = {**_generated_etc(scratch, spec.hostname), **spec.etc_files}
+        return _run_container(spec, server)
+    finally:
+        _clean_up(mountpoint, server, scratch)
+
+
+def _run_container(spec: ContainerSpec, server: int) -> int:
+    sysns.unshare(sysns.CLONE_NEWPID)
+    child = os.fork()
+    if child == 0:
+        _die_with_parent()
+        run_in_container(spec)  # never returns
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, lambda received, _frame: os.kill(child, received))
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == child:
+            return exit_code(status)
+        if pid == server:  # the union is gone: whatever the command does now is not its result
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            print("pyunionfs: the filesystem server died; the container was stopped", file=sys.stderr)
+            return EXIT_LAUNCHER_ERROR
+
+
+def _clean_up(mountpoint: str, server: int, scratch: str) -> None:
+    """Unmount the union (the namespace would keep it, with the server, alive), stop the server,
+    remove the scratch directory."""
+    if mountpoint in checks.mount_points():
+        try:
+            sysns.umount(mountpoint)
+        except OSError:
+            sysns.umount(mountpoint, sysns.MNT_DETACH)
+    if server > 0:
+        try:
+            done, _ = os.waitpid(server, os.WNOHANG)
+            if not done:
+                os.kill(server, signal.SIGTERM)
+                os.waitpid(server, 0)
+        except ChildProcessError:
+            pass  # reaped already
+    shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""Namespace, mount and process-control system calls for the launcher, through cffi."""
+from __future__ import annotations
+
+import os
+
+from unionfs._sys import ffi, lib
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        code = ffi.errno
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return rc
+
+
+def unshare(flags: int) -> None:
+    _check(lib.unshare(flags), "unshare")
+
+
+def _c_string(text: str | None):
+    return ffi.NULL if text is None else os.fsencode(text)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    _check(lib.mount(_c_string(source), _c_string(target), _c_string(fstype), flags, _c_string(data)),
+           f"mount {target}")
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(lib.umount2(os.fsencode(target), flags), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(lib.ufs_pivot_root(os.fsencode(new_root), os.fsencode(put_old)), "pivot_root")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(lib.sethostname(raw, len(raw)), "sethostname")
+
+
+def prctl(option: int, arg: int = 0) -> None:
+    _check(lib.prctl(option, arg, 0, 0, 0), f"prctl {option}")
