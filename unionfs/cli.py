@@ -8,11 +8,9 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
+from unionfs.container import EXIT_LAUNCHER_ERROR
 from unionfs.options import ConfigError, MountConfig, apply_option_string
 
-
-
-EXIT_RUN_ERROR = 125  # `run` keeps 0-124 and 126-255 for the command, as podman does
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -168,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(argv)
     except ConfigError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
-        return EXIT_RUN_ERROR if argv[:1] == ["run"] else 1
+        # `run` keeps 0-124 and 126-255 for the command, as podman does.
+        return EXIT_LAUNCHER_ERROR if argv[:1] == ["run"] else 1
     except KeyboardInterrupt:
         return 130
 

@@ -29,7 +29,8 @@ KEPT_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31}  # CHOWN DAC_OVERRIDE FOWNER FS
 LAST_CAP = 40
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                      signal.SIGUSR2, signal.SIGWINCH)
-EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 126, 127
+# Exit statuses of `pyunionfs run` that are not the command's own, as in podman.
+EXIT_LAUNCHER_ERROR, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 125, 126, 127
 
 
 @dataclass
@@ -173,19 +174,20 @@ def exit_code(status: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
-def _init(main_pid: int) -> int:
-    """PID 1: forward signals to the command, reap every child, end with the command."""
+def supervise(main_pid: int, watched: int = -1) -> tuple[int, int]:
+    """Forward signals to MAIN_PID and reap every child until MAIN_PID (or WATCHED) ends:
+    which one ended, and its exit code. As PID 1 this is the container's init."""
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda received, _frame: os.kill(main_pid, received))
     while True:
         pid, status = os.waitpid(-1, 0)
-        if pid == main_pid:
-            return exit_code(status)
+        if pid in (main_pid, watched):
+            return pid, exit_code(status)
 
 
 def run_in_container(spec: ContainerSpec) -> None:
     """The container's first process (PID 1 of its PID namespace); never returns."""
-    code = 125
+    code = EXIT_LAUNCHER_ERROR
     try:
         sysns.unshare(sysns.CLONE_NEWNS | sysns.CLONE_NEWUTS | sysns.CLONE_NEWIPC |
                       (sysns.CLONE_NEWNET if spec.net_none else 0))
@@ -195,7 +197,7 @@ def run_in_container(spec: ContainerSpec) -> None:
         main_pid = os.fork()
         if main_pid == 0:
             _exec_command(spec)
-        code = _init(main_pid)
+        code = supervise(main_pid)[1]
     except OSError as exc:
         print(f"pyunionfs: setting up the container failed: {exc}", file=sys.stderr)
     finally:

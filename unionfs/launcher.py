@@ -16,10 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 from unionfs import checks, sysns
-from unionfs.container import FORWARDED_SIGNALS, ContainerSpec, exit_code, run_in_container
+from unionfs.container import EXIT_LAUNCHER_ERROR, ContainerSpec, run_in_container, supervise
 from unionfs.options import ConfigError
 
-EXIT_LAUNCHER_ERROR = 125
 MOUNT_TIMEOUT = 30.0
 
 
@@ -110,17 +109,13 @@ def _run_container(spec: ContainerSpec, server: int) -> int:
     if child == 0:
         _die_with_parent()
         run_in_container(spec)  # never returns
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, lambda received, _frame: os.kill(child, received))
-    while True:
-        pid, status = os.waitpid(-1, 0)
-        if pid == child:
-            return exit_code(status)
-        if pid == server:  # the union is gone: whatever the command does now is not its result
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
-            print("pyunionfs: the filesystem server died; the container was stopped", file=sys.stderr)
-            return EXIT_LAUNCHER_ERROR
+    ended, code = supervise(child, watched=server)
+    if ended == server:  # the union is gone: whatever the command does now is not its result
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        print("pyunionfs: the filesystem server died; the container was stopped", file=sys.stderr)
+        return EXIT_LAUNCHER_ERROR
+    return code
 
 
 def _clean_up(mountpoint: str, server: int, scratch: str) -> None:
