@@ -10,7 +10,8 @@ from typing import Callable, NamedTuple
 
 from unionfs import core
 from unionfs.inodes import Node
-from unionfs.union import REDIRECT, UPPER_BIT, Union, fail
+from unionfs.namei import REDIRECT, UPPER_BIT, fail
+from unionfs.union import Union
 from unionfs.whiteout import is_whiteout, make_whiteout, set_opaque
 
 RENAME_NOREPLACE = 1

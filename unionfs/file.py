@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 
 from unionfs.inodes import Node
-from unionfs.union import UPPER, Union
+from unionfs.namei import UPPER
+from unionfs.union import Union
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 

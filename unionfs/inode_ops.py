@@ -10,7 +10,8 @@ import pyfuse3
 from unionfs import xattrs
 from unionfs.file import OpenFile
 from unionfs.inodes import Node
-from unionfs.union import Union, fail
+from unionfs.namei import fail
+from unionfs.union import Union
 
 
 async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

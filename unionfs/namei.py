@@ -1,0 +1,252 @@
+"""Finding objects across the layers (after fs/overlayfs/namei.c): where a union directory is in
+each layer, names resolved with redirects followed, the data of kernel metacopy files, the lower
+object behind a copy (overlay.origin) and the index copy of a lower hard link."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+
+from unionfs import core, origin
+from unionfs.inodes import Node
+from unionfs.layers import ROOT_PATH, LayerStack
+from unionfs.workdir import WorkDir
+
+UPPER = 0  # the upper layer, when there is one, is layer 0
+UPPER_BIT = 1 << UPPER
+REDIRECT = b"overlay.redirect"
+METACOPY = b"overlay.metacopy"
+NLINK = b"overlay.nlink"
+
+Resolved = tuple[core.Found, dict[int, bytes]]  # an object, and its path in each lower layer
+
+
+def layer_copies(dir_paths: list[bytes | None], name: bytes, found: core.Found) -> dict[int, bytes]:
+    """The path of each layer's copy of a resolved object."""
+    layers = [i for i in range(len(dir_paths)) if found.dir_layers >> i & 1] or [found.layer]
+    return {i: name if dir_paths[i] == ROOT_PATH else dir_paths[i] + b"/" + name for i in layers}
+
+
+def fail(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class Namei:
+    """The layers seen from a union: the read-side questions every operation asks."""
+
+    def __init__(self, stack: LayerStack, work: WorkDir | None):
+        self.stack = stack
+        self.work = work
+        self.has_upper = stack.top().is_upper
+        # Namespace of the overlay xattrs: trusted.* needs CAP_SYS_ADMIN; unprivileged, the
+        # kernel's userxattr format (user.*) is used instead.
+        self.xattr_namespace = b"trusted." if os.geteuid() == 0 else b"user."
+        self.origin_xattr = self.xattr_namespace + origin.ORIGIN
+        # st_ino of lower objects by their origin value: lower layers do not change.
+        self._origin_inos: dict[bytes, int | None] = {}
+
+    def layer_path(self, node: Node, layer: int) -> bytes:
+        """Where NODE's object is in LAYER: its union path in the upper layer."""
+        if layer == UPPER and self.has_upper:
+            return node.path
+        return node.lower_paths[layer]
+
+    def _at(self, node: Node):
+        """(dir_fd, name) of NODE's object, for the *at() calls: a lower hard link that has an
+        upper copy in the index is that copy."""
+        if node.index_name is not None:
+            return contextlib.nullcontext((self.work.index_fd, node.index_name))
+        return self.stack.at(node.layer, self.layer_path(node, node.layer))
+
+    def _data_at(self, node: Node):
+        """(dir_fd, name) of NODE's data: a kernel metacopy file's data is in a lower layer, and
+        so is that of a lower hard link whose index copy the kernel made with metacopy."""
+        if self.needs_data(node):
+            layer = min(node.lower_paths)
+            return self.stack.at(layer, node.lower_paths[layer])
+        if node.index_name is not None and self._index_is_metacopy(node):
+            return self.stack.at(node.layer, node.lower_paths[node.layer])
+        return self._at(node)
+
+    def _index_is_metacopy(self, node: Node) -> bool:
+        try:
+            os.getxattr(b"/proc/self/fd/%d/%s" % (self.work.index_fd, node.index_name),
+                        self.xattr_namespace + METACOPY)
+        except OSError:
+            return False
+        return True
+
+    def _dir_paths(self, node: Node, with_upper: bool = True) -> list[bytes | None]:
+        """Directory NODE's path in each layer, None where the layer takes no part."""
+        return [self.layer_path(node, i) if node.dir_layers >> i & 1 and (with_upper or i != UPPER or not self.has_upper)
+                else None for i in range(self.stack.c.count)]
+
+    def _c_dir(self, node: Node):
+        path = node.path
+        if node.c_dir is None or node.c_dir[1] != path:
+            node.c_dir = (self.stack.c.dir_paths(self._dir_paths(node)), path)
+        return node.c_dir[0]
+
+    def _follow_redirects(self, found: core.Found, name: bytes, dir_paths: list[bytes | None],
+                          where: dict[int, bytes]) -> core.Found:
+        """Go on merging a directory below a layer whose copy carries overlay.redirect, at the path
+        the redirect names (kernel overlayfs's redirect_dir), adding the layers found to WHERE."""
+        while found.redirect_layer >= 0:
+            layer = found.redirect_layer
+            target = self._read_redirect(layer, where[layer])
+            if target is None:
+                break
+            below = range(layer + 1, self.stack.c.count)
+            if target.startswith(b"/"):  # from the layer roots
+                parent, _, name = target.strip(b"/").rpartition(b"/")
+                paths = [(parent or ROOT_PATH) if i in below else None for i in range(self.stack.c.count)]
+            else:  # another name in the same parent directory
+                name = target
+                paths = [dir_paths[i] if i in below else None for i in range(self.stack.c.count)]
+            more = self.stack.c.resolve(self.stack.c.dir_paths(paths), name)
+            if more is None or not stat.S_ISDIR(more.attr.mode):
+                found = found._replace(redirect_layer=-1)
+                break
+            where.update(layer_copies(paths, name, more))
+            found = found._replace(dir_layers=found.dir_layers | more.dir_layers,
+                                   redirect_layer=more.redirect_layer)
+        return found
+
+    def _read_redirect(self, layer: int, path: bytes) -> bytes | None:
+        with self.stack.at(layer, path) as (dir_fd, rel):
+            proc = b"/proc/self/fd/%d/%s" % (dir_fd, rel)
+            for namespace in (b"trusted.", b"user."):
+                with contextlib.suppress(OSError):
+                    return os.getxattr(proc, namespace + REDIRECT, follow_symlinks=False)
+        return None
+
+    def _resolve_in(self, dir_paths: list[bytes | None], name: bytes,
+                    found: core.Found | None = None) -> Resolved | None:
+        """NAME resolved in the directory given by DIR_PATHS (FOUND when already resolved),
+        redirects followed: the object and where it is in each lower layer it is found in."""
+        if found is None:
+            found = self.stack.c.resolve(self.stack.c.dir_paths(dir_paths), name)
+            if found is None:
+                return None
+        where = layer_copies(dir_paths, name, found)
+        found = self._follow_redirects(found, name, dir_paths, where)
+        if self.has_upper:
+            upper_path = where.pop(UPPER, None)
+            if upper_path is not None and stat.S_ISREG(found.attr.mode):
+                where.update(self._metacopy_data(upper_path, name, dir_paths))
+        return found, where
+
+    def _metacopy_data(self, upper_path: bytes, name: bytes, dir_paths: list[bytes | None]) -> dict[int, bytes]:
+        """For an upper file that kernel overlayfs copied up with metacopy=on (overlay.metacopy:
+        metadata only), where its data is: at its overlay.redirect, else at the same name below."""
+        proc = b"/proc/self/fd/%d/%s" % (self.stack.top().root_fd, upper_path)
+        ns = self.xattr_namespace
+        try:
+            os.getxattr(proc, ns + METACOPY, follow_symlinks=False)
+        except OSError:
+            return {}
+        try:
+            target = os.getxattr(proc, ns + REDIRECT, follow_symlinks=False)
+        except OSError:
+            target = name
+        lower = [None] + dir_paths[1:]
+        if target.startswith(b"/"):
+            parent, _, target = target.strip(b"/").rpartition(b"/")
+            lower = [None] + [parent or ROOT_PATH] * (len(dir_paths) - 1)
+        data = self.stack.c.resolve(self.stack.c.dir_paths(lower), target)
+        if data is None or not stat.S_ISREG(data.attr.mode):
+            return {}
+        return layer_copies(lower, target, data)
+
+    def _origin_ino(self, path: bytes) -> int | None:
+        """st_ino of the lower object that upper object PATH was copied from, if it has an origin
+        this union can find."""
+        try:
+            value = os.getxattr(b"/proc/self/fd/%d/%s" % (self.stack.top().root_fd, path),
+                                self.origin_xattr, follow_symlinks=False)
+        except OSError:
+            return None
+        if value not in self._origin_inos:
+            self._origin_inos[value] = self._find_origin(value)
+        return self._origin_inos[value]
+
+    def _find_origin(self, value: bytes) -> int | None:
+        handle = origin.decode(value)
+        if handle is None:
+            return None
+        for layer in range(1, len(self.stack.layers)) if self.has_upper else []:
+            attr = core.stat_handle(self.stack.readable_root(layer), *handle)
+            if attr is not None:
+                return self.stack.compose_ino(attr.dev, attr.ino)
+        return None
+
+    def _ino_of(self, found: core.Found, path: bytes) -> int:
+        """The union's st_ino of a resolved object: a copy-up keeps its lower object's number."""
+        if found.layer == UPPER and self.has_upper:
+            copied = self._origin_ino(path)
+            if copied is not None:
+                return copied
+        return self.stack.compose_ino(found.attr.dev, found.attr.ino)
+
+    def _with_copy_state(self, found: core.Found, lower_paths: dict[int, bytes],
+                         path: bytes) -> tuple[core.Found, bytes | None]:
+        """FOUND with the attributes the union shows, and the index name of a lower hard link
+        whose object was copied up through another name (whose attributes are the index copy's)."""
+        index_name = self._index_entry(found, lower_paths)
+        if index_name is not None:
+            attr = core.stat_at(self.work.index_fd, index_name)
+            return found._replace(attr=self._union_nlink(attr, self.work.index_fd, index_name)), index_name
+        if found.layer == UPPER and self.has_upper:
+            return found._replace(attr=self._union_nlink(found.attr, self.stack.top().root_fd, path)), None
+        return found, None
+
+    def _index_entry(self, found: core.Found, lower_paths: dict[int, bytes]) -> bytes | None:
+        """For a lower hard link whose object was copied up through another of its names, the
+        name of that copy in the index (work/index/<origin as hex>, kernel index=on format)."""
+        if not self.writable or found.layer not in lower_paths or found.attr.nlink < 2 \
+                or stat.S_ISDIR(found.attr.mode):
+            return None
+        name = self._index_name(found.layer, lower_paths[found.layer])
+        try:
+            os.stat(name, dir_fd=self.work.index_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return name
+
+    def _index_name(self, layer: int, path: bytes) -> bytes:
+        with self.stack.at(layer, path) as (dir_fd, name):
+            return origin.encode(dir_fd, name).hex().encode()
+
+    def resolve(self, parent: Node, name: bytes) -> Resolved | None:
+        if not parent.is_dir:
+            raise fail(errno.ENOTDIR)
+        return self._resolve_in(self._dir_paths(parent), name)
+
+    def has_lower(self, parent: Node, name: bytes) -> bool:
+        """Does a layer below the upper hold NAME in PARENT (so that removing the upper object, or
+        its absence from the upper, needs a whiteout)?"""
+        paths = self._dir_paths(parent, with_upper=False)
+        if not any(paths):
+            return False
+        return self.stack.c.resolve(self.stack.c.dir_paths(paths), name) is not None
+
+    def needs_data(self, node: Node) -> bool:
+        """Is NODE an upper file whose data is still below (a kernel metacopy copy-up)?"""
+        return node.layer == UPPER and self.has_upper and not node.is_dir and bool(node.lower_paths)
+
+    def _union_nlink(self, attr: core.Attr, dir_fd: int, name: bytes) -> core.Attr:
+        """ATTR with the link count the union shows: the upper copy of a lower hard link carries
+        it in overlay.nlink ("U+n": the upper count plus n), as the kernel writes it. Such a copy
+        has two links or more, unless it is only in the index."""
+        in_index = dir_fd == self.work.index_fd if self.work else False
+        if not stat.S_ISREG(attr.mode) or (attr.nlink < 2 and not in_index):
+            return attr
+        try:
+            value = os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, name), self.xattr_namespace + NLINK,
+                                follow_symlinks=False)
+        except OSError:
+            return attr
+        if value[:1] != b"U":
+            return attr
+        return attr._replace(nlink=attr.nlink + int(value[1:]))
