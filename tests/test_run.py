@@ -43,18 +43,22 @@ def run_sh(image: Path, script: str, *options: str) -> subprocess.CompletedProce
     return run(image, *options, "--", "sh", "-c", script)
 
 
-def leftovers(marker: str) -> tuple[list[str], list[int]]:
-    """Host mounts and processes that mention MARKER."""
-    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if marker in line]
-    pids = []
+def command_lines() -> dict[int, bytes]:
+    """The command line of every process but this one (processes may end while it looks)."""
+    lines = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             try:
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    pids.append(int(entry))
+                lines[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-    return mounts, pids
+    return lines
+
+
+def leftovers(marker: str) -> tuple[list[str], list[int]]:
+    """Host mounts and processes that mention MARKER."""
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if marker in line]
+    return mounts, [pid for pid, line in command_lines().items() if marker.encode() in line]
 
 
 @pytest.mark.parametrize("script, code", [("exit 0", 0), ("exit 42", 42), ("kill -9 $$", 137)])
@@ -149,8 +153,8 @@ def test_dead_filesystem_server_is_a_launcher_error(image):
         deadline = time.monotonic() + 30
         servers: list[int] = []
         while not servers and time.monotonic() < deadline:
-            servers = [pid for pid in leftovers(marker)[1] if b" mount " in
-                       Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")]
+            servers = [pid for pid, line in command_lines().items()
+                       if marker.encode() in line and b"\0mount\0" in line]
             time.sleep(0.05)
         time.sleep(0.5)
         os.kill(servers[0], signal.SIGKILL)
@@ -174,5 +178,4 @@ def test_killing_the_launcher_leaves_nothing(image):
         time.sleep(0.1)
     assert leftovers(marker) == ([], [])
     # the sleeper ran in the container's PID namespace, which died with its init
-    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and
-                Path(f"/proc/{pid}/cmdline").read_bytes() == f"sleep\0{sleeper}\0".encode()]
+    assert f"sleep\0{sleeper}\0".encode() not in command_lines().values()
