@@ -255,8 +255,10 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
     if len(new_name) > NAME_MAX:
         raise fail(errno.ENAMETOOLONG)
     src = union.lookup_existing(old_parent, old_name)
-    found = union.resolve(new_parent, new_name)
-    dst = union.lookup_existing(new_parent, new_name) if found else None
+    try:
+        dst: Node | None = union.lookup_existing(new_parent, new_name)
+    except FileNotFoundError:
+        dst = None
     if flags & RENAME_NOREPLACE and dst is not None:
         raise fail(errno.EEXIST)
     if flags & RENAME_EXCHANGE and dst is None:
