@@ -30,6 +30,8 @@ def image(tmp_path_factory) -> Path:
             (root / "bin" / applet).symlink_to("busybox")
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (root / "data").write_text("from the image\n")
+    (root / "box").mkdir()
+    (root / "box" / "item").write_text("in the image\n")
     (root / "not-executable").write_text("#!/bin/sh\necho never\n")
     return root
 
@@ -179,3 +181,23 @@ def test_killing_the_launcher_leaves_nothing(image):
     assert leftovers(marker) == ([], [])
     # the sleeper ran in the container's PID namespace, which died with its init
     assert f"sleep\0{sleeper}\0".encode() not in command_lines().values()
+
+
+def test_rootless_user_namespace(image, tmp_path):
+    """--rootless (the default for non-root users) as root: a user namespace with one id mapped,
+    and an upper in the kernel's userxattr format, which kernel overlayfs with userxattr reads."""
+    from mounts import kernel_overlay
+
+    upper, work, kernel = tmp_path / "upper", tmp_path / "work", tmp_path / "kernel"
+    for path in (upper, work, kernel):
+        path.mkdir()
+    result = run_sh(image, "cat /proc/self/uid_map; rm -rf /box; mkdir /box; touch /box/new; rm /data",
+                    "--rootless", "--upper", str(upper), "--workdir", str(work))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "0", "1"]
+    assert "one id mapped" in result.stderr
+    assert os.getxattr(upper / "box", "user.overlay.opaque") == b"y"
+    assert not [name for name in os.listxattr(upper / "box") if name.startswith("trusted.")]
+    with kernel_overlay([image], kernel, "userxattr", upper, work):
+        assert os.listdir(kernel / "box") == ["new"]
+        assert not (kernel / "data").exists()

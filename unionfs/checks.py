@@ -42,16 +42,16 @@ def mount_points() -> set[str]:
     return points
 
 
-def check_fuse_device() -> None:
+def check_fuse_device(path: str = FUSE_DEVICE) -> None:
     try:
-        fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(f"cannot use {FUSE_DEVICE}: {exc.strerror}"
+        raise ConfigError(f"cannot use {path}: {exc.strerror}"
                           " (load the fuse module, or make the device accessible)") from None
     st = os.fstat(fd)
     os.close(fd)
     if not stat.S_ISCHR(st.st_mode) or st.st_rdev != FUSE_DEVICE_NUMBER:
-        raise ConfigError(f"cannot use {FUSE_DEVICE}: it is not the FUSE device (char 10:229)")
+        raise ConfigError(f"cannot use {path}: it is not the FUSE device (char 10:229)")
 
 
 def validate(config: MountConfig) -> None:

@@ -114,7 +114,8 @@ def _run_config(args: argparse.Namespace):
                          init=not args.no_init)
     return RunConfig(lowers=[os.path.abspath(d) for d in args.lower], command=command,
                      upper=args.upper and os.path.abspath(args.upper),
-                     workdir=args.workdir and os.path.abspath(args.workdir), spec=spec)
+                     workdir=args.workdir and os.path.abspath(args.workdir), rootless=args.rootless,
+                     spec=spec)
 
 
 def _read_lines(path: str) -> list[str]:

@@ -69,10 +69,18 @@ def _ensure(path: str, is_dir: bool) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 
 
+# Flags a user namespace may not drop from a mount it did not make: a read-only remount repeats them.
+LOCKED_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, sysns.MS_NOEXEC),
+                (os.ST_NOATIME, sysns.MS_NOATIME), (os.ST_NODIRATIME, sysns.MS_NODIRATIME),
+                (os.ST_RELATIME, sysns.MS_RELATIME))
+
+
 def _bind(source: str, target: str, read_only: bool) -> None:
     sysns.mount(source, target, None, MS_BIND | MS_REC)
     if read_only:  # a second call: MS_RDONLY is ignored on the first bind
-        sysns.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        current = os.statvfs(target).f_flag
+        kept = sum(flag for st_flag, flag in LOCKED_FLAGS if current & st_flag)
+        sysns.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | kept)
 
 
 def _setup_dev(spec: ContainerSpec) -> None:
@@ -119,7 +127,10 @@ def setup_root(spec: ContainerSpec) -> None:
     sysns.mount("proc", _inside(spec, "/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _setup_dev(spec)
     _ensure(_inside(spec, "/sys"), True)
-    sysns.mount("sysfs", _inside(spec, "/sys"), "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    try:
+        sysns.mount("sysfs", _inside(spec, "/sys"), "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except PermissionError:  # rootless without a network namespace of its own: the host's, read-only
+        _bind("/sys", _inside(spec, "/sys"), True)
     for path in ["/tmp", *spec.tmpfs]:
         _ensure(_inside(spec, path), True)
         sysns.mount("tmpfs", _inside(spec, path), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
@@ -153,7 +164,10 @@ def _exec_command(spec: ContainerSpec) -> None:
                 if exc.errno != errno.EINVAL:  # a capability this kernel does not know
                     raise
     if (spec.uid, spec.gid) != (0, 0):
-        os.setgroups([])
+        try:
+            os.setgroups([])
+        except PermissionError:
+            pass  # a user namespace with setgroups denied has no supplementary groups to drop
         os.setgid(spec.gid)
         os.setuid(spec.uid)
     os.chdir(spec.cwd)

@@ -22,12 +22,16 @@ from unionfs.options import ConfigError
 MOUNT_TIMEOUT = 30.0
 
 
+FUSE_DEVICE_OVERRIDE = "PYUNIONFS_FUSE_DEVICE"  # a usable FUSE device node to bind over /dev/fuse
+
+
 @dataclass
 class RunConfig:
     lowers: list[str]
     command: list[str]
     upper: str | None = None
     workdir: str | None = None
+    rootless: bool = False
     spec: ContainerSpec = field(default_factory=lambda: ContainerSpec(root="", command=[], env={}))
 
 
@@ -74,11 +78,11 @@ def _generated_etc(scratch: str, hostname: str) -> dict[str, str]:
 
 def run(config: RunConfig) -> int:
     """Run the command; its exit code, or 125 when the launcher or the filesystem fails."""
-    if os.geteuid() != 0:
-        raise ConfigError("rootless mode is not built yet: run as root")
+    rootless = config.rootless or os.geteuid() != 0
     if bool(config.upper) != bool(config.workdir):
         raise ConfigError("--upper needs --workdir (on the same filesystem), and --workdir needs --upper")
-    checks.check_fuse_device()
+    fuse_device = os.environ.get(FUSE_DEVICE_OVERRIDE, checks.FUSE_DEVICE)
+    checks.check_fuse_device(fuse_device)
     for lower in config.lowers:
         if not os.path.isdir(lower):
             raise ConfigError(f"lower directory does not exist: {lower}")
@@ -90,8 +94,13 @@ def run(config: RunConfig) -> int:
         workdir = config.workdir or os.path.join(scratch, "work")
         for path in (upper, workdir, mountpoint):
             os.makedirs(path, exist_ok=True)
-        sysns.unshare(sysns.CLONE_NEWNS)
+        if rootless:
+            _enter_user_namespace()
+        else:
+            sysns.unshare(sysns.CLONE_NEWNS)
         sysns.mount(None, "/", None, sysns.MS_REC | sysns.MS_PRIVATE)
+        if fuse_device != checks.FUSE_DEVICE:
+            sysns.mount(fuse_device, checks.FUSE_DEVICE, None, sysns.MS_BIND)
         server = _start_server(config.lowers, upper, workdir, mountpoint)
         _wait_for_mount(mountpoint, server)
         spec = config.spec
@@ -101,6 +110,18 @@ def run(config: RunConfig) -> int:
         return _run_container(spec, server)
     finally:
         _clean_up(mountpoint, server, scratch)
+
+
+def _enter_user_namespace() -> None:
+    """Become root of a new user namespace (with a mount namespace, A) in which the FUSE server
+    can mount with mount(2). One id is mapped: the caller's, as root."""
+    uid, gid = os.geteuid(), os.getegid()
+    sysns.unshare(sysns.CLONE_NEWUSER | sysns.CLONE_NEWNS)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    print(f"pyunionfs: rootless with one id mapped (uid {uid} as root): chown to other ids fails, "
+          "and apt needs -o APT::Sandbox::User=root", file=sys.stderr)
 
 
 def _run_container(spec: ContainerSpec, server: int) -> int:

@@ -28,6 +28,14 @@ def layer_copies(dir_paths: list[bytes | None], name: bytes, found: core.Found) 
     return {i: name if dir_paths[i] == ROOT_PATH else dir_paths[i] + b"/" + name for i in layers}
 
 
+def overlay_xattr_namespace() -> bytes:
+    """The namespace of the overlay xattrs this process writes: trusted.* needs CAP_SYS_ADMIN in
+    the initial user namespace; elsewhere (rootless), the kernel's userxattr format, user.*."""
+    with open("/proc/self/uid_map") as uid_map:
+        initial_namespace = uid_map.read().split() == ["0", "0", "4294967295"]
+    return b"trusted." if os.geteuid() == 0 and initial_namespace else b"user."
+
+
 def fail(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -39,9 +47,7 @@ class Namei:
         self.stack = stack
         self.work = work
         self.has_upper = stack.top().is_upper
-        # Namespace of the overlay xattrs: trusted.* needs CAP_SYS_ADMIN; unprivileged, the
-        # kernel's userxattr format (user.*) is used instead.
-        self.xattr_namespace = b"trusted." if os.geteuid() == 0 else b"user."
+        self.xattr_namespace = overlay_xattr_namespace()
         self.origin_xattr = self.xattr_namespace + origin.ORIGIN
         # st_ino of lower objects by their origin value: lower layers do not change.
         self._origin_inos: dict[bytes, int | None] = {}
