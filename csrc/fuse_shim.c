@@ -1,7 +1,9 @@
 /*
- * fuse_shim.c: preloaded (LD_PRELOAD) into the pyunionfs daemon to give libfuse a request
- * handler that pyfuse3 does not have: fallocate. It wraps fuse_session_new(), through which
- * pyfuse3 registers its handlers, and adds its own where pyfuse3 left a gap.
+ * fuse_shim.c: preloaded (LD_PRELOAD) into the pyunionfs daemon for two things pyfuse3 cannot
+ * express. It wraps fuse_session_new(), through which pyfuse3 registers its handlers, to add a
+ * fallocate handler; and fuse_reply_open(), to let the kernel cache directory listings
+ * (cache_readdir, as fuse-overlayfs asks in ovl_opendir): a warm find then sends no READDIR. The
+ * kernel drops a cached listing when the directory changes through the mount.
  *
  * The contract with unionfs/fs.py: a file handle at or above UFS_FD_HANDLE is an open file of the
  * upper layer, and its descriptor is the handle minus UFS_FD_HANDLE. Other handles answer
@@ -26,6 +28,7 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct 
 static struct fuse_lowlevel_ops ops;
 /* libfuse's own functions, found in the RTLD_LOCAL copy that pyfuse3 loaded. */
 static int (*reply_err)(fuse_req_t req, int err);
+static int (*reply_open)(fuse_req_t req, const struct fuse_file_info *fi);
 
 static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                            struct fuse_file_info *fi)
@@ -47,9 +50,22 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (!real)
         return NULL;
     reply_err = (int (*)(fuse_req_t, int))dlsym(libfuse, "fuse_reply_err");
+    reply_open = (int (*)(fuse_req_t, const struct fuse_file_info *))dlsym(libfuse, "fuse_reply_open");
     memset(&ops, 0, sizeof(ops));
     memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
     if (!ops.fallocate && reply_err)
         ops.fallocate = shim_fallocate;
     return real(args, &ops, sizeof(ops), userdata);
+}
+
+int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
+{
+    if (!reply_open) /* fuse_session_new() was not called through this shim */
+        return -ENOSYS;
+    struct fuse_file_info reply = *fi;
+    /* Opens of files already keep the page cache; for a directory the two flags keep its
+       listing in the kernel from one opendir to the next. */
+    reply.cache_readdir = 1;
+    reply.keep_cache = 1;
+    return reply_open(req, &reply);
 }

@@ -167,3 +167,21 @@ def test_node_ids_are_kept_apart_from_st_ino(tmp_path, mnt):
         assert (mnt / "f").read_text() == "x"
     # The kernel opened the file by its FUSE node id: the first one after the root's.
     assert "opcode: OPEN (14), nodeid: 2," in log.read_text()
+
+
+def test_cached_listings_see_changes_made_through_the_mount(tmp_path, mnt):
+    """The shim lets the kernel keep directory listings; changes through the mount drop them."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    (lower / "d").mkdir()
+    (lower / "d" / "a").touch()
+    log = tmp_path / "debug.log"
+    with open(log, "w") as stderr, pyunionfs([lower], mnt, "-d", upper=upper, workdir=work, stderr=stderr):
+        assert os.listdir(mnt / "d") == ["a"]
+        reads = log.read_text().count("opcode: READDIR")
+        assert os.listdir(mnt / "d") == ["a"]
+        assert log.read_text().count("opcode: READDIR") == reads, "the listing was not cached"
+        (mnt / "d" / "b").touch()
+        os.rename(mnt / "d" / "a", mnt / "d" / "c")
+        assert sorted(os.listdir(mnt / "d")) == ["b", "c"]
+        os.unlink(mnt / "d" / "b")
+        assert os.listdir(mnt / "d") == ["c"]
