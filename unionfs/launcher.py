@@ -8,6 +8,7 @@ The server stays outside B, and every mount is undone in a `finally`."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import sys
@@ -35,18 +36,29 @@ class RunConfig:
     spec: ContainerSpec = field(default_factory=lambda: ContainerSpec(root="", command=[], env={}))
 
 
-def _die_with_parent() -> None:
-    sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
+def _fork_dying_with_launcher() -> int:
+    """fork(); the child gets SIGKILL when the launcher dies, also when that happens before the
+    child could ask for it: a pipe whose write end only the launcher holds tells."""
+    alive_r, alive_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(alive_w)
+        sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if select.select([alive_r], [], [], 0)[0]:  # end of file: the launcher is gone already
+            os._exit(EXIT_LAUNCHER_ERROR)
+        os.close(alive_r)
+        return 0
+    os.close(alive_r)  # alive_w stays open as long as the launcher lives
+    return pid
 
 
 def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) -> int:
     """The FUSE server, in mount namespace A, killed if the launcher dies."""
     argv = [sys.executable, "-m", "unionfs.cli", "mount", *[f"--lower={d}" for d in lowers],
             f"--upper={upper}", f"--workdir={workdir}", mountpoint, "-f"]
-    pid = os.fork()
+    pid = _fork_dying_with_launcher()
     if pid == 0:
         try:
-            _die_with_parent()
             os.execv(sys.executable, argv)
         finally:
             os._exit(EXIT_LAUNCHER_ERROR)
@@ -126,9 +138,8 @@ def _enter_user_namespace() -> None:
 
 def _run_container(spec: ContainerSpec, server: int) -> int:
     sysns.unshare(sysns.CLONE_NEWPID)
-    child = os.fork()
+    child = _fork_dying_with_launcher()
     if child == 0:
-        _die_with_parent()
         run_in_container(spec)  # never returns
     ended, code = supervise(child, watched=server)
     if ended == server:  # the union is gone: whatever the command does now is not its result
