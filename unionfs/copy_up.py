@@ -11,18 +11,15 @@ import os
 import stat
 
 from unionfs import origin, xattrs
+from unionfs.layers import proc_path
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int): share the data blocks when the filesystem can
 COPY_CHUNK = 1 << 30
 
 
-def _proc(dir_fd: int, name: bytes) -> bytes:
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
-
-
 def read_xattrs(dir_fd: int, name: bytes) -> list[tuple[bytes, bytes]]:
     """The xattrs a copy takes along: all but overlay metadata."""
-    path = _proc(dir_fd, name)
+    path = proc_path(dir_fd, name)
     result = []
     for key in os.listxattr(path, follow_symlinks=False):
         key_b = os.fsencode(key)
@@ -75,7 +72,7 @@ def apply_metadata(dir_fd: int, name: bytes, st: os.stat_result, extra: list[tup
     os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
-    path = _proc(dir_fd, name)
+    path = proc_path(dir_fd, name)
     for key, value in extra:
         os.setxattr(path, key, value, follow_symlinks=False)
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
@@ -94,7 +91,7 @@ def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: 
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
         try:
             if with_data and st.st_size:
-                src = os.open(_proc(data_dir_fd, data_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                src = os.open(proc_path(data_dir_fd, data_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 try:
                     copy_data(src, dst, st.st_size)
                 finally:
@@ -119,12 +116,12 @@ def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: 
 def fill_metacopy(data: tuple[int, bytes], target: tuple[int, bytes], size: int, metacopy_xattr: bytes) -> None:
     """Give a kernel metacopy file (TARGET: metadata only) its data from DATA, in place: it may
     have other links. The mark goes last, so until then a crash leaves it reading from DATA."""
-    src = os.open(_proc(*data), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    dst = os.open(_proc(*target), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    src = os.open(proc_path(*data), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    dst = os.open(proc_path(*target), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         copy_data(src, dst, size)
         os.fsync(dst)
     finally:
         os.close(src)
         os.close(dst)
-    os.removexattr(_proc(*target), metacopy_xattr, follow_symlinks=False)
+    os.removexattr(proc_path(*target), metacopy_xattr, follow_symlinks=False)

@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 
 from unionfs import core
 from unionfs.inodes import Node
+from unionfs.layers import proc_path
 from unionfs.namei import REDIRECT, UPPER_BIT, fail
 from unionfs.union import Union
 from unionfs.whiteout import is_whiteout, make_whiteout, set_opaque
@@ -318,7 +319,7 @@ def _prepare_moving_dir(union: Union, node: Node, dir_fd: int, name: bytes, new_
     directory, becomes opaque so that nothing of the lower layers joins it there."""
     if not node.is_dir:
         return
-    path = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+    path = proc_path(dir_fd, name)
     redirect = union.xattr_namespace + REDIRECT
     if node.lower_paths:
         existing = _xattr(path, redirect)

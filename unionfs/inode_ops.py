@@ -10,6 +10,7 @@ import pyfuse3
 from unionfs import xattrs
 from unionfs.file import OpenFile
 from unionfs.inodes import Node
+from unionfs.layers import proc_path
 from unionfs.namei import fail
 from unionfs.union import Union
 
@@ -24,7 +25,7 @@ async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, field
             if handle is not None and handle.fd >= 0:
                 os.ftruncate(handle.fd, attr.st_size)
             else:
-                os.truncate(b"/proc/self/fd/%d/%s" % (dir_fd, name), attr.st_size)
+                os.truncate(proc_path(dir_fd, name), attr.st_size)
         if fields.update_uid or fields.update_gid:
             os.chown(name, attr.st_uid if fields.update_uid else -1,
                      attr.st_gid if fields.update_gid else -1, dir_fd=dir_fd, follow_symlinks=False)
@@ -43,7 +44,7 @@ async def setxattr(union: Union, node: Node, name: bytes, value: bytes) -> None:
     union.require_writable()
     await union.copy_up(node)
     with union.upper_location(node) as (dir_fd, rel):
-        os.setxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), xattrs.to_stored(name), value,
+        os.setxattr(proc_path(dir_fd, rel), xattrs.to_stored(name), value,
                     follow_symlinks=False)
     node.xattr_names = None
 
@@ -54,6 +55,6 @@ async def removexattr(union: Union, node: Node, name: bytes) -> None:
         raise fail(errno.ENODATA)  # nothing to remove: no reason to copy up
     await union.copy_up(node)
     with union.upper_location(node) as (dir_fd, rel):
-        os.removexattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), xattrs.to_stored(name),
+        os.removexattr(proc_path(dir_fd, rel), xattrs.to_stored(name),
                        follow_symlinks=False)
     node.xattr_names = None

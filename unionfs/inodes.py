@@ -65,7 +65,7 @@ class Node:
         self.entry = make_entry(node_id, ino, found, timeout)  # served by lookup, getattr, readdirplus
         self.stale = False  # written since the entry was made: re-read before serving it
         self.lookups = 0
-        self.c_dir: tuple | None = None  # the directory's C path argument and its path, built on use
+        self.c_dir: tuple | None = None  # (path, per-layer paths, C argument), built on first use
         # The names of the object's xattrs, read on first use: ls -l asks for ACLs and SELinux
         # labels of every file, and most have none, which this answers without a system call.
         self.xattr_names: frozenset[bytes] | None = None

@@ -17,6 +17,12 @@ INO_MASK = (1 << INO_SHIFT) - 1
 ROOT_PATH = b"."
 
 
+def proc_path(dir_fd: int, name: bytes = b"") -> bytes:
+    """A path naming NAME in DIR_FD (or DIR_FD itself) for calls that take no fd, such as the
+    xattr ones: the /proc link works for O_PATH fds too."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else b"/proc/self/fd/%d" % dir_fd
+
+
 @dataclass(frozen=True)
 class Layer:
     path: str
@@ -67,7 +73,7 @@ class LayerStack:
     def readable_root(self, layer: int) -> int:
         """A readable fd of LAYER's root, opened on first use: open_by_handle_at() wants one."""
         if layer not in self._readable_roots:
-            self._readable_roots[layer] = os.open(f"/proc/self/fd/{self.layers[layer].root_fd}",
+            self._readable_roots[layer] = os.open(proc_path(self.layers[layer].root_fd),
                                                   os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self._readable_roots[layer]
 

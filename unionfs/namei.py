@@ -7,10 +7,11 @@ import contextlib
 import errno
 import os
 import stat
+from typing import Any
 
 from unionfs import core, origin
 from unionfs.inodes import Node
-from unionfs.layers import ROOT_PATH, LayerStack
+from unionfs.layers import ROOT_PATH, LayerStack, proc_path
 from unionfs.workdir import WorkDir
 
 UPPER = 0  # the upper layer, when there is one, is layer 0
@@ -77,7 +78,7 @@ class Namei:
 
     def _index_is_metacopy(self, node: Node) -> bool:
         try:
-            os.getxattr(b"/proc/self/fd/%d/%s" % (self.work.index_fd, node.index_name),
+            os.getxattr(proc_path(self.work.index_fd, node.index_name),
                         self.xattr_namespace + METACOPY)
         except OSError:
             return False
@@ -88,11 +89,14 @@ class Namei:
         return [self.layer_path(node, i) if node.dir_layers >> i & 1 and (with_upper or i != UPPER or not self.has_upper)
                 else None for i in range(self.stack.c.count)]
 
-    def _c_dir(self, node: Node):
+    def _dir_view(self, node: Node) -> tuple[list[bytes | None], Any]:
+        """Directory NODE's path in each layer and the C argument naming it, kept on the node
+        until its path changes (a rename) or the layers it merges do (a copy-up)."""
         path = node.path
-        if node.c_dir is None or node.c_dir[1] != path:
-            node.c_dir = (self.stack.c.dir_paths(self._dir_paths(node)), path)
-        return node.c_dir[0]
+        if node.c_dir is None or node.c_dir[0] != path:
+            dir_paths = self._dir_paths(node)
+            node.c_dir = (path, dir_paths, self.stack.c.dir_paths(dir_paths))
+        return node.c_dir[1], node.c_dir[2]
 
     def _follow_redirects(self, found: core.Found, name: bytes, dir_paths: list[bytes | None],
                           where: dict[int, bytes]) -> core.Found:
@@ -121,18 +125,19 @@ class Namei:
 
     def _read_redirect(self, layer: int, path: bytes) -> bytes | None:
         with self.stack.at(layer, path) as (dir_fd, rel):
-            proc = b"/proc/self/fd/%d/%s" % (dir_fd, rel)
+            proc = proc_path(dir_fd, rel)
             for namespace in (b"trusted.", b"user."):
                 with contextlib.suppress(OSError):
                     return os.getxattr(proc, namespace + REDIRECT, follow_symlinks=False)
         return None
 
-    def _resolve_in(self, dir_paths: list[bytes | None], name: bytes,
-                    found: core.Found | None = None) -> Resolved | None:
-        """NAME resolved in the directory given by DIR_PATHS (FOUND when already resolved),
-        redirects followed: the object and where it is in each lower layer it is found in."""
+    def _resolve_in(self, dir_paths: list[bytes | None], name: bytes, found: core.Found | None = None,
+                    c_dir: Any = None) -> Resolved | None:
+        """NAME resolved in the directory given by DIR_PATHS (FOUND when already resolved; C_DIR,
+        when given, is DIR_PATHS as a C argument), redirects followed: the object and where it is
+        in each lower layer it is found in."""
         if found is None:
-            found = self.stack.c.resolve(self.stack.c.dir_paths(dir_paths), name)
+            found = self.stack.c.resolve(c_dir or self.stack.c.dir_paths(dir_paths), name)
             if found is None:
                 return None
         where = layer_copies(dir_paths, name, found)
@@ -146,7 +151,7 @@ class Namei:
     def _metacopy_data(self, upper_path: bytes, name: bytes, dir_paths: list[bytes | None]) -> dict[int, bytes]:
         """For an upper file that kernel overlayfs copied up with metacopy=on (overlay.metacopy:
         metadata only), where its data is: at its overlay.redirect, else at the same name below."""
-        proc = b"/proc/self/fd/%d/%s" % (self.stack.top().root_fd, upper_path)
+        proc = proc_path(self.stack.top().root_fd, upper_path)
         ns = self.xattr_namespace
         try:
             os.getxattr(proc, ns + METACOPY, follow_symlinks=False)
@@ -169,7 +174,7 @@ class Namei:
         """st_ino of the lower object that upper object PATH was copied from, if it has an origin
         this union can find."""
         try:
-            value = os.getxattr(b"/proc/self/fd/%d/%s" % (self.stack.top().root_fd, path),
+            value = os.getxattr(proc_path(self.stack.top().root_fd, path),
                                 self.origin_xattr, follow_symlinks=False)
         except OSError:
             return None
@@ -227,7 +232,8 @@ class Namei:
     def resolve(self, parent: Node, name: bytes) -> Resolved | None:
         if not parent.is_dir:
             raise fail(errno.ENOTDIR)
-        return self._resolve_in(self._dir_paths(parent), name)
+        dir_paths, c_dir = self._dir_view(parent)
+        return self._resolve_in(dir_paths, name, c_dir=c_dir)
 
     def has_lower(self, parent: Node, name: bytes) -> bool:
         """Does a layer below the upper hold NAME in PARENT (so that removing the upper object, or
@@ -249,7 +255,7 @@ class Namei:
         if not stat.S_ISREG(attr.mode) or (attr.nlink < 2 and not in_index):
             return attr
         try:
-            value = os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, name), self.xattr_namespace + NLINK,
+            value = os.getxattr(proc_path(dir_fd, name), self.xattr_namespace + NLINK,
                                 follow_symlinks=False)
         except OSError:
             return attr

@@ -15,7 +15,7 @@ import trio
 from unionfs import core, xattrs
 from unionfs.copy_up import build_copy, fill_metacopy
 from unionfs.inodes import InodeTable, Node
-from unionfs.layers import ROOT_PATH, LayerStack
+from unionfs.layers import ROOT_PATH, LayerStack, proc_path
 from unionfs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
 from unionfs.workdir import WorkDir
 
@@ -96,8 +96,8 @@ class Union(Namei):
         """The entries of directory NODE: "." and "..", then the merged names. Their nodes are not
         counted: the caller calls inodes.remember() for each merged name it hands to the kernel."""
         path = node.path
-        dir_paths = self._dir_paths(node)
-        entries = self.stack.c.list(self._c_dir(node), path)
+        dir_paths, c_dir = self._dir_view(node)
+        entries = self.stack.c.list(c_dir, path)
         dots = [(b".", node), (b"..", node.parent or node)]
         return dots + [(name, self._node_for(node, name, self._resolve_in(dir_paths, name, found), path))
                        for name, found in entries]
@@ -126,7 +126,7 @@ class Union(Namei):
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattr_names is None:
             with self._at(node) as (dir_fd, rel):
-                names = os.listxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), follow_symlinks=False)
+                names = os.listxattr(proc_path(dir_fd, rel), follow_symlinks=False)
             node.xattr_names = frozenset(os.fsencode(name) for name in names)
         return node.xattr_names
 
@@ -135,14 +135,14 @@ class Union(Namei):
         if name not in self.xattr_names(node):
             raise fail(errno.ENODATA)
         with self._at(node) as (dir_fd, rel):
-            return os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, rel), name, follow_symlinks=False)
+            return os.getxattr(proc_path(dir_fd, rel), name, follow_symlinks=False)
 
     def listxattr(self, node: Node) -> list[bytes]:
         return xattrs.visible(sorted(self.xattr_names(node)))
 
     def statfs(self) -> pyfuse3.StatvfsData:
         """The filesystem of the top layer: the upper when there is one, as in kernel overlayfs."""
-        st = os.statvfs(f"/proc/self/fd/{self.stack.top().root_fd}")
+        st = os.statvfs(proc_path(self.stack.top().root_fd))
         data = pyfuse3.StatvfsData()
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
                       "f_favail", "f_namemax"):
@@ -181,7 +181,7 @@ class Union(Namei):
     def _mark_impure(self, dir_fd: int) -> None:
         """Mark an upper directory as holding copied-up entries (overlay.impure), as the kernel
         does: its readdir then reports those entries' origin inode numbers."""
-        path = b"/proc/self/fd/%d" % dir_fd
+        path = proc_path(dir_fd)
         name = self.xattr_namespace + b"overlay.impure"
         try:
             os.getxattr(path, name)
@@ -209,7 +209,7 @@ class Union(Namei):
         else:
             return  # all its names are below: the lower count is right
         with where as (dir_fd, name):
-            path = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+            path = proc_path(dir_fd, name)
             try:
                 os.getxattr(path, self.xattr_namespace + NLINK, follow_symlinks=False)
             except OSError:
@@ -278,7 +278,7 @@ class Union(Namei):
                     # The copy's links (the index, and the name if it goes to the upper layer)
                     # stand for all the lower ones (kernel overlay.nlink).
                     nlink = b"U%+d" % (node.entry.st_nlink - (2 if into_upper else 1))
-                    os.setxattr(b"/proc/self/fd/%d/%s" % (self.work.fd, tmp),
+                    os.setxattr(proc_path(self.work.fd, tmp),
                                 self.xattr_namespace + NLINK, nlink, follow_symlinks=False)
                     os.link(tmp, index_name, src_dir_fd=self.work.fd, dst_dir_fd=self.work.index_fd)
             except BaseException:

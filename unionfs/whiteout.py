@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import stat
 
+from unionfs.layers import proc_path
+
 WHITEOUT_DEV = os.makedev(0, 0)
 
 
@@ -18,5 +20,5 @@ def make_whiteout(dir_fd: int, name: bytes) -> None:
 
 def set_opaque(dir_fd: int, name: bytes, xattr_namespace: bytes) -> None:
     """Mark directory NAME opaque: the layers below no longer take part in it."""
-    os.setxattr(b"/proc/self/fd/%d/%s" % (dir_fd, name), xattr_namespace + b"overlay.opaque", b"y",
+    os.setxattr(proc_path(dir_fd, name), xattr_namespace + b"overlay.opaque", b"y",
                 follow_symlinks=False)
