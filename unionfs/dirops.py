@@ -71,34 +71,48 @@ def _build(dir_fd: int, name: bytes, make: Callable[[int, bytes], None], uid: in
         raise
 
 
-def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
-            make: Callable[[int, bytes], None]) -> Node:
-    """Create NAME in PARENT with MAKE(dir_fd, name), owned by the caller, and return its node
-    (counted as a kernel reference). Over a whiteout the object is built in the work directory
-    and swapped in with RENAME_EXCHANGE, so the lower object never shows through; a directory
-    made there is opaque, so the lower directory's entries stay hidden."""
+def _check_new_name(union: Union, parent: Node, name: bytes) -> None:
     union.require_writable()
     if len(name) > NAME_MAX:
         raise fail(errno.ENAMETOOLONG)
     if union.resolve(parent, name) is not None:
         raise fail(errno.EEXIST)
+
+
+def _place(union: Union, parent_fd: int, name: bytes, build: Callable[[int, bytes, bool], None]) -> None:
+    """Give NAME in PARENT_FD a new object made by BUILD(dir_fd, name, over_whiteout). Over a
+    whiteout the object is built in the work directory and swapped in with RENAME_EXCHANGE, so
+    the lower object never shows through."""
+    if not _whiteout_at(parent_fd, name):
+        build(parent_fd, name, False)
+        return
+    work = union.work
+    tmp = work.temp_name()
+    build(work.fd, tmp, True)
+    try:
+        core.rename(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+    finally:
+        work.remove(tmp)  # the whiteout after the exchange, or the new object if it failed
+
+
+def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
+            make: Callable[[int, bytes], None]) -> Node:
+    """Create NAME in PARENT with MAKE(dir_fd, name), owned by the caller, and return its node
+    (counted as a kernel reference). A directory made over a whiteout is opaque, so the lower
+    directory's entries stay hidden."""
+    _check_new_name(union, parent, name)
     union.ensure_upper_dir(parent)
     # With redirects on, the kernel makes every new directory in a merged one opaque: a
     # directory renamed later may bring lower entries of the same name into view.
-    opaque_here = stat.S_ISDIR(mode) and union.redirect_dirs and bool(parent.dir_layers & ~UPPER_BIT)
+    opaque_here = union.redirect_dirs and bool(parent.dir_layers & ~UPPER_BIT)
     with union.upper_dir(parent) as parent_fd:
         uid, gid, mode = _owner_and_mode(parent_fd, caller, mode)
-        if _whiteout_at(parent_fd, name):
-            work = union.work
-            tmp = work.temp_name()
-            opaque = union.xattr_namespace if stat.S_ISDIR(mode) else None
-            _build(work.fd, tmp, make, uid, gid, mode, opaque)
-            try:
-                core.rename(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
-            finally:
-                work.remove(tmp)  # the whiteout after the exchange, or the new object if it failed
-        else:
-            _build(parent_fd, name, make, uid, gid, mode, union.xattr_namespace if opaque_here else None)
+
+        def build(dir_fd: int, build_name: bytes, over_whiteout: bool) -> None:
+            opaque = stat.S_ISDIR(mode) and (over_whiteout or opaque_here)
+            _build(dir_fd, build_name, make, uid, gid, mode, union.xattr_namespace if opaque else None)
+
+        _place(union, parent_fd, name, build)
     node = union.lookup(parent, name)
     assert node is not None
     return node
@@ -140,24 +154,12 @@ def create(union: Union, parent: Node, name: bytes, mode: int, flags: int, calle
 
 async def link(union: Union, node: Node, new_parent: Node, new_name: bytes) -> Node:
     """A new name for NODE's object, which is copied up first."""
-    union.require_writable()
-    if len(new_name) > NAME_MAX:
-        raise fail(errno.ENAMETOOLONG)
-    if union.resolve(new_parent, new_name) is not None:
-        raise fail(errno.EEXIST)
+    _check_new_name(union, new_parent, new_name)
     await union.copy_up(node)
     union.ensure_upper_dir(new_parent)
     with union.upper_dir(node.parent) as src_fd, union.upper_dir(new_parent) as dst_fd:
-        if _whiteout_at(dst_fd, new_name):
-            work = union.work
-            tmp = work.temp_name()
-            os.link(node.name, tmp, src_dir_fd=src_fd, dst_dir_fd=work.fd, follow_symlinks=False)
-            try:
-                core.rename(work.fd, tmp, dst_fd, new_name, RENAME_EXCHANGE)
-            finally:
-                work.remove(tmp)
-        else:
-            os.link(node.name, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+        _place(union, dst_fd, new_name, lambda dir_fd, link_name, _over_whiteout: os.link(
+            node.name, link_name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False))
     node.add_name(new_parent, new_name)
     union.refresh(node)
     return union.inodes.remember(node)

@@ -21,6 +21,7 @@ class OpenFile:
         self.node = node
         self.fd = fd  # -1 until the first read of a lower file
         self.flags = flags  # the access mode the layer file is opened with
+        node.open_files.add(self)  # until close()
 
     def layer_fd(self, union: Union) -> int:
         if self.fd < 0:
@@ -49,7 +50,6 @@ async def open_file(union: Union, node: Node, flags: int) -> OpenFile:
     else:
         fd = -1
     handle = OpenFile(node, fd, access)
-    node.open_files.add(handle)
     if flags & os.O_TRUNC:
         union.refresh(node)
     return handle

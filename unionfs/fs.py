@@ -167,7 +167,6 @@ class UnionOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         node, fd = dirops.create(self.union, self._node(parent_inode), name, mode, flags, _caller(ctx))
         handle = OpenFile(node, fd, flags & os.O_ACCMODE)
-        node.open_files.add(handle)
         return pyfuse3.FileInfo(fh=self._add_handle(handle), keep_cache=True), node.entry
 
     @replies_errno
