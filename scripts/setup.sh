@@ -4,12 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc
+packages=(fuse3 libfuse3-dev pkg-config gcc uidmap
+          python3-dev python3-venv  # Debian's python: other users can run it (rootless tier)
           fuse-overlayfs busybox-static attr)  # the last three: test oracles and fixtures
-if ! python3 -c 'import sysconfig, os, sys, venv, ensurepip
-sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
-    packages+=(python3-dev python3-venv)
-fi
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
@@ -21,7 +18,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 modprobe fuse 2>/dev/null || true
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
+# The venv is built on Debian's /usr/bin/python3, not a python under /root, so that an
+# unprivileged user can run pyunionfs from it.
+if ! grep -qx 'home = /usr/bin' .venv/pyvenv.cfg 2>/dev/null; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv .venv
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 # mount(8) runs helpers with a fixed PATH, so `mount -t fuse.pyunionfs` finds the command only
 # in a system directory: link this checkout's command there.

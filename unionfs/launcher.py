@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from unionfs import checks, sysns
+from unionfs import checks, sysns, userns
 from unionfs.container import EXIT_LAUNCHER_ERROR, ContainerSpec, run_in_container, supervise
 from unionfs.options import ConfigError
 
@@ -107,7 +107,7 @@ def run(config: RunConfig) -> int:
         for path in (upper, workdir, mountpoint):
             os.makedirs(path, exist_ok=True)
         if rootless:
-            _enter_user_namespace()
+            userns.enter_user_namespace()
         else:
             sysns.unshare(sysns.CLONE_NEWNS)
         sysns.mount(None, "/", None, sysns.MS_REC | sysns.MS_PRIVATE)
@@ -122,18 +122,6 @@ def run(config: RunConfig) -> int:
         return _run_container(spec, server)
     finally:
         _clean_up(mountpoint, server, scratch)
-
-
-def _enter_user_namespace() -> None:
-    """Become root of a new user namespace (with a mount namespace, A) in which the FUSE server
-    can mount with mount(2). One id is mapped: the caller's, as root."""
-    uid, gid = os.geteuid(), os.getegid()
-    sysns.unshare(sysns.CLONE_NEWUSER | sysns.CLONE_NEWNS)
-    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
-    print(f"pyunionfs: rootless with one id mapped (uid {uid} as root): chown to other ids fails, "
-          "and apt needs -o APT::Sandbox::User=root", file=sys.stderr)
 
 
 def _run_container(spec: ContainerSpec, server: int) -> int:

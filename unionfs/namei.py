@@ -179,17 +179,28 @@ class Namei:
         except OSError:
             return None
         if value not in self._origin_inos:
-            self._origin_inos[value] = self._find_origin(value)
+            self._origin_inos[value] = self._find_origin(value, path)
         return self._origin_inos[value]
 
-    def _find_origin(self, value: bytes) -> int | None:
+    def _find_origin(self, value: bytes, path: bytes) -> int | None:
         handle = origin.decode(value)
         if handle is None:
             return None
-        for layer in range(1, len(self.stack.layers)) if self.has_upper else []:
+        lowers = range(1, len(self.stack.layers)) if self.has_upper else range(0)
+        for layer in lowers:
             attr = core.stat_handle(self.stack.readable_root(layer), *handle)
             if attr is not None:
                 return self.stack.compose_ino(attr.dev, attr.ino)
+        # Opening a handle needs CAP_DAC_READ_SEARCH in the initial user namespace, which a
+        # rootless union lacks; a lower object at the same path whose handle is the origin is it.
+        for layer in lowers:
+            try:
+                with self.stack.at(layer, path) as (dir_fd, name):
+                    if origin.encode(dir_fd, name) == value:
+                        attr = core.stat_at(dir_fd, name)
+                        return self.stack.compose_ino(attr.dev, attr.ino)
+            except OSError:
+                continue
         return None
 
     def _ino_of(self, found: core.Found, path: bytes) -> int:
