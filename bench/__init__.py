@@ -1,0 +1,1 @@
+"""pyunionfs's benchmark: pyunionfs next to native, kernel overlayfs and fuse-overlayfs."""

@@ -1,0 +1,99 @@
+"""`python -m bench`: measure, then print the tables and write the raw results and the plot."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import dataset, report, runner, stats, systems, workloads
+from bench.systems import BenchError
+
+BASELINES = ["fuse-overlayfs", "native"]
+DEFAULT_DATA = Path("/var/tmp/pyunionfs-bench")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--systems", default=",".join(systems.DEFAULT),
+                        help=f"comma-separated (default %(default)s; also: {', '.join(set(systems.BUILTIN) - set(systems.DEFAULT))})")
+    parser.add_argument("--systems-file", help="a TOML file with more systems (see bench/systems.py)")
+    parser.add_argument("--workloads", default="all", help="comma-separated names, or all (see --list)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 5, 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a small dataset and one round: a smoke run")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where the dataset is built and kept")
+    parser.add_argument("--out", type=Path, help="results directory (default bench/results/<time>)")
+    parser.add_argument("--list", action="store_true", help="list the workloads and systems, and exit")
+    return parser.parse_args(argv)
+
+
+def chosen_workloads(spec: str) -> list[workloads.Workload]:
+    if spec == "all":
+        return list(workloads.WORKLOADS)
+    names = [name for name in spec.split(",") if name]
+    unknown = [name for name in names if name not in workloads.BY_NAME]
+    if unknown:
+        raise BenchError(f"unknown workload {unknown[0]!r} (see python -m bench --list)")
+    return [workloads.BY_NAME[name] for name in names]
+
+
+def progress(measurement: runner.Measurement, done: int, total: int) -> None:
+    """A bar on a terminal; a line per measurement otherwise (logs)."""
+    result = f"{measurement.seconds:.3f} s" if measurement.seconds is not None else "FAILED"
+    text = (f"round {measurement.round + 1} {measurement.workload:<16} {measurement.system:<15} {result}")
+    if sys.stderr.isatty():
+        filled = done * 30 // total
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {text:<60}")
+        if done == total:
+            sys.stderr.write("\n")
+    else:
+        sys.stderr.write(f"[{done}/{total}] {text}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        return run(args, "python -m bench " + " ".join(argv))
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    if args.list:
+        for workload in workloads.WORKLOADS:
+            print(f"{workload.name:<16} {workload.description}")
+        print("systems:", ", ".join(systems.BUILTIN))
+        return 0
+    if os.geteuid() != 0:
+        raise BenchError("run as root: it mounts filesystems and drops the page cache")
+    chosen = systems.load([name for name in args.systems.split(",") if name], args.systems_file)
+    todo = chosen_workloads(args.workloads)
+    rounds = args.rounds or (1 if args.quick else 5)
+    scale = dataset.QUICK if args.quick else dataset.FULL
+    data = dataset.prepare(args.data, scale, log=lambda text: print(text, file=sys.stderr))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    out = args.out or RESULTS / started.strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pyunionfs-bench.", dir=args.data) as scratch:
+        measurements = runner.run_all(chosen, todo, rounds, runner.Mounts(Path(scratch), data), progress)
+    names = [system.name for system in chosen]
+    summaries = stats.summarize(measurements, BASELINES)
+    header = (f"{started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, kernel "
+              f"{platform.release()}; {rounds} round(s), {scale.name} dataset ({data.entries()} entries); "
+              f"`{command.strip()}`\n")
+    table = header + "\n" + report.markdown(summaries, names, BASELINES)
+    print(table)
+    (out / "table.md").write_text(table)
+    report.write_json_lines(measurements, out / "results.jsonl")
+    baseline = next((b for b in BASELINES if b in names), None)
+    if baseline:
+        report.plot(summaries, names, baseline, out / "ratios.png", f"Ratio to {baseline} ({started:%Y-%m-%d})")
+    print(f"bench: results in {out}", file=sys.stderr)
+    return 1 if any(m.error for m in measurements) else 0

@@ -1,0 +1,203 @@
+"""Measuring: interleaved rounds, a fresh mount and an empty upper per measurement, and the FUSE
+daemon's CPU time and peak RSS next to the wall-clock time."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from bench.dataset import Dataset
+from bench.systems import BWRAP_TRUE, BenchError, System, fill
+from bench.workloads import Context, Workload
+
+MOUNT_TIMEOUT = 30.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Measurement:
+    round: int
+    workload: str
+    system: str
+    seconds: float | None  # None when the workload failed on this system
+    daemon_cpu: float | None = None  # user+system seconds of the FUSE daemon during the run
+    daemon_peak_rss_kib: int | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def schedule(systems: list[str], rounds: int) -> list[list[str]]:
+    """The order of the systems in each round, rotated (A B C, B C A, C A B, ...) so that none
+    always runs first or right after the same neighbour's cache footprint."""
+    return [systems[r % len(systems):] + systems[:r % len(systems)] for r in range(rounds)]
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def mount_points() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4] for line in f}
+
+
+def find_daemon(mountpoint: Path) -> int | None:
+    """The process serving MOUNTPOINT: the one with it as an argument (kernel mounts have none)."""
+    wanted = str(mountpoint).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if wanted in argv:
+            found.append(int(entry))
+    return max(found) if found else None  # a daemon that re-executed itself has the newest pid
+
+
+def daemon_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def daemon_peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Mounts:
+    """Fresh upper, work and mount directories under SCRATCH, and what mounts on them."""
+
+    def __init__(self, scratch: Path, dataset: Dataset):
+        self.scratch = scratch
+        self.dataset = dataset
+
+    def fresh_dirs(self, system: System) -> dict[str, Path]:
+        base = self.scratch / system.name
+        shutil.rmtree(base, ignore_errors=True)
+        dirs = {name: base / name for name in ("upper", "work", "mnt")}
+        for path in dirs.values():
+            path.mkdir(parents=True)
+        return dirs
+
+    def mount(self, system: System, dirs: dict[str, Path], lowers: list[Path]) -> None:
+        argv = fill(system.mount, lowers=lowers, **dirs)
+        result = subprocess.run(argv, capture_output=True, text=True)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while result.returncode == 0 and str(dirs["mnt"]) not in mount_points():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if result.returncode != 0 or str(dirs["mnt"]) not in mount_points():
+            raise BenchError(f"{system.name} did not mount: {result.stderr.strip() or result.returncode}")
+
+    def unmount(self, system: System, mnt: Path) -> None:
+        if str(mnt) in mount_points():
+            if subprocess.run(fill(system.umount, mnt=mnt), capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        deadline = time.monotonic() + 10
+        while find_daemon(mnt) and time.monotonic() < deadline:  # let the daemon exit
+            time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def mounted(self, system: System) -> Iterator[Path]:
+        dirs = self.fresh_dirs(system)
+        self.mount(system, dirs, self.dataset.lowers)
+        try:
+            yield dirs["mnt"]
+        finally:
+            self.unmount(system, dirs["mnt"])
+            shutil.rmtree(dirs["mnt"].parent, ignore_errors=True)
+
+
+def measure(system: System, workload: Workload, round_: int, mounts: Mounts) -> Measurement:
+    result = Measurement(round_, workload.name, system.name, None)
+    try:
+        if workload.starts_containers:
+            result.seconds = _container_starts(system, mounts)
+        elif system.is_union:
+            with mounts.mounted(system) as mnt:
+                _timed(workload, Context(mnt, mounts.dataset), result, find_daemon(mnt))
+        else:
+            ctx = Context(mounts.dataset.native, mounts.dataset)
+            try:
+                _timed(workload, ctx, result, None)
+            finally:
+                if workload.undo:
+                    workload.undo(ctx)
+    except (OSError, subprocess.SubprocessError, BenchError, RuntimeError) as exc:
+        result.seconds, result.error = None, " ".join(str(exc).split())
+    return result
+
+
+def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | None) -> None:
+    if workload.prepare:
+        workload.prepare(ctx)
+    if workload.warm_up:
+        workload.run(ctx)
+    if workload.cold:
+        drop_caches()
+    cpu_before = daemon_cpu(daemon) if daemon else 0.0
+    start = time.perf_counter()
+    workload.run(ctx)
+    result.seconds = time.perf_counter() - start
+    if daemon:
+        result.daemon_cpu = daemon_cpu(daemon) - cpu_before
+        result.daemon_peak_rss_kib = daemon_peak_rss_kib(daemon)
+
+
+def _container_starts(system: System, mounts: Mounts) -> float:
+    """The median time to start `true` in a container on the busybox image, mount and unmount
+    included: SYSTEM's own `run` command, else a mount, bwrap, and an unmount."""
+    image = mounts.dataset.image
+    times = []
+    for _ in range(mounts.dataset.scale.startup_runs):
+        dirs = mounts.fresh_dirs(system)
+        start = time.perf_counter()
+        if system.run:
+            subprocess.run(fill(system.run, image=image, **dirs), check=True, capture_output=True)
+        elif system.is_union:
+            mounts.mount(system, dirs, [image])
+            try:
+                subprocess.run(fill(BWRAP_TRUE, mnt=dirs["mnt"]), check=True, capture_output=True)
+            finally:
+                mounts.unmount(system, dirs["mnt"])
+        else:
+            subprocess.run(fill(BWRAP_TRUE, mnt=image), check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+        shutil.rmtree(dirs["mnt"].parent, ignore_errors=True)
+    return statistics.median(times)
+
+
+def run_all(systems: list[System], workloads: list[Workload], rounds: int, mounts: Mounts,
+            record: Callable[[Measurement, int, int], None]) -> list[Measurement]:
+    """Every workload on every system, ROUNDS times; RECORD sees each measurement as it is made
+    (with how many are done and how many there are)."""
+    by_name = {system.name: system for system in systems}
+    order = schedule(list(by_name), rounds)
+    total, done, measurements = rounds * len(workloads) * len(systems), 0, []
+    for round_, names in enumerate(order):
+        for workload in workloads:
+            for name in names:
+                measurement = measure(by_name[name], workload, round_, mounts)
+                measurements.append(measurement)
+                done += 1
+                record(measurement, done, total)
+    return measurements
