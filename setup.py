@@ -1,4 +1,4 @@
-# cffi's build hook (cffi_modules) and the preloaded shim are only reachable through setup();
+# cffi's build hook (cffi_modules) and the shim are only reachable through setup();
 # all metadata is in pyproject.toml.
 import subprocess
 
@@ -12,7 +12,7 @@ def fuse3_cflags() -> list[str]:
 
 setup(
     cffi_modules=["csrc/build_core.py:ffibuilder", "csrc/build_sys.py:ffibuilder"],
-    # Not a Python module: a shared object the daemon preloads (see csrc/fuse_shim.c).
+    # Not a Python module: a shared object the daemon loads with RTLD_GLOBAL (see csrc/fuse_shim.c).
     ext_modules=[Extension("unionfs._fuse_shim", sources=["csrc/fuse_shim.c"], libraries=["dl"],
                            extra_compile_args=fuse3_cflags() + ["-O2", "-Wall", "-Wextra"])],
 )

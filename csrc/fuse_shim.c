@@ -1,5 +1,6 @@
 /*
- * fuse_shim.c: preloaded (LD_PRELOAD) into the pyunionfs daemon for two things pyfuse3 cannot
+ * fuse_shim.c: loaded into the pyunionfs daemon (RTLD_GLOBAL, before pyfuse3, so that pyfuse3's
+ * calls to these functions bind here; see unionfs/shim.py) for two things pyfuse3 cannot
  * express. It wraps fuse_session_new(), through which pyfuse3 registers its handlers, to add a
  * fallocate handler; and fuse_reply_open(), to let the kernel cache directory listings
  * (cache_readdir, as fuse-overlayfs asks in ovl_opendir): a warm find then sends no READDIR. The

@@ -139,6 +139,23 @@ static ssize_t overlay_xattr(const struct loc *l, const char *name, const char *
     return -1;
 }
 
+/* The overlay.origin and overlay.metacopy of an upper object, into OUT. */
+static void read_upper_xattrs(const struct ufs_layer *layer, const struct loc *l, const char *name,
+                              struct ufs_found *out)
+{
+    const char *ns = (layer->flags & UFS_LAYER_UPPER_USER) ? "user.overlay." : "trusted.overlay.";
+    char path[PATH_MAX], xname[64];
+    if (proc_path(path, l, name) < 0)
+        return;
+    snprintf(xname, sizeof(xname), "%sorigin", ns);
+    ssize_t n = lgetxattr(path, xname, out->origin, sizeof(out->origin));
+    out->origin_len = n > 0 ? (uint32_t)n : 0;
+    if (S_ISREG(out->attr.mode)) {
+        snprintf(xname, sizeof(xname), "%smetacopy", ns);
+        out->metacopy = lgetxattr(path, xname, NULL, 0) >= 0;
+    }
+}
+
 static int opaque_value_is(const struct loc *l, const char *name, char want)
 {
     char val[8];
@@ -246,6 +263,8 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
                 if (out->layer < 0) {
                     out->layer = i;
                     fill_attr(&out->attr, &st);
+                    if (layers[i].flags & (UFS_LAYER_UPPER_TRUSTED | UFS_LAYER_UPPER_USER))
+                        read_upper_xattrs(&layers[i], l, name, out);
                 }
                 /* A non-directory ends the search, and also ends a merged directory above it. */
                 if (!S_ISDIR(st.st_mode) || !S_ISDIR(out->attr.mode))

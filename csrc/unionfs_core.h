@@ -17,11 +17,17 @@
 #define UFS_MAX_LAYERS 128 /* layers in one union, upper included */
 #define UFS_MASK_WORDS 2   /* 64-bit words in a layer mask: UFS_MAX_LAYERS / 64 */
 #define UFS_NAME_MAX 255
+#define UFS_HANDLE_MAX 128 /* the largest file handle */
+#define UFS_ORIGIN_MAX 149  /* an overlay.origin: struct ovl_fb's 21-byte header + UFS_HANDLE_MAX */
 
 /* Layer flags. */
 #define UFS_LAYER_OCI 1       /* honour OCI/AUFS ".wh.NAME" whiteouts and ".wh..wh..opq" */
 #define UFS_LAYER_XWHITEOUT 2 /* honour xwhiteouts: empty files with overlay.whiteout in an
                                  overlay.opaque=x directory (lower layers only, like the kernel) */
+/* The upper layer, whose own overlay xattrs are in trusted.overlay.* (or, with the second flag,
+   user.overlay.*): objects found in it report their overlay.origin and overlay.metacopy. */
+#define UFS_LAYER_UPPER_TRUSTED 4
+#define UFS_LAYER_UPPER_USER 8
 
 struct ufs_layer {
     int root_fd; /* directory fd of the layer root (O_PATH is enough) */
@@ -55,6 +61,12 @@ struct ufs_found {
     /* -1, or the layer whose copy of the directory carries overlay.redirect: the merge stopped
        there, and the caller goes on in the layers below at the path the redirect names. */
     int redirect_layer;
+    /* For an object found in a layer flagged UFS_LAYER_UPPER_*: its overlay.origin value
+       (origin_len bytes, 0 when it has none or a longer one) and, for a regular file, whether
+       it carries overlay.metacopy. */
+    uint32_t origin_len;
+    uint32_t metacopy;
+    unsigned char origin[UFS_ORIGIN_MAX];
 };
 
 /*
@@ -101,8 +113,7 @@ int ufs_stat_at(int root_fd, const char *path, struct ufs_attr *out);
  */
 int ufs_open_at(int root_fd, const char *path, int flags);
 
-/* File handles, for the kernel's overlay.origin format. UFS_HANDLE_MAX is the largest handle. */
-#define UFS_HANDLE_MAX 128
+/* File handles, for the kernel's overlay.origin format. */
 
 /* The file handle of NAME in DIR_FD (not following a final symlink): its bytes into HANDLE (room
    for UFS_HANDLE_MAX), their count into *LEN and the handle type into *TYPE. */

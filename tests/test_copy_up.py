@@ -247,7 +247,7 @@ def test_lower_hard_links_follow_a_copy_up(layout, mnt, tmp_path, first):
 
 
 def test_fallocate(layout, mnt):
-    """fallocate(2) through the preloaded shim: pyfuse3 alone has no handler for it."""
+    """fallocate(2) through the shim: pyfuse3 alone has no handler for it."""
     (layout["lower"] / "f").write_bytes(b"x" * 8192)
     with mounted(layout, mnt):
         assert subprocess.run(["fallocate", "-l", "1M", str(mnt / "f")]).returncode == 0

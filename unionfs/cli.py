@@ -25,6 +25,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated mount options: lowerdir=A:B,upperdir=U,workdir=W, ro, ...")
     parser.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-d", dest="debug", action="store_true", help="log debug output (implies -f)")
+    # For `pyunionfs run`: an inherited pipe on which the server says "ok" once the mount is live.
+    parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
 
 
 def _mount_parser() -> argparse.ArgumentParser:
@@ -141,10 +143,11 @@ def run(argv: Sequence[str]) -> int:
         from unionfs import launcher
 
         return launcher.run(_run_config(_run_parser().parse_args(argv[1:])))
-    # Imported here so that `--help` and bad input do not pay for pyfuse3 and trio.
-    from unionfs import daemon, shim
-
+    # Imported only here, so that `--help` and bad input do not pay for pyfuse3 and trio, and
+    # after the shim is loaded, which must come before pyfuse3.
     if argv and argv[0] == "umount":
+        from unionfs import daemon
+
         daemon.unmount(_umount_parser().parse_args(argv[1:]).mountpoint)
         return 0
     if argv and argv[0] == "mount":
@@ -155,10 +158,15 @@ def run(argv: Sequence[str]) -> int:
         if len(args.paths) > 2:
             raise ConfigError("expected [SOURCE] MOUNTPOINT")
         config = _config_from(args, args.paths[-1], *args.paths[:-1])
-    shim.restart_with_shim(argv)
+    from unionfs import shim
+
+    shim.load()
+    from unionfs import daemon
+
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
-    return daemon.serve(config, foreground=args.foreground or args.debug, debug=args.debug)
+    return daemon.serve(config, foreground=args.foreground or args.debug, debug=args.debug,
+                        ready_fd=args.ready_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

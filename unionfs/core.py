@@ -10,6 +10,7 @@ from unionfs._core import ffi, lib
 MAX_LAYERS: int = lib.UFS_MAX_LAYERS
 LAYER_OCI: int = lib.UFS_LAYER_OCI
 LAYER_XWHITEOUT: int = lib.UFS_LAYER_XWHITEOUT
+LAYER_UPPER: dict[bytes, int] = {b"trusted.": lib.UFS_LAYER_UPPER_TRUSTED, b"user.": lib.UFS_LAYER_UPPER_USER}
 
 
 
@@ -43,6 +44,8 @@ class Found(NamedTuple):
     attr: Attr
     dir_layers: int  # bit i set when layer i takes part in the merged directory
     redirect_layer: int = -1  # the layer whose directory has overlay.redirect (the merge stopped)
+    origin: bytes = b""  # an upper object's overlay.origin value (read by the C core)
+    metacopy: bool = False  # an upper file has overlay.metacopy: its data is in a lower layer
 
 
 def _check(rc: int, what: bytes) -> int:
@@ -53,7 +56,9 @@ def _check(rc: int, what: bytes) -> int:
 
 def _copy_found(c_found: Any) -> Found:
     words = c_found.dir_layers
-    return Found(c_found.layer, _copy_attr(c_found.attr), words[0] | (words[1] << 64), c_found.redirect_layer)
+    origin = bytes(ffi.buffer(c_found.origin, c_found.origin_len)) if c_found.origin_len else b""
+    return Found(c_found.layer, _copy_attr(c_found.attr), words[0] | (words[1] << 64), c_found.redirect_layer,
+                 origin, bool(c_found.metacopy))
 
 
 class LayerArray:

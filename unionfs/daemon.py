@@ -56,13 +56,18 @@ async def _serve(ops: UnionOperations) -> bool:
     return stopped
 
 
-def serve(config: MountConfig, foreground: bool, debug: bool) -> int:
+def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1) -> int:
     """Mount CONFIG and serve it until unmounted or signalled. Without FOREGROUND the calling
-    process returns once the union is mounted, and a daemon child serves it."""
+    process returns once the union is mounted, and a daemon child serves it; in the foreground,
+    READY_FD (if given) hears "ok" once the mount is live, or why it failed."""
     os.umask(0)  # modes arrive with the caller's umask applied; the daemon's must not apply again
-    union = open_union(config)
+    ready_w = ready_fd
+    try:
+        union = open_union(config)
+    except ConfigError as exc:
+        _report_ready(ready_w, str(exc))
+        return 1
     options = config.fuse_options() | ({"debug"} if debug else set())
-    ready_w = -1
     if not foreground:
         # Fork before the FUSE session or trio starts a thread.
         ready_r, ready_w = os.pipe()

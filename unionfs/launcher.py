@@ -13,7 +13,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 from unionfs import checks, sysns, userns
@@ -52,26 +51,34 @@ def _fork_dying_with_launcher() -> int:
     return pid
 
 
-def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) -> int:
-    """The FUSE server, in mount namespace A, killed if the launcher dies."""
+def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) -> tuple[int, int]:
+    """The FUSE server, in mount namespace A, killed if the launcher dies. Returns its pid and the
+    pipe it reports on."""
+    ready_r, ready_w = os.pipe()
     argv = [sys.executable, "-m", "unionfs.cli", "mount", *[f"--lower={d}" for d in lowers],
-            f"--upper={upper}", f"--workdir={workdir}", mountpoint, "-f"]
+            f"--upper={upper}", f"--workdir={workdir}", mountpoint, "-f", f"--ready-fd={ready_w}"]
     pid = _fork_dying_with_launcher()
     if pid == 0:
         try:
+            os.close(ready_r)
+            os.set_inheritable(ready_w, True)
             os.execv(sys.executable, argv)
         finally:
             os._exit(EXIT_LAUNCHER_ERROR)
-    return pid
+    os.close(ready_w)
+    return pid, ready_r
 
 
-def _wait_for_mount(mountpoint: str, server: int) -> None:
-    deadline = time.monotonic() + MOUNT_TIMEOUT
-    while mountpoint not in checks.mount_points():
-        done, _ = os.waitpid(server, os.WNOHANG)
-        if done or time.monotonic() > deadline:
-            raise ConfigError("the filesystem server did not mount the union")
-        time.sleep(0.01)
+def _wait_for_mount(ready_r: int) -> None:
+    """Until the server says the union is mounted; it says why not, or its death ends the pipe."""
+    try:
+        if not select.select([ready_r], [], [], MOUNT_TIMEOUT)[0]:
+            raise ConfigError("the filesystem server did not mount the union in time")
+        message = os.read(ready_r, 4096).decode(errors="replace")
+    finally:
+        os.close(ready_r)
+    if message != "ok":
+        raise ConfigError(message or "the filesystem server did not mount the union")
 
 
 def _generated_etc(scratch: str, hostname: str) -> dict[str, str]:
@@ -113,8 +120,8 @@ def run(config: RunConfig) -> int:
         sysns.mount(None, "/", None, sysns.MS_REC | sysns.MS_PRIVATE)
         if fuse_device != checks.FUSE_DEVICE:
             sysns.mount(fuse_device, checks.FUSE_DEVICE, None, sysns.MS_BIND)
-        server = _start_server(config.lowers, upper, workdir, mountpoint)
-        _wait_for_mount(mountpoint, server)
+        server, ready = _start_server(config.lowers, upper, workdir, mountpoint)
+        _wait_for_mount(ready)
         spec = config.spec
         spec.root = mountpoint
         spec.command = config.command
@@ -150,7 +157,9 @@ def _clean_up(mountpoint: str, server: int, scratch: str) -> None:
         try:
             done, _ = os.waitpid(server, os.WNOHANG)
             if not done:
-                os.kill(server, signal.SIGTERM)
+                # Unmounted, the server has nothing left to write back: no need to wait for
+                # its orderly shutdown.
+                os.kill(server, signal.SIGKILL if mountpoint not in checks.mount_points() else signal.SIGTERM)
                 os.waitpid(server, 0)
         except ChildProcessError:
             pass  # reaped already

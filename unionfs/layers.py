@@ -30,6 +30,14 @@ class Layer:
     is_upper: bool
 
 
+def overlay_xattr_namespace() -> bytes:
+    """The namespace of the overlay xattrs this process writes: trusted.* needs CAP_SYS_ADMIN in
+    the initial user namespace; elsewhere (rootless), the kernel's userxattr format, user.*."""
+    with open("/proc/self/uid_map") as uid_map:
+        initial_namespace = uid_map.read().split() == ["0", "0", "4294967295"]
+    return b"trusted." if os.geteuid() == 0 and initial_namespace else b"user."
+
+
 class LayerStack:
     """Upper (if any) then lowers, top first; each opened once, by path, before the mount."""
 
@@ -44,6 +52,7 @@ class LayerStack:
                 os.close(fd)
             raise
         self.layers = [Layer(p, fd, bool(upper) and i == 0) for i, (p, fd) in enumerate(zip(paths, fds))]
+        self.xattr_namespace = overlay_xattr_namespace()
         self.c = core.LayerArray([(layer.root_fd, self._flags(layer)) for layer in self.layers])
         self.all_layers_mask = (1 << len(self.layers)) - 1
         self._readable_roots: dict[int, int] = {}
@@ -51,11 +60,13 @@ class LayerStack:
         for layer in self.layers:
             self._fsid(os.fstat(layer.root_fd).st_dev)
 
-    @staticmethod
-    def _flags(layer: Layer) -> int:
+    def _flags(self, layer: Layer) -> int:
         # Image layers may carry OCI ".wh." whiteouts and xwhiteouts; the upper holds only the
-        # kernel's formats, so a user's own ".wh.name" file there stays an ordinary file.
-        return 0 if layer.is_upper else core.LAYER_OCI | core.LAYER_XWHITEOUT
+        # kernel's formats, so a user's own ".wh.name" file there stays an ordinary file. The C
+        # core reads the upper's origin and metacopy xattrs with each lookup.
+        if layer.is_upper:
+            return core.LAYER_UPPER[self.xattr_namespace]
+        return core.LAYER_OCI | core.LAYER_XWHITEOUT
 
     def _fsid(self, dev: int) -> int:
         # Numbered in layer order, so the same stack gives the same numbers at every mount.

@@ -29,14 +29,6 @@ def layer_copies(dir_paths: list[bytes | None], name: bytes, found: core.Found) 
     return {i: name if dir_paths[i] == ROOT_PATH else dir_paths[i] + b"/" + name for i in layers}
 
 
-def overlay_xattr_namespace() -> bytes:
-    """The namespace of the overlay xattrs this process writes: trusted.* needs CAP_SYS_ADMIN in
-    the initial user namespace; elsewhere (rootless), the kernel's userxattr format, user.*."""
-    with open("/proc/self/uid_map") as uid_map:
-        initial_namespace = uid_map.read().split() == ["0", "0", "4294967295"]
-    return b"trusted." if os.geteuid() == 0 and initial_namespace else b"user."
-
-
 def fail(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -48,7 +40,7 @@ class Namei:
         self.stack = stack
         self.work = work
         self.has_upper = stack.top().is_upper
-        self.xattr_namespace = overlay_xattr_namespace()
+        self.xattr_namespace = stack.xattr_namespace
         self.origin_xattr = self.xattr_namespace + origin.ORIGIN
         # st_ino of lower objects by their origin value: lower layers do not change.
         self._origin_inos: dict[bytes, int | None] = {}
@@ -144,7 +136,7 @@ class Namei:
         found = self._follow_redirects(found, name, dir_paths, where)
         if self.has_upper:
             upper_path = where.pop(UPPER, None)
-            if upper_path is not None and stat.S_ISREG(found.attr.mode):
+            if upper_path is not None and found.metacopy:
                 where.update(self._metacopy_data(upper_path, name, dir_paths))
         return found, where
 
@@ -152,13 +144,8 @@ class Namei:
         """For an upper file that kernel overlayfs copied up with metacopy=on (overlay.metacopy:
         metadata only), where its data is: at its overlay.redirect, else at the same name below."""
         proc = proc_path(self.stack.top().root_fd, upper_path)
-        ns = self.xattr_namespace
         try:
-            os.getxattr(proc, ns + METACOPY, follow_symlinks=False)
-        except OSError:
-            return {}
-        try:
-            target = os.getxattr(proc, ns + REDIRECT, follow_symlinks=False)
+            target = os.getxattr(proc, self.xattr_namespace + REDIRECT, follow_symlinks=False)
         except OSError:
             target = name
         lower = [None] + dir_paths[1:]
@@ -170,14 +157,9 @@ class Namei:
             return {}
         return layer_copies(lower, target, data)
 
-    def _origin_ino(self, path: bytes) -> int | None:
-        """st_ino of the lower object that upper object PATH was copied from, if it has an origin
-        this union can find."""
-        try:
-            value = os.getxattr(proc_path(self.stack.top().root_fd, path),
-                                self.origin_xattr, follow_symlinks=False)
-        except OSError:
-            return None
+    def _origin_ino(self, value: bytes, path: bytes) -> int | None:
+        """st_ino of the lower object that upper object PATH, with overlay.origin VALUE, was
+        copied from, if this union can find it."""
         if value not in self._origin_inos:
             self._origin_inos[value] = self._find_origin(value, path)
         return self._origin_inos[value]
@@ -205,8 +187,8 @@ class Namei:
 
     def _ino_of(self, found: core.Found, path: bytes) -> int:
         """The union's st_ino of a resolved object: a copy-up keeps its lower object's number."""
-        if found.layer == UPPER and self.has_upper:
-            copied = self._origin_ino(path)
+        if found.layer == UPPER and found.origin:
+            copied = self._origin_ino(found.origin, path)
             if copied is not None:
                 return copied
         return self.stack.compose_ino(found.attr.dev, found.attr.ino)

@@ -1,25 +1,25 @@
-"""The daemon runs with csrc/fuse_shim.c preloaded, which gives libfuse a fallocate handler that
-pyfuse3 lacks. Loading it takes a fresh start of the process with LD_PRELOAD."""
+"""The daemon runs with csrc/fuse_shim.c loaded, which gives libfuse a fallocate handler that
+pyfuse3 lacks and lets the kernel cache directory listings. It is opened with RTLD_GLOBAL before
+pyfuse3 is imported: pyfuse3's calls into libfuse then bind to the shim's wrappers, because the
+global scope is searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import sys
-from typing import Sequence
 
 # File handles at or above this are upper-layer fds plus this (the shim's UFS_FD_HANDLE).
 FD_HANDLE = 1 << 32
-LOADED = "PYUNIONFS_SHIM"
+DISABLE = "PYUNIONFS_NO_SHIM"  # set: run without it (fallocate then answers EOPNOTSUPP)
 
 
-def restart_with_shim(argv: Sequence[str]) -> None:
-    """Start this command again with the shim preloaded, unless it is loaded already or cannot
-    be found (then fallocate answers EOPNOTSUPP, and everything else works)."""
-    if os.environ.get(LOADED):
-        os.environ.pop("LD_PRELOAD", None)  # loaded; programs this process runs do not need it
-        return
+def load() -> bool:
+    """Load the shim, if it can still take effect (pyfuse3 not imported yet) and is wanted."""
+    if "pyfuse3" in sys.modules or os.environ.get(DISABLE):
+        return False
     spec = importlib.util.find_spec("unionfs._fuse_shim")
     if spec is None or not spec.origin:
-        return
-    env = dict(os.environ, LD_PRELOAD=spec.origin, **{LOADED: "1"})
-    os.execve(sys.executable, [sys.executable, sys.argv[0], *argv], env)
+        return False
+    ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    return True
