@@ -1,10 +1,12 @@
 /*
  * fuse_shim.c: loaded into the pyunionfs daemon (RTLD_GLOBAL, before pyfuse3, so that pyfuse3's
- * calls to these functions bind here; see unionfs/shim.py) for two things pyfuse3 cannot
- * express. It wraps fuse_session_new(), through which pyfuse3 registers its handlers, to add a
- * fallocate handler; and fuse_reply_open(), to let the kernel cache directory listings
- * (cache_readdir, as fuse-overlayfs asks in ovl_opendir): a warm find then sends no READDIR. The
- * kernel drops a cached listing when the directory changes through the mount.
+ * calls to these functions bind here; see unionfs/shim.py) for what pyfuse3 cannot express or
+ * costs a Python round trip for nothing. It wraps fuse_session_new(), through which pyfuse3
+ * registers its handlers, to add a fallocate handler, to answer OPENDIR with ENOSYS (the kernel
+ * then sends no OPENDIR/RELEASEDIR and caches listings), and to answer GETXATTR for objects
+ * Python marked as having no xattrs; and fuse_reply_open(), to let the kernel keep file pages
+ * and directory listings (cache_readdir, as fuse-overlayfs asks in ovl_opendir). The kernel drops
+ * a cached listing when the directory changes through the mount.
  *
  * The contract with unionfs/fs.py: a file handle at or above UFS_FD_HANDLE is an open file of the
  * upper layer, and its descriptor is the handle minus UFS_FD_HANDLE. Other handles answer
@@ -19,6 +21,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define UFS_FD_HANDLE (UINT64_C(1) << 32)
@@ -43,6 +47,68 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
     reply_err(req, fallocate(fd, mode, offset, length) < 0 ? errno : 0);
 }
 
+/* Directories are not opened: the kernel then stops sending OPENDIR and RELEASEDIR (two round
+   trips per directory listed) and keeps listings cached by default (FUSE_NO_OPENDIR_SUPPORT). */
+static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino;
+    (void)fi;
+    reply_err(req, ENOSYS);
+}
+
+typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+static readdir_fn python_readdirplus;
+
+/* Without OPENDIR a listing arrives with handle 0: hand unionfs/fs.py the node id instead, which
+   is what its own opendir returns as the handle. */
+static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                             struct fuse_file_info *fi)
+{
+    struct fuse_file_info with_handle = *fi;
+    with_handle.fh = ino;
+    python_readdirplus(req, ino, size, off, &with_handle);
+}
+
+/* A bit per node id whose object has no extended attribute a user can see, as unionfs/union.py
+   found it: GETXATTR for those (ls -l asks for ACLs and security labels of every file) is
+   answered ENODATA here, without a round trip into Python. Python sets and clears the bits, from
+   the thread that also runs the handlers. Node ids are never reused. */
+static unsigned char *no_xattrs;
+static size_t no_xattrs_size;
+
+int ufs_shim_mark_no_xattrs(uint64_t ino, int none)
+{
+    size_t byte = ino / 8;
+    if (byte >= no_xattrs_size) {
+        if (!none)
+            return 0;
+        size_t size = no_xattrs_size ? no_xattrs_size : 4096;
+        while (size <= byte)
+            size *= 2;
+        unsigned char *grown = realloc(no_xattrs, size);
+        if (!grown)
+            return -ENOMEM;
+        memset(grown + no_xattrs_size, 0, size - no_xattrs_size);
+        no_xattrs = grown;
+        no_xattrs_size = size;
+    }
+    unsigned char bit = (unsigned char)(1u << (ino % 8));
+    no_xattrs[byte] = none ? (no_xattrs[byte] | bit) : (no_xattrs[byte] & ~bit);
+    return 0;
+}
+
+typedef void (*getxattr_fn)(fuse_req_t, fuse_ino_t, const char *, size_t);
+static getxattr_fn python_getxattr;
+
+static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (ino / 8 < no_xattrs_size && (no_xattrs[ino / 8] >> (ino % 8)) & 1) {
+        reply_err(req, ENODATA);
+        return;
+    }
+    python_getxattr(req, ino, name, size);
+}
+
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
 {
@@ -56,6 +122,17 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
     if (!ops.fallocate && reply_err)
         ops.fallocate = shim_fallocate;
+    if (ops.getxattr && reply_err) {
+        python_getxattr = ops.getxattr;
+        ops.getxattr = shim_getxattr;
+    }
+    /* pyfuse3 answers listings with readdirplus only. */
+    if (ops.readdirplus && reply_err) {
+        python_readdirplus = ops.readdirplus;
+        ops.readdirplus = shim_readdirplus;
+        ops.opendir = shim_opendir;
+        ops.releasedir = NULL;
+    }
     return real(args, &ops, sizeof(ops), userdata);
 }
 

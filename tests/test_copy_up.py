@@ -1,6 +1,7 @@
 """Copy-up: what the copy keeps, what open files and mappings see, and crashes in the middle."""
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
@@ -25,6 +26,27 @@ def layout(tmp_path: Path) -> dict[str, Path]:
 
 def mounted(layout: dict[str, Path], mnt: Path, **kwargs):
     return pyunionfs([layout["lower"]], mnt, upper=layout["upper"], workdir=layout["work"], **kwargs)
+
+
+def test_xattr_answers_follow_changes(layout, mnt):
+    """A file without xattrs is answered ENODATA by the shim once Python has seen it has none;
+    setting and removing one through the mount must show at once."""
+    (layout["lower"] / "plain").write_text("x")
+    with mounted(layout, mnt):
+        target = mnt / "plain"
+        for _ in range(2):  # the second answer comes from the shim
+            with pytest.raises(OSError) as absent:
+                os.getxattr(target, "user.tag")
+            assert absent.value.errno == errno.ENODATA
+        os.setxattr(target, "user.tag", b"set")
+        assert os.getxattr(target, "user.tag") == b"set"
+        os.removexattr(target, "user.tag")
+        for _ in range(2):
+            with pytest.raises(OSError) as gone:
+                os.getxattr(target, "user.tag")
+            assert gone.value.errno == errno.ENODATA
+        os.setxattr(target, "user.again", b"2")
+        assert os.getxattr(target, "user.again") == b"2"
 
 
 def test_copy_keeps_metadata_xattrs_and_holes(layout, mnt):

@@ -54,6 +54,7 @@ class UnionOperations(pyfuse3.Operations):
         super().__init__()
         self.union = union
         self._handles: dict[int, object] = {}
+        self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # directory node id -> entries
         self._next_fh: Iterator[int] = itertools.count(1)
 
     def _node(self, ino: int) -> Node:
@@ -131,12 +132,18 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def opendir(self, inode: int, ctx=None) -> int:
-        # One snapshot per open directory, so offsets stay valid between readdir calls.
-        return self._add_handle(self.union.listdir(self._node(inode)))
+        # A directory's handle is its node id: with the shim loaded the kernel sends no OPENDIR
+        # (see csrc/fuse_shim.c), and READDIR then carries the node id as its handle.
+        self._node(inode)
+        return inode
 
     @replies_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._handles[fh]
+        # One snapshot per listing pass, taken at offset 0 and kept until the pass reaches the
+        # end, so that offsets stay valid from one call to the next.
+        entries = self._listings.get(fh) if start_id else None
+        if entries is None:
+            entries = self._listings[fh] = self.union.listdir(self._node(fh))
         inodes = self.union.inodes
         for index in range(start_id, len(entries)):
             name, node = entries[index]
@@ -147,10 +154,11 @@ class UnionOperations(pyfuse3.Operations):
             # ".." (the first two), which the kernel does not count (fuse_direntplus_link).
             if index >= DOT_ENTRIES:
                 inodes.remember(node)
+        del self._listings[fh]  # the end of the pass
 
     @replies_errno
     async def releasedir(self, fh: int) -> None:
-        del self._handles[fh]
+        pass
 
     @replies_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

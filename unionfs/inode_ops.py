@@ -46,7 +46,7 @@ async def setxattr(union: Union, node: Node, name: bytes, value: bytes) -> None:
     with union.upper_location(node) as (dir_fd, rel):
         os.setxattr(proc_path(dir_fd, rel), xattrs.to_stored(name), value,
                     follow_symlinks=False)
-    node.xattr_names = None
+    union.forget_xattr_names(node)
 
 
 async def removexattr(union: Union, node: Node, name: bytes) -> None:
@@ -57,4 +57,4 @@ async def removexattr(union: Union, node: Node, name: bytes) -> None:
     with union.upper_location(node) as (dir_fd, rel):
         os.removexattr(proc_path(dir_fd, rel), xattrs.to_stored(name),
                        follow_symlinks=False)
-    node.xattr_names = None
+    union.forget_xattr_names(node)

@@ -14,12 +14,23 @@ FD_HANDLE = 1 << 32
 DISABLE = "PYUNIONFS_NO_SHIM"  # set: run without it (fallocate then answers EOPNOTSUPP)
 
 
+_loaded: ctypes.CDLL | None = None
+
+
 def load() -> bool:
     """Load the shim, if it can still take effect (pyfuse3 not imported yet) and is wanted."""
+    global _loaded
     if "pyfuse3" in sys.modules or os.environ.get(DISABLE):
         return False
     spec = importlib.util.find_spec("unionfs._fuse_shim")
     if spec is None or not spec.origin:
         return False
-    ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    _loaded = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    _loaded.ufs_shim_mark_no_xattrs.argtypes = [ctypes.c_uint64, ctypes.c_int]
     return True
+
+
+def mark_no_xattrs(node_id: int, none: bool) -> None:
+    """Tell the shim whether node NODE_ID has no visible xattrs (it then answers GETXATTR)."""
+    if _loaded is not None:
+        _loaded.ufs_shim_mark_no_xattrs(node_id, int(none))

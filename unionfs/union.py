@@ -12,7 +12,7 @@ from typing import Iterator
 import pyfuse3
 import trio
 
-from unionfs import core, xattrs
+from unionfs import core, shim, xattrs
 from unionfs.copy_up import build_copy, fill_metacopy
 from unionfs.inodes import InodeTable, Node
 from unionfs.layers import ROOT_PATH, LayerStack, proc_path
@@ -128,7 +128,15 @@ class Union(Namei):
             with self._at(node) as (dir_fd, rel):
                 names = os.listxattr(proc_path(dir_fd, rel), follow_symlinks=False)
             node.xattr_names = frozenset(os.fsencode(name) for name in names)
+            if not xattrs.visible(list(node.xattr_names)):
+                shim.mark_no_xattrs(node.id, True)
         return node.xattr_names
+
+    def forget_xattr_names(self, node: Node) -> None:
+        """NODE's xattrs may have changed: read them again when next asked."""
+        if node.xattr_names is not None:
+            node.xattr_names = None
+            shim.mark_no_xattrs(node.id, False)
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         name = xattrs.to_stored(name)
@@ -195,7 +203,7 @@ class Union(Namei):
                                  self.stack.layers[UPPER].root_fd, path)
         dir_layers = node.dir_layers | UPPER_BIT if stat.S_ISDIR(attr.mode) else 0
         node.update(core.Found(UPPER, attr, dir_layers), self.timeout)
-        node.xattr_names = None
+        self.forget_xattr_names(node)
         return attr
 
     def set_union_nlink(self, node: Node, nlink: int) -> None:
