@@ -54,6 +54,10 @@ BUILTIN = {
                              "fusermount3 -u {mnt}"),
     "pyunionfs": System("pyunionfs", "{pyunionfs} {mnt} -o lowerdir={lowerdir},upperdir={upper},workdir={work}",
                         "fusermount3 -u {mnt}", run="{pyunionfs} run --lower {image} --upper {upper} --workdir {work} -- /bin/true"),
+    # fuse-overlayfs does not sync copies; pyunionfs does (as the kernel), unless told not to.
+    "pyunionfs-fsync0": System("pyunionfs-fsync0",
+                               "{pyunionfs} {mnt} -o lowerdir={lowerdir},upperdir={upper},workdir={work},fsync=0",
+                               "fusermount3 -u {mnt}"),
     "unionfs-fuse": System("unionfs-fuse", "unionfs -o cow {branches} {mnt}", "fusermount3 -u {mnt}"),
 }
 DEFAULT = ["native", "overlay", "fuse-overlayfs", "pyunionfs"]

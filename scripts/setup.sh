@@ -24,7 +24,7 @@ if ! grep -qx 'home = /usr/bin' .venv/pyvenv.cfg 2>/dev/null; then
     rm -rf .venv
     /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+.venv/bin/python -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test,bench]'
 # mount(8) runs helpers with a fixed PATH, so `mount -t fuse.pyunionfs` finds the command only
 # in a system directory: link this checkout's command there.
 ln -sfn "$PWD/.venv/bin/pyunionfs" /usr/local/bin/pyunionfs

@@ -11,6 +11,7 @@ import pytest
 
 from mounts import PYUNIONFS, daemons_for, force_unmount, is_mounted, pyunionfs, stop, tmpfs
 from trees import checksum
+from unionfs.options import MountConfig, apply_option_string
 
 
 @pytest.fixture
@@ -125,6 +126,7 @@ BAD_INPUTS = {
     "workdir inside upper": (lambda d: ["mount", "--lower", str(d["top"]), "--upper", str(d["upper"]),
                                         "--workdir", str(d["upper"] / "w"), "{mnt}"], "overlap"),
     "unknown option": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},frobnicate"], "unknown mount option"),
+    "bad fsync value": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},fsync=2"], "unknown mount option"),
     "too many paths": (lambda d: ["a", "b", "{mnt}", "-o", f"lowerdir={d['top']}"], "MOUNTPOINT"),
     "unknown flag": (lambda d: ["mount", "--bogus", "{mnt}"], "unrecognized"),
 }
@@ -175,3 +177,12 @@ def test_no_usable_fuse_device(dirs, tmp_path, mnt, hide, words):
 def test_help_and_version_of_usage(dirs):
     result = run("--help")
     assert result.returncode == 0 and "lowerdir" in result.stdout
+
+
+def test_fsync_option_follows_fuse_overlayfs():
+    config = MountConfig(lowers=[], mountpoint="/m")
+    assert config.sync
+    apply_option_string(config, "lowerdir=/a,fsync=0")
+    assert not config.sync
+    apply_option_string(config, "fsync=1")
+    assert config.sync

@@ -79,12 +79,12 @@ def apply_metadata(dir_fd: int, name: bytes, st: os.stat_result, extra: list[tup
 
 
 def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: bytes, work_fd: int,
-               tmp: bytes, with_data: bool, origin_xattr: bytes) -> None:
+               tmp: bytes, with_data: bool, origin_xattr: bytes, sync: bool) -> None:
     """Build in the work directory, as TMP, a copy with the metadata of META_NAME and the data of
     DATA_NAME (the same object, except when a kernel metacopy file gets its data): a full copy of
     a regular file (only its metadata when WITH_DATA is false, for a copy-up that truncates), a
     bare directory, or a symlink, fifo, socket or device, with an ORIGIN_XATTR naming the data
-    source, as the kernel records it."""
+    source, as the kernel records it. With SYNC, the data is on disk before this returns."""
     st = os.stat(meta_name, dir_fd=meta_dir_fd, follow_symlinks=False)
     kind = stat.S_IFMT(st.st_mode)
     if kind == stat.S_IFREG:
@@ -96,7 +96,8 @@ def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: 
                     copy_data(src, dst, st.st_size)
                 finally:
                     os.close(src)
-            os.fsync(dst)  # the data is on disk before the rename makes it visible
+            if sync:
+                os.fsync(dst)  # the data is on disk before the rename makes it visible
         finally:
             os.close(dst)
     elif kind == stat.S_IFDIR:

@@ -28,7 +28,7 @@ def open_union(config: MountConfig) -> Union:
     try:
         stack = LayerStack(config.lowers, config.upper)
         return Union(stack, None if config.read_only else config.workdir,
-                     redirect_dirs=config.redirect_dirs)
+                     redirect_dirs=config.redirect_dirs, sync=config.sync)
     except OSError as exc:
         raise ConfigError(f"cannot open layer {exc.filename}: {exc.strerror}") from None
 

@@ -190,7 +190,7 @@ class UnionOperations(pyfuse3.Operations):
     @replies_errno
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles[fh]
-        if handle.fd >= 0:
+        if handle.fd >= 0 and self.union.sync:
             (os.fdatasync if datasync else os.fsync)(handle.fd)
 
     @replies_errno

@@ -35,6 +35,7 @@ class MountConfig:
     fuse_flags: set[str] = field(default_factory=set)
     fuse_values: dict[str, str] = field(default_factory=dict)
     redirect_dirs: bool = True  # -o redirect_dir=off: EXDEV on renaming merged directories
+    sync: bool = True  # -o fsync=0 (as fuse-overlayfs): copies are not synced, fsync(2) is a no-op
 
     @property
     def read_only(self) -> bool:
@@ -109,6 +110,8 @@ def apply_option_string(config: MountConfig, text: str) -> None:
             setattr(config, "upper" if key == "upperdir" else "workdir", unescape(value))
         elif key == "redirect_dir" and value in ("on", "off"):
             config.redirect_dirs = value == "on"
+        elif key == "fsync" and value in ("0", "1"):
+            config.sync = value == "1"
         elif not has_value and key in FUSE_FLAGS:
             config.add_flag(key)
         elif has_value and key in FUSE_VALUED:

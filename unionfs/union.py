@@ -32,11 +32,14 @@ DEFAULT_TIMEOUT = 1e6
 
 class Union(Namei):
     def __init__(self, stack: LayerStack, workdir: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 redirect_dirs: bool = True):
+                 redirect_dirs: bool = True, sync: bool = True):
         # Writable with an upper layer and a work directory; without them, read-only.
         self.writable = stack.top().is_upper and workdir is not None
         super().__init__(stack, WorkDir(workdir) if self.writable else None)
         self.timeout = timeout
+        # Copies are synced before they are renamed into place, so a crash cannot leave half of
+        # one (as the kernel does); -o fsync=0 trades that for speed, as in fuse-overlayfs.
+        self.sync = sync
         # Directories that merge lower layers are renamed with overlay.redirect (kernel option
         # redirect_dir=on); without it such a rename answers EXDEV (redirect_dir=off).
         self.redirect_dirs = redirect_dirs
@@ -261,7 +264,8 @@ class Union(Namei):
     def _copy_dir_up(self, node: Node) -> None:
         tmp = self.work.temp_name()
         with self._at(node) as (src_dir, src_name):
-            build_copy(src_dir, src_name, src_dir, src_name, self.work.fd, tmp, False, self.origin_xattr)
+            build_copy(src_dir, src_name, src_dir, src_name, self.work.fd, tmp, False, self.origin_xattr,
+                       self.sync)
         self._put_copy_in_place(node, tmp)
 
     async def copy_to_index(self, node: Node) -> None:
@@ -281,7 +285,7 @@ class Union(Namei):
         with self._at(node) as meta, self._data_at(node) as data:
             try:
                 await trio.to_thread.run_sync(build_copy, *meta, *data, self.work.fd, tmp, with_data,
-                                              self.origin_xattr)
+                                              self.origin_xattr, self.sync)
                 if index_name is not None:
                     # The copy's links (the index, and the name if it goes to the upper layer)
                     # stand for all the lower ones (kernel overlay.nlink).
