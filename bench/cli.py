@@ -5,6 +5,7 @@ import argparse
 import datetime
 import os
 import platform
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -58,11 +59,18 @@ def progress(measurement: runner.Measurement, done: int, total: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # Ctrl-C and kill both stop it through the `finally`s that unmount (a background job starts
+    # with SIGINT ignored, so it is set here too).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(args, "python -m bench " + " ".join(argv))
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nbench: interrupted (everything it mounted is unmounted)", file=sys.stderr)
+        return 130
 
 
 def run(args: argparse.Namespace, command: str) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,19 @@ def test_bad_input_is_one_line(tmp_path):
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and result.stderr.startswith("bench: ") \
             and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_killing_it_unmounts_what_it_mounted(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--systems", "pyunionfs", "--rounds", "3",
+                             "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # until it measures (the mount is up)
+            if line.startswith("[1/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
