@@ -139,21 +139,32 @@ static ssize_t overlay_xattr(const struct loc *l, const char *name, const char *
     return -1;
 }
 
-/* The overlay.origin and overlay.metacopy of an upper object, into OUT. */
+/* The overlay.origin and overlay.metacopy of an upper object, into OUT. One llistxattr() tells
+   which of them there are: most upper objects (new ones) have neither. */
 static void read_upper_xattrs(const struct ufs_layer *layer, const struct loc *l, const char *name,
                               struct ufs_found *out)
 {
     const char *ns = (layer->flags & UFS_LAYER_UPPER_USER) ? "user.overlay." : "trusted.overlay.";
-    char path[PATH_MAX], xname[64];
+    char path[PATH_MAX], names[1024], origin[64], metacopy[64];
     if (proc_path(path, l, name) < 0)
         return;
-    snprintf(xname, sizeof(xname), "%sorigin", ns);
-    ssize_t n = lgetxattr(path, xname, out->origin, sizeof(out->origin));
-    out->origin_len = n > 0 ? (uint32_t)n : 0;
-    if (S_ISREG(out->attr.mode)) {
-        snprintf(xname, sizeof(xname), "%smetacopy", ns);
-        out->metacopy = lgetxattr(path, xname, NULL, 0) >= 0;
+    snprintf(origin, sizeof(origin), "%sorigin", ns);
+    snprintf(metacopy, sizeof(metacopy), "%smetacopy", ns);
+    ssize_t size = llistxattr(path, names, sizeof(names));
+    int has_origin = 1, has_metacopy = S_ISREG(out->attr.mode); /* when the list is too long */
+    if (size >= 0) {
+        has_origin = has_metacopy = 0;
+        for (ssize_t at = 0; at < size; at += (ssize_t)strlen(names + at) + 1) {
+            has_origin |= strcmp(names + at, origin) == 0;
+            has_metacopy |= strcmp(names + at, metacopy) == 0;
+        }
     }
+    if (has_origin) {
+        ssize_t n = lgetxattr(path, origin, out->origin, sizeof(out->origin));
+        out->origin_len = n > 0 ? (uint32_t)n : 0;
+    }
+    if (has_metacopy && S_ISREG(out->attr.mode))
+        out->metacopy = lgetxattr(path, metacopy, NULL, 0) >= 0;
 }
 
 static int opaque_value_is(const struct loc *l, const char *name, char want)
