@@ -1,16 +1,18 @@
 /*
  * fuse_shim.c: loaded into the pyunionfs daemon (RTLD_GLOBAL, before pyfuse3, so that pyfuse3's
  * calls to these functions bind here; see unionfs/shim.py) for what pyfuse3 cannot express or
- * costs a Python round trip for nothing. It wraps fuse_session_new(), through which pyfuse3
- * registers its handlers, to add a fallocate handler, to answer OPENDIR with ENOSYS (the kernel
- * then sends no OPENDIR/RELEASEDIR and caches listings), and to answer GETXATTR for objects
- * Python marked as having no xattrs; and fuse_reply_open(), to let the kernel keep file pages
- * and directory listings (cache_readdir, as fuse-overlayfs asks in ovl_opendir). The kernel drops
- * a cached listing when the directory changes through the mount.
+ * what costs a Python round trip for nothing. It wraps fuse_session_new(), through which pyfuse3
+ * registers its handlers, to
+ *  - add a fallocate handler (pyfuse3 has none),
+ *  - serve READ of an open layer file itself,
+ *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
+ *    (it drops a cached listing when the directory changes through the mount),
+ *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs;
+ * and fuse_reply_open(), to let the kernel keep file pages (keep_cache) and listings.
  *
- * The contract with unionfs/fs.py: a file handle at or above UFS_FD_HANDLE is an open file of the
- * upper layer, and its descriptor is the handle minus UFS_FD_HANDLE. Other handles answer
- * EOPNOTSUPP. Without the shim, the kernel gets ENOSYS and fallocate(2) fails with EOPNOTSUPP.
+ * The contract with unionfs/: Python publishes the layer fd behind each open file handle
+ * (ufs_shim_set_file) and which node ids have no xattrs (ufs_shim_mark_no_xattrs), from the
+ * thread that runs the request handlers, before it replies to the request that changes them.
  *
  * The real fuse_session_new is found with dlopen(RTLD_NOLOAD): RTLD_NEXT does not reach it,
  * because Python loads extensions, and with them libfuse, with RTLD_LOCAL.
@@ -25,8 +27,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define UFS_FD_HANDLE (UINT64_C(1) << 32)
-
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                 size_t, void *);
 
@@ -34,17 +34,72 @@ static struct fuse_lowlevel_ops ops;
 /* libfuse's own functions, found in the RTLD_LOCAL copy that pyfuse3 loaded. */
 static int (*reply_err)(fuse_req_t req, int err);
 static int (*reply_open)(fuse_req_t req, const struct fuse_file_info *fi);
+static int (*reply_data)(fuse_req_t req, struct fuse_bufvec *bufv, enum fuse_buf_copy_flags flags);
+
+/* The layer file behind each open file handle, as unionfs/file.py publishes it (handles are
+   small numbers, reused): reads are served here, and fallocate needs it. */
+struct open_file {
+    int fd; /* -1: not open (yet), or closed */
+    int writable;
+};
+static struct open_file *files;
+static size_t files_size;
+
+int ufs_shim_set_file(uint64_t fh, int fd, int writable)
+{
+    if (fh >= files_size) {
+        if (fd < 0)
+            return 0;
+        size_t size = files_size ? files_size : 1024;
+        while (size <= fh)
+            size *= 2;
+        struct open_file *grown = realloc(files, size * sizeof(*files));
+        if (!grown)
+            return -ENOMEM;
+        for (size_t i = files_size; i < size; i++)
+            grown[i].fd = -1;
+        files = grown;
+        files_size = size;
+    }
+    files[fh].fd = fd;
+    files[fh].writable = writable;
+    return 0;
+}
+
+static const struct open_file *file_of(const struct fuse_file_info *fi)
+{
+    return fi->fh < files_size && files[fi->fh].fd >= 0 ? &files[fi->fh] : NULL;
+}
 
 static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                            struct fuse_file_info *fi)
 {
     (void)ino;
-    if (fi->fh < UFS_FD_HANDLE) {
-        reply_err(req, EOPNOTSUPP);
+    const struct open_file *file = file_of(fi);
+    if (!file || !file->writable) {
+        reply_err(req, file ? EBADF : EOPNOTSUPP);
         return;
     }
-    int fd = (int)(fi->fh - UFS_FD_HANDLE);
-    reply_err(req, fallocate(fd, mode, offset, length) < 0 ? errno : 0);
+    reply_err(req, fallocate(file->fd, mode, offset, length) < 0 ? errno : 0);
+}
+
+typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+static read_fn python_read;
+
+/* A read of an open layer file, without Python: libfuse reads (or splices) straight from it. The
+   first read of a lazily opened lower file goes to Python, which opens and publishes it. */
+static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    const struct open_file *file = file_of(fi);
+    if (!file) {
+        python_read(req, ino, size, off, fi);
+        return;
+    }
+    struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+    buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    buf.buf[0].fd = file->fd;
+    buf.buf[0].pos = off;
+    reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
 
 /* Directories are not opened: the kernel then stops sending OPENDIR and RELEASEDIR (two round
@@ -118,10 +173,16 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         return NULL;
     reply_err = (int (*)(fuse_req_t, int))dlsym(libfuse, "fuse_reply_err");
     reply_open = (int (*)(fuse_req_t, const struct fuse_file_info *))dlsym(libfuse, "fuse_reply_open");
+    reply_data = (int (*)(fuse_req_t, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
+        libfuse, "fuse_reply_data");
     memset(&ops, 0, sizeof(ops));
     memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
     if (!ops.fallocate && reply_err)
         ops.fallocate = shim_fallocate;
+    if (ops.read && reply_data) {
+        python_read = ops.read;
+        ops.read = shim_read;
+    }
     if (ops.getxattr && reply_err) {
         python_getxattr = ops.getxattr;
         ops.getxattr = shim_getxattr;

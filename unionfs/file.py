@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from unionfs import shim
 from unionfs.inodes import Node
 from unionfs.namei import UPPER
 from unionfs.union import Union
@@ -13,15 +14,31 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 class OpenFile:
     """An open regular file. A read-only open of a lower file opens the layer file on the first
     read: with keep_cache a cached file is often never read, and open() then costs no system call.
-    When the object is copied up, every handle moves to the copy, so reads see new data."""
+    When the object is copied up, every handle moves to the copy, so reads see new data. Once it
+    has a handle number (FH), its layer fd is published to the shim, which serves the reads."""
 
-    __slots__ = ("node", "fd", "flags")
+    __slots__ = ("node", "_fd", "flags", "fh")
 
     def __init__(self, node: Node, fd: int, flags: int):
         self.node = node
-        self.fd = fd  # -1 until the first read of a lower file
+        self._fd = fd  # -1 until the first read of a lower file
         self.flags = flags  # the access mode the layer file is opened with
+        self.fh = 0
         node.open_files.add(self)  # until close()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @fd.setter
+    def fd(self, fd: int) -> None:
+        self._fd = fd
+        if self.fh:
+            shim.set_file(self.fh, fd, self.flags != os.O_RDONLY)
+
+    def publish_as(self, fh: int) -> None:
+        self.fh = fh
+        self.fd = self._fd
 
     def layer_fd(self, union: Union) -> int:
         if self.fd < 0:
@@ -36,8 +53,9 @@ class OpenFile:
 
     def close(self) -> None:
         self.node.open_files.discard(self)
-        if self.fd >= 0:
-            os.close(self.fd)
+        old, self.fd = self.fd, -1
+        if old >= 0:
+            os.close(old)
 
 
 async def open_file(union: Union, node: Node, flags: int) -> OpenFile:

@@ -14,7 +14,6 @@ from unionfs import dirops, inode_ops
 from unionfs.dirops import Caller
 from unionfs.file import OpenFile, open_file
 from unionfs.inodes import Node, negative_entry
-from unionfs.shim import FD_HANDLE
 from unionfs.union import Union
 
 log = logging.getLogger("pyunionfs")
@@ -53,7 +52,8 @@ class UnionOperations(pyfuse3.Operations):
     def __init__(self, union: Union):
         super().__init__()
         self.union = union
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, OpenFile] = {}
+        self._free_fhs: list[int] = []  # numbers of closed handles: reused, so they stay small
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # directory node id -> entries
         self._next_fh: Iterator[int] = itertools.count(1)
 
@@ -63,11 +63,10 @@ class UnionOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
-    def _add_handle(self, handle: object) -> int:
-        # An open upper file's handle carries its fd, for the fallocate handler in the shim.
-        writable = isinstance(handle, OpenFile) and handle.flags != os.O_RDONLY and handle.fd >= 0
-        fh = FD_HANDLE + handle.fd if writable else next(self._next_fh)
+    def _add_handle(self, handle: OpenFile) -> int:
+        fh = self._free_fhs.pop() if self._free_fhs else next(self._next_fh)
         self._handles[fh] = handle
+        handle.publish_as(fh)
         return fh
 
     # ---- names and attributes ----
@@ -196,6 +195,7 @@ class UnionOperations(pyfuse3.Operations):
     @replies_errno
     async def release(self, fh: int) -> None:
         self._handles.pop(fh).close()
+        self._free_fhs.append(fh)
 
     # ---- the rest ----
 

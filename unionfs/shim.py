@@ -1,5 +1,6 @@
 """The daemon runs with csrc/fuse_shim.c loaded, which gives libfuse a fallocate handler that
-pyfuse3 lacks and lets the kernel cache directory listings. It is opened with RTLD_GLOBAL before
+pyfuse3 lacks, serves reads and some GETXATTRs in C, and lets the kernel cache directory listings
+without OPENDIR round trips (see the file for the contract). It is opened with RTLD_GLOBAL before
 pyfuse3 is imported: pyfuse3's calls into libfuse then bind to the shim's wrappers, because the
 global scope is searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
@@ -9,8 +10,6 @@ import importlib.util
 import os
 import sys
 
-# File handles at or above this are upper-layer fds plus this (the shim's UFS_FD_HANDLE).
-FD_HANDLE = 1 << 32
 DISABLE = "PYUNIONFS_NO_SHIM"  # set: run without it (fallocate then answers EOPNOTSUPP)
 
 
@@ -27,7 +26,14 @@ def load() -> bool:
         return False
     _loaded = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     _loaded.ufs_shim_mark_no_xattrs.argtypes = [ctypes.c_uint64, ctypes.c_int]
+    _loaded.ufs_shim_set_file.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
     return True
+
+
+def set_file(fh: int, fd: int, writable: bool) -> None:
+    """Tell the shim which layer fd open file handle FH reads from (-1: none, or closed)."""
+    if _loaded is not None:
+        _loaded.ufs_shim_set_file(fh, fd, int(writable))
 
 
 def mark_no_xattrs(node_id: int, none: bool) -> None:
