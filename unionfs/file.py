@@ -5,23 +5,21 @@ import os
 
 from unionfs import shim
 from unionfs.inodes import Node
-from unionfs.namei import UPPER
 from unionfs.union import Union
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 
 
 class OpenFile:
-    """An open regular file. A read-only open of a lower file opens the layer file on the first
-    read: with keep_cache a cached file is often never read, and open() then costs no system call.
-    When the object is copied up, every handle moves to the copy, so reads see new data. Once it
-    has a handle number (FH), its layer fd is published to the shim, which serves the reads."""
+    """An open regular file, with the layer file that holds its data open as FD. When the object is
+    copied up, every handle moves to the copy, so reads see new data. Once it has a handle number
+    (FH), its layer fd is published to the shim, which serves the reads."""
 
     __slots__ = ("node", "_fd", "flags", "fh")
 
     def __init__(self, node: Node, fd: int, flags: int):
         self.node = node
-        self._fd = fd  # -1 until the first read of a lower file
+        self._fd = fd
         self.flags = flags  # the access mode the layer file is opened with
         self.fh = 0
         node.open_files.add(self)  # until close()
@@ -40,16 +38,10 @@ class OpenFile:
         self.fh = fh
         self.fd = self._fd
 
-    def layer_fd(self, union: Union) -> int:
-        if self.fd < 0:
-            self.fd = union.open_file(self.node, self.flags)
-        return self.fd
-
     def reopen(self, union: Union) -> None:
         """Point this handle at the node's upper copy."""
-        if self.fd >= 0:
-            old, self.fd = self.fd, union.open_file(self.node, self.flags)
-            os.close(old)
+        old, self.fd = self.fd, union.open_file(self.node, self.flags)
+        os.close(old)
 
     def close(self) -> None:
         self.node.open_files.discard(self)
@@ -63,11 +55,9 @@ async def open_file(union: Union, node: Node, flags: int) -> OpenFile:
         # O_TRUNC needs no copy of the data it is about to drop.
         await union.copy_up(node, with_data=not flags & os.O_TRUNC)
     access = flags & os.O_ACCMODE
-    if node.layer == UPPER:
-        fd = union.open_file(node, access | (flags & os.O_TRUNC))
-    else:
-        fd = -1
-    handle = OpenFile(node, fd, access)
+    # Opened now, not at the first read: the shim serves reads of an open layer file in C, so
+    # one system call here saves the first read a round trip into Python.
+    handle = OpenFile(node, union.open_file(node, access | (flags & os.O_TRUNC)), access)
     if flags & os.O_TRUNC:
         union.refresh(node)
     return handle

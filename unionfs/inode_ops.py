@@ -22,7 +22,7 @@ async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, field
     await union.copy_up(node, with_data=not truncating_to_zero)
     with union.upper_location(node) as (dir_fd, name):
         if fields.update_size:
-            if handle is not None and handle.fd >= 0:
+            if handle is not None:
                 os.ftruncate(handle.fd, attr.st_size)
             else:
                 os.truncate(proc_path(dir_fd, name), attr.st_size)
