@@ -4,7 +4,7 @@
  * what costs a Python round trip for nothing. It wraps fuse_session_new(), through which pyfuse3
  * registers its handlers, to
  *  - add a fallocate handler (pyfuse3 has none),
- *  - serve READ of an open layer file itself,
+ *  - serve READ and WRITE of an open layer file itself,
  *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
  *    (it drops a cached listing when the directory changes through the mount),
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs;
@@ -35,6 +35,9 @@ static struct fuse_lowlevel_ops ops;
 static int (*reply_err)(fuse_req_t req, int err);
 static int (*reply_open)(fuse_req_t req, const struct fuse_file_info *fi);
 static int (*reply_data)(fuse_req_t req, struct fuse_bufvec *bufv, enum fuse_buf_copy_flags flags);
+static int (*reply_write)(fuse_req_t req, size_t count);
+static size_t (*buf_size)(const struct fuse_bufvec *bufv);
+static ssize_t (*buf_copy)(struct fuse_bufvec *dst, struct fuse_bufvec *src, enum fuse_buf_copy_flags flags);
 
 /* The layer file behind each open file handle, as unionfs/file.py publishes it (handles are
    small numbers, reused): reads are served here, and fallocate needs it. */
@@ -100,6 +103,30 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, st
     buf.buf[0].fd = file->fd;
     buf.buf[0].pos = off;
     reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+}
+
+typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t, struct fuse_file_info *);
+static write_buf_fn python_write_buf;
+
+/* A write to an open upper file, without Python (which re-reads the attributes of a file open
+   for writing whenever it replies with them, and after the last writer closes it). */
+static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *in, off_t off,
+                           struct fuse_file_info *fi)
+{
+    const struct open_file *file = file_of(fi);
+    if (!file || !file->writable) {
+        python_write_buf(req, ino, in, off, fi);
+        return;
+    }
+    struct fuse_bufvec out = FUSE_BUFVEC_INIT(buf_size(in));
+    out.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    out.buf[0].fd = file->fd;
+    out.buf[0].pos = off;
+    ssize_t written = buf_copy(&out, in, 0);
+    if (written < 0)
+        reply_err(req, (int)-written);
+    else
+        reply_write(req, (size_t)written);
 }
 
 /* Directories are not opened: the kernel then stops sending OPENDIR and RELEASEDIR (two round
@@ -175,6 +202,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     reply_open = (int (*)(fuse_req_t, const struct fuse_file_info *))dlsym(libfuse, "fuse_reply_open");
     reply_data = (int (*)(fuse_req_t, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
         libfuse, "fuse_reply_data");
+    reply_write = (int (*)(fuse_req_t, size_t))dlsym(libfuse, "fuse_reply_write");
+    buf_size = (size_t (*)(const struct fuse_bufvec *))dlsym(libfuse, "fuse_buf_size");
+    buf_copy = (ssize_t (*)(struct fuse_bufvec *, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
+        libfuse, "fuse_buf_copy");
     memset(&ops, 0, sizeof(ops));
     memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
     if (!ops.fallocate && reply_err)
@@ -182,6 +213,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (ops.read && reply_data) {
         python_read = ops.read;
         ops.read = shim_read;
+    }
+    if (ops.write_buf && reply_write && buf_size && buf_copy) {
+        python_write_buf = ops.write_buf;
+        ops.write_buf = shim_write_buf;
     }
     if (ops.getxattr && reply_err) {
         python_getxattr = ops.getxattr;

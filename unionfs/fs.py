@@ -194,7 +194,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh).close()
+        handle = self._handles.pop(fh)
+        if handle.flags != os.O_RDONLY:
+            handle.node.stale = True  # the shim may have written to it: re-read its attributes
+        handle.close()
         self._free_fhs.append(fh)
 
     # ---- the rest ----
