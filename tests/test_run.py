@@ -2,6 +2,7 @@
 and what is left when things die (nothing)."""
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -48,7 +49,9 @@ class Launcher:
     owner: tuple[int, int] | None = None
 
     def command(self, *args: str) -> list[str]:
-        return [*self.prefix, PYUNIONFS, "run", "--lower", str(self.image), *args]
+        # The launcher's scratch directory goes below ours: one it cannot remove (killed) is
+        # removed with ours.
+        return [*self.prefix, "env", f"TMPDIR={self.tmp}", PYUNIONFS, "run", "--lower", str(self.image), *args]
 
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout)
@@ -58,6 +61,10 @@ class Launcher:
 
     def popen(self, *args: str, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(*args), **kwargs)
+
+    @functools.cached_property
+    def tmp(self) -> Path:
+        return self.directory("tmp")
 
     def directory(self, name: str) -> Path:
         path = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.scratch))
