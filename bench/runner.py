@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 from bench.dataset import Dataset
 from bench.systems import BWRAP_TRUE, BenchError, System, fill
 from bench.workloads import Context, Workload
+from unionfs.checks import mount_points
 
 MOUNT_TIMEOUT = 30.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -46,25 +47,23 @@ def drop_caches() -> None:
         f.write("3")
 
 
-def mount_points() -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        return {line.split()[4] for line in f}
+def command_lines() -> dict[int, list[bytes]]:
+    """The arguments of every process but this one (processes may end while it looks)."""
+    lines = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    lines[int(entry)] = f.read().split(b"\0")
+            except OSError:
+                continue
+    return lines
 
 
 def find_daemon(mountpoint: Path) -> int | None:
     """The process serving MOUNTPOINT: the one with it as an argument (kernel mounts have none)."""
-    wanted = str(mountpoint).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if wanted in argv:
-            found.append(int(entry))
+    wanted = os.fsencode(mountpoint)
+    found = [pid for pid, argv in command_lines().items() if wanted in argv]
     return max(found) if found else None  # a daemon that re-executed itself has the newest pid
 
 

@@ -7,8 +7,7 @@
  *  - serve READ and WRITE of an open layer file itself,
  *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
  *    (it drops a cached listing when the directory changes through the mount),
- *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs;
- * and fuse_reply_open(), to let the kernel keep file pages (keep_cache) and listings.
+ *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs.
  *
  * The contract with unionfs/: Python publishes the layer fd behind each open file handle
  * (ufs_shim_set_file) and which node ids have no xattrs (ufs_shim_mark_no_xattrs), from the
@@ -33,45 +32,52 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct 
 static struct fuse_lowlevel_ops ops;
 /* libfuse's own functions, found in the RTLD_LOCAL copy that pyfuse3 loaded. */
 static int (*reply_err)(fuse_req_t req, int err);
-static int (*reply_open)(fuse_req_t req, const struct fuse_file_info *fi);
 static int (*reply_data)(fuse_req_t req, struct fuse_bufvec *bufv, enum fuse_buf_copy_flags flags);
 static int (*reply_write)(fuse_req_t req, size_t count);
 static size_t (*buf_size)(const struct fuse_bufvec *bufv);
 static ssize_t (*buf_copy)(struct fuse_bufvec *dst, struct fuse_bufvec *src, enum fuse_buf_copy_flags flags);
 
+/* Make *TABLE (*COUNT entries of SIZE bytes) hold entry INDEX, the new entries zeroed. */
+static int grow_zeroed(void **table, size_t *count, size_t index, size_t size)
+{
+    if (index < *count)
+        return 0;
+    size_t wanted = *count ? *count : 1024;
+    while (wanted <= index)
+        wanted *= 2;
+    unsigned char *grown = realloc(*table, wanted * size);
+    if (!grown)
+        return -ENOMEM;
+    memset(grown + *count * size, 0, (wanted - *count) * size);
+    *table = grown;
+    *count = wanted;
+    return 0;
+}
+
 /* The layer file behind each open file handle, as unionfs/file.py publishes it (handles are
-   small numbers, reused): reads are served here, and fallocate needs it. */
+   small numbers, reused): reads and writes are served here, and fallocate needs it. */
 struct open_file {
-    int fd; /* -1: not open (yet), or closed */
+    int open; /* 0: no layer file (a zeroed entry), or closed */
+    int fd;
     int writable;
 };
 static struct open_file *files;
-static size_t files_size;
+static size_t files_count;
 
 int ufs_shim_set_file(uint64_t fh, int fd, int writable)
 {
-    if (fh >= files_size) {
-        if (fd < 0)
-            return 0;
-        size_t size = files_size ? files_size : 1024;
-        while (size <= fh)
-            size *= 2;
-        struct open_file *grown = realloc(files, size * sizeof(*files));
-        if (!grown)
-            return -ENOMEM;
-        for (size_t i = files_size; i < size; i++)
-            grown[i].fd = -1;
-        files = grown;
-        files_size = size;
-    }
-    files[fh].fd = fd;
-    files[fh].writable = writable;
+    if (fd < 0 && fh >= files_count)
+        return 0;
+    int rc = grow_zeroed((void **)&files, &files_count, fh, sizeof(*files));
+    if (rc < 0)
+        return rc;
+    files[fh] = (struct open_file){.open = fd >= 0, .fd = fd, .writable = writable};
     return 0;
 }
 
 static const struct open_file *file_of(const struct fuse_file_info *fi)
 {
-    return fi->fh < files_size && files[fi->fh].fd >= 0 ? &files[fi->fh] : NULL;
+    return fi->fh < files_count && files[fi->fh].open ? &files[fi->fh] : NULL;
 }
 
 static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
@@ -86,11 +92,12 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
     reply_err(req, fallocate(file->fd, mode, offset, length) < 0 ? errno : 0);
 }
 
+/* pyfuse3's handlers of READ and READDIRPLUS, which take the same arguments. */
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
-static read_fn python_read;
+static read_fn python_read, python_readdirplus;
 
-/* A read of an open layer file, without Python: libfuse reads (or splices) straight from it. The
-   first read of a lazily opened lower file goes to Python, which opens and publishes it. */
+/* A read of an open layer file, without Python: libfuse reads (or splices) straight from it. A
+   handle Python has not published (no shim table entry) goes to Python. */
 static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     const struct open_file *file = file_of(fi);
@@ -138,9 +145,6 @@ static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     reply_err(req, ENOSYS);
 }
 
-typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
-static readdir_fn python_readdirplus;
-
 /* Without OPENDIR a listing arrives with handle 0: hand unionfs/fs.py the node id instead, which
    is what its own opendir returns as the handle. */
 static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -161,19 +165,11 @@ static size_t no_xattrs_size;
 int ufs_shim_mark_no_xattrs(uint64_t ino, int none)
 {
     size_t byte = ino / 8;
-    if (byte >= no_xattrs_size) {
-        if (!none)
-            return 0;
-        size_t size = no_xattrs_size ? no_xattrs_size : 4096;
-        while (size <= byte)
-            size *= 2;
-        unsigned char *grown = realloc(no_xattrs, size);
-        if (!grown)
-            return -ENOMEM;
-        memset(grown + no_xattrs_size, 0, size - no_xattrs_size);
-        no_xattrs = grown;
-        no_xattrs_size = size;
-    }
+    if (!none && byte >= no_xattrs_size)
+        return 0;
+    int rc = grow_zeroed((void **)&no_xattrs, &no_xattrs_size, byte, 1);
+    if (rc < 0)
+        return rc;
     unsigned char bit = (unsigned char)(1u << (ino % 8));
     no_xattrs[byte] = none ? (no_xattrs[byte] | bit) : (no_xattrs[byte] & ~bit);
     return 0;
@@ -199,7 +195,6 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (!real)
         return NULL;
     reply_err = (int (*)(fuse_req_t, int))dlsym(libfuse, "fuse_reply_err");
-    reply_open = (int (*)(fuse_req_t, const struct fuse_file_info *))dlsym(libfuse, "fuse_reply_open");
     reply_data = (int (*)(fuse_req_t, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
         libfuse, "fuse_reply_data");
     reply_write = (int (*)(fuse_req_t, size_t))dlsym(libfuse, "fuse_reply_write");
@@ -230,16 +225,4 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         ops.releasedir = NULL;
     }
     return real(args, &ops, sizeof(ops), userdata);
-}
-
-int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
-{
-    if (!reply_open) /* fuse_session_new() was not called through this shim */
-        return -ENOSYS;
-    struct fuse_file_info reply = *fi;
-    /* Opens of files already keep the page cache; for a directory the two flags keep its
-       listing in the kernel from one opendir to the next. */
-    reply.cache_readdir = 1;
-    reply.keep_cache = 1;
-    return reply_open(req, &reply);
 }

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
+from bench.runner import command_lines
 from unionfs.checks import mount_points
 
 PYUNIONFS = str(Path(sys.executable).with_name("pyunionfs"))
@@ -93,16 +94,6 @@ def tmpfs(path: Path) -> Iterator[Path]:
 
 def daemons_for(mountpoint: Path) -> list[int]:
     """PIDs of pyunionfs processes whose command line names MOUNTPOINT."""
-    pids = []
     needle = os.fsencode(str(mountpoint))
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(b"pyunionfs" in arg for arg in argv[:2]) and needle in argv:
-            pids.append(int(entry))
-    return pids
+    return [pid for pid, argv in command_lines().items()
+            if any(b"pyunionfs" in arg for arg in argv[:2]) and needle in argv]

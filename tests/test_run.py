@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.runner import command_lines as process_arguments
 from mounts import PYUNIONFS
 from trees import checksum
 
@@ -114,15 +115,8 @@ def launcher(request, tmp_path_factory) -> Launcher:
 
 
 def command_lines() -> dict[int, bytes]:
-    """The command line of every process but this one (processes may end while it looks)."""
-    lines = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                lines[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-    return lines
+    """The command line of every process but this one, NUL-separated as in /proc/PID/cmdline."""
+    return {pid: b"\0".join(argv) for pid, argv in process_arguments().items()}
 
 
 def leftovers(marker: str) -> tuple[list[str], list[int]]:
