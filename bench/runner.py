@@ -153,6 +153,8 @@ def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | 
         workload.run(ctx)
     if workload.cold:
         drop_caches()
+    else:
+        os.sync()  # what earlier measurements left dirty is not written out on this one's clock
     cpu_before = daemon_cpu(daemon) if daemon else 0.0
     start = time.perf_counter()
     workload.run(ctx)

@@ -23,7 +23,7 @@ ffibuilder.cdef(header_declarations())
 ffibuilder.set_source(
     "unionfs._core",
     '#include "unionfs_core.h"',
-    sources=[str((CSRC / "unionfs_core.c").relative_to(CSRC.parent))],
+    sources=[str((CSRC / name).relative_to(CSRC.parent)) for name in ("unionfs_core.c", "copy_up.c")],
     include_dirs=[str(CSRC.relative_to(CSRC.parent))],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
 )

@@ -129,4 +129,35 @@ int ufs_stat_handle(int mount_fd, const unsigned char *handle, unsigned int len,
 int ufs_rename(int old_dir_fd, const char *old_name, int new_dir_fd, const char *new_name,
                unsigned int flags);
 
+/* Copy-up (csrc/copy_up.c). Python decides what is copied and where; these do the byte loops. */
+
+#define UFS_COPY_DATA 1 /* copy the data, not only the size */
+#define UFS_COPY_SYNC 2 /* fsync the copy before returning, so that a rename can publish it */
+
+/* What a copy takes from the object it copies, besides data and xattrs. */
+struct ufs_copy_meta {
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t mode; /* permission bits */
+    uint64_t size;
+    int64_t atime_ns;
+    int64_t mtime_ns;
+};
+
+/*
+ * Copy SIZE bytes from SRC_FD to DST_FD: a reflink where the filesystem can, else extent by
+ * extent, so holes stay holes; DST_FD ends SIZE bytes long. With UFS_COPY_SYNC the data is on
+ * disk when this returns (write-back of each chunk starts while the next one is copied).
+ */
+int ufs_copy_data(int src_fd, int dst_fd, uint64_t size, unsigned int flags);
+
+/*
+ * Create TMP in WORK_FD (it must not exist) as a copy of regular file SRC_NAME in SRC_DIR_FD: its
+ * data when FLAGS has UFS_COPY_DATA (else empty), then the owner, mode and times of META, in that
+ * order (a chown clears set-id bits). With UFS_COPY_SYNC it is on disk when this returns. On
+ * failure TMP is removed.
+ */
+int ufs_copy_file(int src_dir_fd, const char *src_name, int work_fd, const char *tmp,
+                  const struct ufs_copy_meta *meta, unsigned int flags);
+
 #endif

@@ -113,6 +113,22 @@ def rename(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes, f
     _check(lib.ufs_rename(old_dir_fd, old_name, new_dir_fd, new_name, flags), new_name)
 
 
+def copy_data(src_fd: int, dst_fd: int, size: int, sync: bool) -> None:
+    """Copy SIZE bytes (a reflink where possible, holes kept); with SYNC, on disk on return."""
+    _check(lib.ufs_copy_data(src_fd, dst_fd, size, lib.UFS_COPY_SYNC if sync else 0), b"copy")
+
+
+def copy_file(src_dir_fd: int, src_name: bytes, work_fd: int, tmp: bytes, st: os.stat_result,
+              with_data: bool, sync: bool) -> None:
+    """Create TMP in WORK_FD as a copy of regular file SRC_NAME with the owner, mode and times of
+    ST (and its data, WITH_DATA); with SYNC, on disk on return."""
+    meta = ffi.new("struct ufs_copy_meta *", {"uid": st.st_uid, "gid": st.st_gid, "mode": st.st_mode,
+                                               "size": st.st_size, "atime_ns": st.st_atime_ns,
+                                               "mtime_ns": st.st_mtime_ns})
+    flags = (lib.UFS_COPY_DATA if with_data else 0) | (lib.UFS_COPY_SYNC if sync else 0)
+    _check(lib.ufs_copy_file(src_dir_fd, src_name, work_fd, tmp, meta, flags), src_name)
+
+
 def name_to_handle(dir_fd: int, name: bytes) -> tuple[int, bytes]:
     """(handle type, handle bytes) of NAME in DIR_FD."""
     handle = ffi.new("unsigned char[]", lib.UFS_HANDLE_MAX)

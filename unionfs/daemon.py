@@ -41,6 +41,7 @@ async def _serve(ops: UnionOperations) -> bool:
         async def watch_signals() -> None:
             nonlocal stopped
             with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since the mount
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
                         # As in fuse-overlayfs: the size of the inode table, seen from outside.
@@ -77,6 +78,9 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
         os.close(ready_r)
         os.setsid()
     ops = UnionOperations(union)
+    # A stop signal between the mount and the signal receiver would kill the daemon and leave
+    # the mount behind: hold them until _serve listens.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pyfuse3.init(ops, config.mountpoint, options)
     except RuntimeError as exc:

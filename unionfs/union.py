@@ -29,6 +29,10 @@ def node_found(node: Node, attr: core.Attr) -> core.Found:
 # may keep entries and attributes for as long as it likes.
 DEFAULT_TIMEOUT = 1e6
 
+# Files up to this size are copied up on the event loop: a hop to a worker thread costs more than
+# their copy. Bigger ones go to a thread, so other requests go on meanwhile.
+INLINE_COPY_MAX = 1 << 20
+
 
 class Union(Namei):
     def __init__(self, stack: LayerStack, workdir: str | None = None, timeout: float = DEFAULT_TIMEOUT,
@@ -240,8 +244,8 @@ class Union(Namei):
 
     async def copy_up(self, node: Node, with_data: bool = True) -> None:
         """Copy NODE's object to the upper layer before its first change (or, for a kernel
-        metacopy file, its data). A big file is copied in a worker thread, so other requests go
-        on meanwhile; one copy-up per object at a time."""
+        metacopy file, its data). A big file is copied in a worker thread (INLINE_COPY_MAX); one
+        copy-up per object at a time."""
         self.require_writable()
         if node.layer == UPPER and not self.needs_data(node):
             return
@@ -284,8 +288,11 @@ class Union(Namei):
         index_name = self._index_name(node.layer, self.layer_path(node, node.layer)) if indexed else None
         with self._at(node) as meta, self._data_at(node) as data:
             try:
-                await trio.to_thread.run_sync(build_copy, *meta, *data, self.work.fd, tmp, with_data,
-                                              self.origin_xattr, self.sync)
+                args = (*meta, *data, self.work.fd, tmp, with_data, self.origin_xattr, self.sync)
+                if node.entry.st_size <= INLINE_COPY_MAX:
+                    build_copy(*args)
+                else:
+                    await trio.to_thread.run_sync(build_copy, *args)
                 if index_name is not None:
                     # The copy's links (the index, and the name if it goes to the upper layer)
                     # stand for all the lower ones (kernel overlay.nlink).
@@ -311,7 +318,7 @@ class Union(Namei):
         if self._index_is_metacopy(node):
             with self._data_at(node) as data:
                 fill_metacopy(data, (self.work.index_fd, node.index_name), node.entry.st_size,
-                              self.xattr_namespace + METACOPY)
+                              self.xattr_namespace + METACOPY, self.sync)
         with self.upper_dir(node.parent) as parent_fd:
             self._mark_impure(parent_fd)
             os.link(node.index_name, node.name, src_dir_fd=self.work.index_fd, dst_dir_fd=parent_fd,
