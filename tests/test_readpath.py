@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,3 +186,31 @@ def test_cached_listings_see_changes_made_through_the_mount(tmp_path, mnt):
         assert sorted(os.listdir(mnt / "d")) == ["b", "c"]
         os.unlink(mnt / "d" / "b")
         assert os.listdir(mnt / "d") == ["c"]
+
+
+def test_a_stream_of_reads_answered_in_c_leaves_python_its_turn(tmp_path, mnt):
+    """The shim answers reads of an open file itself and waits there for the next request; other
+    requests (a lookup, a create, a copy-up in a worker thread) and signals must still get
+    through while another process reads without pause."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    (lower / "data").write_bytes(os.urandom(1 << 20))
+    (lower / "big").write_bytes(b"b" * (4 << 20))  # over the inline limit: copied in a thread
+    reader_code = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)\n"
+                   "while True:\n    os.pread(fd, 4096, 0)\n")
+    with pyunionfs([lower], mnt, upper=upper, workdir=work) as daemon:
+        # O_DIRECT: every read reaches the daemon, none is served from the page cache.
+        readers = [subprocess.Popen([sys.executable, "-c", reader_code, str(mnt / "data")]) for _ in range(2)]
+        try:
+            time.sleep(0.5)
+            assert all(reader.poll() is None for reader in readers)
+            (mnt / "new").write_text("x")
+            with open(mnt / "big", "ab") as f:
+                f.write(b"!")
+            assert sorted(os.listdir(mnt)) == ["big", "data", "new"]
+            assert (upper / "big").stat().st_size == (4 << 20) + 1
+        finally:
+            for reader in readers:
+                reader.kill()
+                reader.wait()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0

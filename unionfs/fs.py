@@ -48,6 +48,9 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = False  # no NFS export, so the kernel never looks up ".."
     enable_writeback_cache = False
+    # The kernel checks POSIX ACLs of the layers' objects, as it does under kernel overlayfs, and
+    # caches them: without this it ignores them and asks for them on every getxattr (ls -l).
+    enable_acl = True
 
     def __init__(self, union: Union):
         super().__init__()
