@@ -115,6 +115,7 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
         _place(union, parent_fd, name, build)
     node = union.lookup(parent, name)
     assert node is not None
+    union.xattr_names(node)  # before the kernel asks (security.capability, at the first write)
     return node
 
 
@@ -161,7 +162,7 @@ async def link(union: Union, node: Node, new_parent: Node, new_name: bytes) -> N
         _place(union, dst_fd, new_name, lambda dir_fd, link_name, _over_whiteout: os.link(
             node.name, link_name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False))
     node.add_name(new_parent, new_name)
-    union.refresh(node)
+    union.refresh(node, xattrs_changed=False)  # a new link count
     return union.inodes.remember(node)
 
 
@@ -245,7 +246,7 @@ def _remove(union: Union, parent: Node, name: bytes, node: Node) -> None:
     with union.upper_dir(parent) as parent_fd:
         _remove_from_upper(union, parent, name, parent_fd, union.has_lower(parent, name))
     _gone(union, node, parent, name)
-    union.refresh(parent)
+    union.refresh(parent, xattrs_changed=False)
 
 
 def _is_merged_or_lower(node: Node) -> bool:
@@ -306,11 +307,10 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
         dst.move_name((new_parent, new_name), (old_parent, old_name))
     _record_link_count(union, src, src_count, 0)
     _record_link_count(union, dst, dst_count, 0 if flags & RENAME_EXCHANGE else -1)
-    if flags & RENAME_EXCHANGE:
-        union.refresh(dst)
-    union.refresh(src)
-    union.refresh(old_parent)
-    union.refresh(new_parent)
+    # A rename moves names and private xattrs (overlay.redirect, overlay.impure), none a user sees.
+    changed = (dst, src, old_parent, new_parent) if flags & RENAME_EXCHANGE else (src, old_parent, new_parent)
+    for moved in changed:
+        union.refresh(moved, xattrs_changed=False)
 
 
 def _prepare_moving_dir(union: Union, node: Node, dir_fd: int, name: bytes, new_parent: Node,

@@ -112,7 +112,7 @@ class Union(Namei):
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable and node.name is not None:
             with contextlib.suppress(FileNotFoundError):
-                self.refresh(node)
+                self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
         return node.entry
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -203,14 +203,18 @@ class Union(Namei):
         except OSError:
             os.setxattr(path, name, b"y")
 
-    def refresh(self, node: Node) -> core.Attr:
-        """Re-read NODE's attributes from its upper object."""
+    def refresh(self, node: Node, xattrs_changed: bool = True) -> core.Attr:
+        """Re-read NODE's attributes from its upper object, and its xattr names when they may
+        have changed too (at once: the kernel asks for security.capability before every write
+        and chown, and the shim answers that only for names Python has read)."""
         path = node.path
         attr = self._union_nlink(core.stat_at(self.stack.layers[UPPER].root_fd, path),
                                  self.stack.layers[UPPER].root_fd, path)
         dir_layers = node.dir_layers | UPPER_BIT if stat.S_ISDIR(attr.mode) else 0
         node.update(core.Found(UPPER, attr, dir_layers), self.timeout)
-        self.forget_xattr_names(node)
+        if xattrs_changed:
+            self.forget_xattr_names(node)
+            self.xattr_names(node)
         return attr
 
     def set_union_nlink(self, node: Node, nlink: int) -> None:
