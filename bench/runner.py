@@ -146,7 +146,8 @@ def measure(system: System, workload: Workload, round_: int, mounts: Mounts) -> 
     return result
 
 
-def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | None) -> None:
+def get_ready(workload: Workload, ctx: Context) -> None:
+    """What comes before the clock starts: preparation, a warm-up run, and cold or clean caches."""
     if workload.prepare:
         workload.prepare(ctx)
     if workload.warm_up:
@@ -155,6 +156,10 @@ def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | 
         drop_caches()
     else:
         os.sync()  # what earlier measurements left dirty is not written out on this one's clock
+
+
+def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | None) -> None:
+    get_ready(workload, ctx)
     cpu_before = daemon_cpu(daemon) if daemon else 0.0
     start = time.perf_counter()
     workload.run(ctx)

@@ -28,10 +28,12 @@ static ssize_t copy_by_reading(int src, int dst, off_t off, size_t len)
     ssize_t rc = got < 0 ? -errno : got;
     for (ssize_t put = 0; rc > 0 && put < got;) {
         ssize_t n = pwrite(dst, buf + put, (size_t)(got - put), off + put);
-        if (n < 0 && errno != EINTR)
-            rc = -errno;
-        else if (n > 0)
+        if (n > 0)
             put += n;
+        else if (n == 0)
+            rc = -EIO; /* no progress: do not spin */
+        else if (errno != EINTR)
+            rc = -errno;
     }
     free(buf);
     return rc;

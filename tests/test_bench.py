@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import report, stats
+from bench import profile, report, stats
 from bench.runner import Measurement, schedule
 from bench.systems import fill
 from bench.workloads import WORKLOADS
@@ -76,6 +76,25 @@ def test_quick_run_against_native_and_pyunionfs(tmp_path):
     assert all(line["daemon_cpu"] is not None for line in lines
                if line["system"] == "pyunionfs" and line["workload"] != "container-start")
     assert (out / "ratios.png").exists() and (out / "table.md").exists()
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_profile_summary_counts_self_and_total(tmp_path):
+    raw = tmp_path / "stacks.txt"
+    raw.write_text("main;serve;lookup 6\nmain;serve;readdir;list 3\nmain;idle 1\n")
+    summary = profile.summarize(raw, top=2)
+    assert summary.splitlines()[:4] == ["10 samples", "self:", "   60.0%  lookup", "   30.0%  list"]
+    assert "  100.0%  main" in summary and "   90.0%  serve" in summary
+
+
+def test_profile_of_a_quick_workload(tmp_path):
+    """`python -m bench.profile`: the workload runs on a fresh mount under py-spy, and nothing
+    stays mounted."""
+    result = subprocess.run([sys.executable, "-m", "bench.profile", "tar-read", "--quick",
+                             "--data", str(tmp_path / "data")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("tar-read on pyunionfs: ") and "samples" in result.stdout
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
 
 
