@@ -41,6 +41,8 @@ def summarize(raw: Path, top: int) -> str:
     samples = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue  # the rest of a frame name with a line break in it
         frames, n = stack.split(";"), int(count)
         samples += n
         own[frames[-1]] += n
