@@ -9,7 +9,7 @@
  *    (it drops a cached listing when the directory changes through the mount),
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
  * and wraps fuse_session_receive_buf(), so that requests it answers itself are served one after
- * the other without going back through pyfuse3's event loop (see receive_buf below).
+ * the other without going back through pyfuse3's event loop (see fuse_session_receive_buf below).
  *
  * The contract with unionfs/: Python publishes the layer fd behind each open file handle
  * (ufs_shim_set_file) and which node ids have no xattrs (ufs_shim_mark_no_xattrs), from the
