@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from bench import dataset, report, runner, stats, systems, workloads
 from bench.systems import BenchError
@@ -56,21 +57,26 @@ def progress(measurement: runner.Measurement, done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    # Ctrl-C and kill both stop it through the `finally`s that unmount (a background job starts
-    # with SIGINT ignored, so it is set here too).
+def run_command(prog: str, action: Callable[[], int]) -> int:
+    """ACTION as a command named PROG: bad input is one line and exit 2; Ctrl-C and kill both
+    stop it through the `finally`s that unmount, with exit 130 (a background job starts with
+    SIGINT ignored, so it is set here too)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return run(args, "python -m bench " + " ".join(argv))
+        return action()
     except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nbench: interrupted (everything it mounted is unmounted)", file=sys.stderr)
+        print(f"\n{prog}: interrupted (everything it mounted is unmounted)", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    return run_command("bench", lambda: run(args, "python -m bench " + " ".join(argv)))
 
 
 def run(args: argparse.Namespace, command: str) -> int:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench import dataset, runner, systems, workloads
-from bench.cli import DEFAULT_DATA, chosen_workloads
+from bench.cli import DEFAULT_DATA, chosen_workloads, run_command
 from bench.systems import BenchError
 
 SPY_START = 1.0  # seconds py-spy takes to attach before the workload starts
@@ -93,17 +93,12 @@ def profile(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+
+    def show() -> int:
         print(profile(args))
-    except BenchError as exc:
-        print(f"bench.profile: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nbench.profile: interrupted (everything it mounted is unmounted)", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_command("bench.profile", show)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def copy_data(src_fd: int, dst_fd: int, size: int, sync: bool) -> None:
 def copy_file(src_dir_fd: int, src_name: bytes, work_fd: int, tmp: bytes, st: os.stat_result,
               with_data: bool, sync: bool) -> None:
     """Create TMP in WORK_FD as a copy of regular file SRC_NAME with the owner, mode and times of
-    ST (and its data, WITH_DATA); with SYNC, on disk on return."""
+    ST (and its data, WITH_DATA); with SYNC, its data is on disk on return."""
     meta = ffi.new("struct ufs_copy_meta *", {"uid": st.st_uid, "gid": st.st_gid, "mode": st.st_mode,
                                                "size": st.st_size, "atime_ns": st.st_atime_ns,
                                                "mtime_ns": st.st_mtime_ns})
