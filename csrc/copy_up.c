@@ -124,23 +124,17 @@ static int set_owner_mode_times(int fd, const struct ufs_copy_meta *meta)
     return 0;
 }
 
-int ufs_copy_file(int src_dir_fd, const char *src_name, int work_fd, const char *tmp,
-                  const struct ufs_copy_meta *meta, unsigned int flags)
+int ufs_copy_file(int src_dir_fd, const char *src_name, int dst_fd, const struct ufs_copy_meta *meta,
+                  unsigned int flags)
 {
-    int dst = openat(work_fd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (dst < 0)
-        return -errno;
-    int rc = 0;
     if ((flags & UFS_COPY_DATA) && meta->size) {
         int src = openat(src_dir_fd, src_name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-        rc = src < 0 ? -errno : ufs_copy_data(src, dst, meta->size, flags);
-        if (src >= 0)
-            close(src);
+        if (src < 0)
+            return -errno;
+        int rc = ufs_copy_data(src, dst_fd, meta->size, flags);
+        close(src);
+        if (rc < 0)
+            return rc;
     }
-    if (rc == 0)
-        rc = set_owner_mode_times(dst, meta);
-    close(dst);
-    if (rc < 0)
-        unlinkat(work_fd, tmp, 0);
-    return rc;
+    return set_owner_mode_times(dst_fd, meta);
 }

@@ -206,9 +206,8 @@ def test_equal_inode_numbers_get_different_st_ino(tmp_path):
 
 @pytest.mark.parametrize("sync", [False, True])
 def test_copy_file_keeps_data_holes_owner_mode_and_times(tmp_path, sync):
-    src_dir, work = tmp_path / "src", tmp_path / "work"
+    src_dir = tmp_path / "src"
     src_dir.mkdir()
-    work.mkdir()
     chunk = 8 << 20  # the C core's copy chunk: the data spans several of them
     with open(src_dir / "f", "wb") as f:
         f.write(os.urandom(chunk + 12345))
@@ -219,34 +218,28 @@ def test_copy_file_keeps_data_holes_owner_mode_and_times(tmp_path, sync):
     os.chmod(src_dir / "f", 0o4751)
     os.utime(src_dir / "f", ns=(-1_500_000_000, 1_000_000_001))  # before 1970 and after
     st = os.stat(src_dir / "f")
-    src_fd, work_fd = os.open(src_dir, os.O_PATH), os.open(work, os.O_PATH)
+    src_fd = os.open(src_dir, os.O_PATH)
     try:
-        core.copy_file(src_fd, b"f", work_fd, b"#1", st, True, sync)
-        with pytest.raises(FileExistsError):  # a copy never overwrites
-            core.copy_file(src_fd, b"f", work_fd, b"#1", st, True, sync)
-        core.copy_file(src_fd, b"f", work_fd, b"#2", st, False, sync)
+        for name, with_data in (("full", True), ("empty", False)):
+            with open(tmp_path / name, "wb") as copy:
+                core.copy_file(src_fd, b"f", copy.fileno(), st, with_data, sync)
     finally:
         os.close(src_fd)
-        os.close(work_fd)
-    copy = os.stat(work / "#1")
-    assert (work / "#1").read_bytes() == (src_dir / "f").read_bytes()
-    assert copy.st_blocks * 512 < 2 * chunk, "a hole was filled in"
-    for got in (copy, os.stat(work / "#2")):
+    full = os.stat(tmp_path / "full")
+    assert (tmp_path / "full").read_bytes() == (src_dir / "f").read_bytes()
+    assert full.st_blocks * 512 < 2 * chunk, "a hole was filled in"
+    for got in (full, os.stat(tmp_path / "empty")):
         assert (got.st_uid, got.st_gid, stat.S_IMODE(got.st_mode)) == (1234, 5678, 0o4751)
         assert (got.st_atime_ns, got.st_mtime_ns) == (-1_500_000_000, 1_000_000_001)
-    assert os.stat(work / "#2").st_size == 0, "without data the copy is empty"
+    assert os.stat(tmp_path / "empty").st_size == 0, "without data the copy is empty"
 
 
-def test_copy_file_failure_leaves_no_temporary(tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
+def test_copy_file_of_a_missing_source_fails(tmp_path):
     (tmp_path / "f").write_bytes(b"x")
     st = os.stat(tmp_path / "f")
-    dir_fd, work_fd = os.open(tmp_path, os.O_PATH), os.open(work, os.O_PATH)
+    dir_fd = os.open(tmp_path, os.O_PATH)
     try:
-        with pytest.raises(FileNotFoundError):
-            core.copy_file(dir_fd, b"gone", work_fd, b"#1", st, True, True)
+        with open(tmp_path / "copy", "wb") as copy, pytest.raises(FileNotFoundError):
+            core.copy_file(dir_fd, b"gone", copy.fileno(), st, True, True)
     finally:
         os.close(dir_fd)
-        os.close(work_fd)
-    assert os.listdir(work) == []

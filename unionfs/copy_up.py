@@ -2,8 +2,8 @@
 
 The copy is built in the work directory (data, owner, mode, xattrs, timestamps) and then renamed
 into place, so a crash leaves either no upper copy (the lower object still shows) or a whole one.
-These functions use only file descriptors and run in a worker thread for big files; the C core
-(csrc/copy_up.c) does the byte loops."""
+These functions use only file descriptors (and the work directory's, which is safe from a thread)
+and run in a worker thread for big files; the C core (csrc/copy_up.c) does the byte loops."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,7 @@ import stat
 
 from unionfs import core, origin, xattrs
 from unionfs.layers import proc_path
+from unionfs.workdir import WorkDir
 
 
 def read_xattrs(dir_fd: int, name: bytes) -> list[tuple[bytes, bytes]]:
@@ -41,17 +42,22 @@ def set_xattrs(dir_fd: int, name: bytes, extra: list[tuple[bytes, bytes]]) -> No
         os.setxattr(path, key, value, follow_symlinks=False)
 
 
-def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: bytes, work_fd: int,
+def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: bytes, work: WorkDir,
                tmp: bytes, with_data: bool, origin_xattr: bytes, sync: bool) -> None:
-    """Build in the work directory, as TMP, a copy with the metadata of META_NAME and the data of
+    """Build in WORK, as TMP, a copy with the metadata of META_NAME and the data of
     DATA_NAME (the same object, except when a kernel metacopy file gets its data): a full copy of
     a regular file (only its metadata when WITH_DATA is false, for a copy-up that truncates), a
     bare directory, or a symlink, fifo, socket or device, with an ORIGIN_XATTR naming the data
     source, as the kernel records it. With SYNC, the data is on disk before this returns."""
     st = os.stat(meta_name, dir_fd=meta_dir_fd, follow_symlinks=False)
     kind = stat.S_IFMT(st.st_mode)
+    work_fd = work.fd
     if kind == stat.S_IFREG:
-        core.copy_file(data_dir_fd, data_name, work_fd, tmp, st, with_data, sync)
+        fd = work.new_file(tmp)
+        try:
+            core.copy_file(data_dir_fd, data_name, fd, st, with_data, sync)
+        finally:
+            os.close(fd)
     elif kind == stat.S_IFDIR:
         os.mkdir(tmp, 0o700, dir_fd=work_fd)
     elif kind == stat.S_IFLNK:

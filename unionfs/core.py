@@ -118,15 +118,15 @@ def copy_data(src_fd: int, dst_fd: int, size: int, sync: bool) -> None:
     _check(lib.ufs_copy_data(src_fd, dst_fd, size, lib.UFS_COPY_SYNC if sync else 0), b"copy")
 
 
-def copy_file(src_dir_fd: int, src_name: bytes, work_fd: int, tmp: bytes, st: os.stat_result,
-              with_data: bool, sync: bool) -> None:
-    """Create TMP in WORK_FD as a copy of regular file SRC_NAME with the owner, mode and times of
-    ST (and its data, WITH_DATA); with SYNC, its data is on disk on return."""
+def copy_file(src_dir_fd: int, src_name: bytes, dst_fd: int, st: os.stat_result, with_data: bool,
+              sync: bool) -> None:
+    """Make DST_FD, an empty file open for writing, a copy of regular file SRC_NAME with the owner,
+    mode and times of ST (and its data, WITH_DATA); with SYNC, its data is on disk on return."""
     meta = ffi.new("struct ufs_copy_meta *", {"uid": st.st_uid, "gid": st.st_gid, "mode": st.st_mode,
                                                "size": st.st_size, "atime_ns": st.st_atime_ns,
                                                "mtime_ns": st.st_mtime_ns})
     flags = (lib.UFS_COPY_DATA if with_data else 0) | (lib.UFS_COPY_SYNC if sync else 0)
-    _check(lib.ufs_copy_file(src_dir_fd, src_name, work_fd, tmp, meta, flags), src_name)
+    _check(lib.ufs_copy_file(src_dir_fd, src_name, dst_fd, meta, flags), src_name)
 
 
 def name_to_handle(dir_fd: int, name: bytes) -> tuple[int, bytes]:

@@ -94,7 +94,7 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
         unmount = trio.run(_serve, ops)
     finally:
         pyfuse3.close(unmount=unmount)
-        union.stack.close()
+        union.close()
     return 0
 
 

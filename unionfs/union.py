@@ -53,6 +53,12 @@ class Union(Namei):
         self.inodes = InodeTable(root_ino, found, root_lower_paths, timeout)
         self._copy_locks: dict[int, trio.Lock] = {}
 
+    def close(self) -> None:
+        """Close the layers and the work directory (stopping its spare-file thread)."""
+        self.stack.close()
+        if self.work is not None:
+            self.work.close()
+
     # ---- reading ----
 
     def _node_for(self, parent: Node, name: bytes, resolved: Resolved,
@@ -272,7 +278,7 @@ class Union(Namei):
     def _copy_dir_up(self, node: Node) -> None:
         tmp = self.work.temp_name()
         with self._at(node) as (src_dir, src_name):
-            build_copy(src_dir, src_name, src_dir, src_name, self.work.fd, tmp, False, self.origin_xattr,
+            build_copy(src_dir, src_name, src_dir, src_name, self.work, tmp, False, self.origin_xattr,
                        self.sync)
         self._put_copy_in_place(node, tmp)
 
@@ -292,7 +298,7 @@ class Union(Namei):
         index_name = self._index_name(node.layer, self.layer_path(node, node.layer)) if indexed else None
         with self._at(node) as meta, self._data_at(node) as data:
             try:
-                args = (*meta, *data, self.work.fd, tmp, with_data, self.origin_xattr, self.sync)
+                args = (*meta, *data, self.work, tmp, with_data, self.origin_xattr, self.sync)
                 if node.entry.st_size <= INLINE_COPY_MAX:
                     build_copy(*args)
                 else:

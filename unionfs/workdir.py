@@ -3,12 +3,71 @@ crash leaves either the old object or the whole new one. Laid out as kernel over
 own (WORKDIR/work), so either can mount the other's upper and workdir."""
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import shutil
+import threading
+
+from unionfs.layers import proc_path
 
 WORK_SUBDIR = "work"
 INDEX_SUBDIR = "index"  # upper copies of lower hard links, by origin (kernel's index=on format)
+# Unnamed files made ahead of need. Allocating an inode can take ext4 half a millisecond of CPU
+# (it skips recently freed inodes one by one): a thread makes them while the loop serves.
+SPARE_FILES = 4
+
+
+class SpareFiles:
+    """Empty unnamed files (O_TMPFILE) in one directory, made by a thread that keeps COUNT ready.
+    It starts at the first take(); a filesystem without O_TMPFILE just has no spares."""
+
+    def __init__(self, dir_fd: int, count: int = SPARE_FILES):
+        self._dir_fd = dir_fd
+        self._count = count
+        self._ready: collections.deque[int] = collections.deque()
+        self._wanted = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = count <= 0
+
+    def take(self) -> int | None:
+        """A spare file's fd (open read-write, to be linked or closed by the caller), or None."""
+        with self._wanted:
+            if self._closed:
+                return None
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._make, name="spare-files", daemon=True)
+                self._thread.start()
+            self._wanted.notify()
+            return self._ready.popleft() if self._ready else None
+
+    def _make(self) -> None:
+        while True:
+            with self._wanted:
+                while not self._closed and len(self._ready) >= self._count:
+                    self._wanted.wait()
+                if self._closed:
+                    return
+            try:
+                fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+            except OSError:  # no O_TMPFILE here (or no room): work without spares
+                with self._wanted:
+                    self._closed = True
+                return
+            with self._wanted:
+                if self._closed:
+                    os.close(fd)
+                    return
+                self._ready.append(fd)
+
+    def close(self) -> None:
+        with self._wanted:
+            self._closed = True
+            self._wanted.notify()
+        if self._thread is not None:
+            self._thread.join()
+        while self._ready:
+            os.close(self._ready.popleft())
 
 
 class WorkDir:
@@ -21,6 +80,7 @@ class WorkDir:
         os.makedirs(index, mode=0o000, exist_ok=True)
         self.index_fd = os.open(index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._names = itertools.count(1)
+        self._spares = SpareFiles(self.fd)
 
     @staticmethod
     def _clean(path: str) -> None:
@@ -36,6 +96,19 @@ class WorkDir:
         """A fresh name in the work directory, in the kernel's style (#hex)."""
         return b"#%x" % next(self._names)
 
+    def new_file(self, name: bytes) -> int:
+        """Create the empty regular file NAME (which must not exist) in the work directory, mode
+        0600; returns an fd open for reading and writing."""
+        fd = self._spares.take()
+        if fd is None:
+            return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        try:
+            os.link(proc_path(fd), name, dst_dir_fd=self.fd)  # follows the /proc link: AT_SYMLINK_FOLLOW
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def remove(self, name: bytes) -> None:
         """Remove a temporary object, whatever its type."""
         try:
@@ -44,5 +117,6 @@ class WorkDir:
             shutil.rmtree(os.fsdecode(name), dir_fd=self.fd)
 
     def close(self) -> None:
+        self._spares.close()
         os.close(self.fd)
         os.close(self.index_fd)
