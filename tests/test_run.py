@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import random
 import shutil
 import signal
 import stat
@@ -19,6 +20,7 @@ import pytest
 from bench.runner import command_lines as process_arguments
 from mounts import PYUNIONFS
 from trees import checksum
+from unionfs import launcher as launcher_module
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 ROOTLESS_USER = "PYUNIONFS_ROOTLESS_USER"  # an unprivileged user with /etc/subuid ranges
@@ -119,10 +121,24 @@ def command_lines() -> dict[int, bytes]:
     return {pid: b"\0".join(argv) for pid, argv in process_arguments().items()}
 
 
-def leftovers(marker: str) -> tuple[list[str], list[int]]:
-    """Host mounts and processes that mention MARKER."""
-    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if marker in line]
-    return mounts, [pid for pid, line in command_lines().items() if marker.encode() in line]
+def leftovers(command: str) -> tuple[list[str], list[int]]:
+    """Host mounts of a launcher, and processes whose command line has COMMAND (the launcher's
+    and those it forks, the filesystem server among them, carry the container's command)."""
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "pyunionfs-run." in line]
+    return mounts, [pid for pid, line in command_lines().items() if command.encode() in line]
+
+
+def comm(pid: int) -> str:
+    """PID's process name, or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def unique_sleep() -> list[str]:
+    """A sleep command no other test runs."""
+    return ["sleep", f"{30 + os.getpid() % 1000 / 1000 + random.randrange(1000) / 1e6:.6f}"]
 
 
 @pytest.mark.parametrize("script, code", [("exit 0", 0), ("exit 42", 42), ("kill -9 $$", 137)])
@@ -206,14 +222,13 @@ def test_no_host_paths_inside(launcher):
 
 
 def test_dead_filesystem_server_is_a_launcher_error(launcher):
-    proc = launcher.popen("--", "sleep", "30", stderr=subprocess.PIPE, text=True)
-    marker = "pyunionfs-run."
+    sleep = unique_sleep()
+    proc = launcher.popen("--", *sleep, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         servers: list[int] = []
         while not servers and time.monotonic() < deadline:
-            servers = [pid for pid, line in command_lines().items()
-                       if marker.encode() in line and b"\0mount\0" in line]
+            servers = [pid for pid in leftovers("\0".join(sleep))[1] if comm(pid) == launcher_module.SERVER_NAME]
             time.sleep(0.05)
         time.sleep(0.5)
         os.kill(servers[0], signal.SIGKILL)
@@ -222,26 +237,22 @@ def test_dead_filesystem_server_is_a_launcher_error(launcher):
     finally:
         proc.kill()
         proc.wait()
-    assert leftovers(marker) == ([], [])
+    assert leftovers("\0".join(sleep)) == ([], [])
 
 
 def test_killing_the_launcher_leaves_nothing(launcher):
-    sleeper = f"{30 + os.getpid() % 1000 / 1000:.3f}"  # a command line no other test runs
-    proc = launcher.popen("--", "sleep", sleeper)
-    marker = "pyunionfs-run."
+    sleep = unique_sleep()
+    proc = launcher.popen("--", *sleep)
     time.sleep(1.5)
+    assert [pid for pid in leftovers("\0".join(sleep))[1] if comm(pid) == launcher_module.SERVER_NAME]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # The children die with the launcher, the sleeper with the PID namespace of its init: soon,
     # not at once.
-    def sleeper_alive() -> bool:
-        return f"sleep\0{sleeper}\0".encode() in command_lines().values()
-
     deadline = time.monotonic() + 10
-    while (leftovers(marker) != ([], []) or sleeper_alive()) and time.monotonic() < deadline:
+    while leftovers("\0".join(sleep)) != ([], []) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert leftovers(marker) == ([], [])
-    assert not sleeper_alive()
+    assert leftovers("\0".join(sleep)) == ([], [])
 
 
 @pytest.mark.parametrize("launcher", ["rootless"], indirect=True)

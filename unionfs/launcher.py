@@ -23,6 +23,7 @@ MOUNT_TIMEOUT = 30.0
 
 
 FUSE_DEVICE_OVERRIDE = "PYUNIONFS_FUSE_DEVICE"  # a usable FUSE device node to bind over /dev/fuse
+SERVER_NAME = "pyunionfs-fuse"  # the server's process name (comm), as ps and top show it
 
 
 @dataclass
@@ -53,18 +54,29 @@ def _fork_dying_with_launcher() -> int:
 
 def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) -> tuple[int, int]:
     """The FUSE server, in mount namespace A, killed if the launcher dies. Returns its pid and the
-    pipe it reports on."""
+    pipe it reports on. A fork, not a new interpreter: what the launcher imported is not imported
+    again, and only the child imports pyfuse3 and trio."""
     ready_r, ready_w = os.pipe()
-    argv = [sys.executable, "-m", "unionfs.cli", "mount", *[f"--lower={d}" for d in lowers],
-            f"--upper={upper}", f"--workdir={workdir}", mountpoint, "-f", f"--ready-fd={ready_w}"]
+    argv = ["mount", *[f"--lower={d}" for d in lowers], f"--upper={upper}", f"--workdir={workdir}",
+            mountpoint, "-f", f"--ready-fd={ready_w}"]
+    sys.stdout.flush()  # the child must not write out the launcher's buffered output again
+    sys.stderr.flush()
     pid = _fork_dying_with_launcher()
     if pid == 0:
+        code = EXIT_LAUNCHER_ERROR
         try:
             os.close(ready_r)
-            os.set_inheritable(ready_w, True)
-            os.execv(sys.executable, argv)
+            with open("/proc/self/comm", "w") as comm:  # a fork shares the launcher's command line
+                comm.write(SERVER_NAME)
+            from unionfs import cli
+
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else EXIT_LAUNCHER_ERROR
         finally:
-            os._exit(EXIT_LAUNCHER_ERROR)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     os.close(ready_w)
     return pid, ready_r
 
