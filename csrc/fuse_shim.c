@@ -8,12 +8,14 @@
  *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
  *    (it drops a cached listing when the directory changes through the mount),
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
+ *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
  * and wraps fuse_session_receive_buf(), so that requests it answers itself are served one after
  * the other without going back through pyfuse3's event loop (see fuse_session_receive_buf below).
  *
  * The contract with unionfs/: Python publishes the layer fd behind each open file handle
  * (ufs_shim_set_file) and which node ids have no xattrs (ufs_shim_mark_no_xattrs), from the
- * thread that runs the request handlers, before it replies to the request that changes them.
+ * thread that runs the request handlers, before it replies to the request that changes them; it
+ * takes the queued forgets (ufs_shim_take_forgets) from that thread too.
  *
  * The real fuse_session_new is found with dlopen(RTLD_NOLOAD): RTLD_NEXT does not reach it,
  * because Python loads extensions, and with them libfuse, with RTLD_LOCAL.
@@ -201,30 +203,86 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
     python_getxattr(req, ino, name, size);
 }
 
-/* Does one of the handlers above answer this request in C? The same tests they make, on the raw
-   request (a struct fuse_in_header, then the operation's own header). */
-static int answered_here(const struct fuse_buf *buf)
+/* The kernel's FORGETs (node id, lookups to drop), kept until Python takes them: a forget has
+   no reply, and since node ids are never reused, dropping the lookups a little later only keeps
+   a node alive a little longer. That saves a round trip into Python per file a `rm -rf` removes
+   (the kernel forgets each one). When the queue is full, FORGET goes to Python as before. */
+#define FORGETS_MAX 4096
+static struct fuse_forget_one forgets[FORGETS_MAX];
+static size_t forgets_queued;
+static int queue_forgets_here; /* Python registered a forget handler, so it will take them */
+
+size_t ufs_shim_take_forgets(struct fuse_forget_one *out, size_t max)
+{
+    size_t taken = forgets_queued < max ? forgets_queued : max;
+    memcpy(out, forgets, taken * sizeof(*forgets));
+    memmove(forgets, forgets + taken, (forgets_queued - taken) * sizeof(*forgets));
+    forgets_queued -= taken;
+    return taken;
+}
+
+/* Queue the forgets of a FORGET or BATCH_FORGET request, if all of them fit. */
+static int queue_forgets(const struct fuse_in_header *in, size_t arg_size)
+{
+    if (!queue_forgets_here)
+        return 0;
+    if (in->opcode == FUSE_FORGET) {
+        if (arg_size < sizeof(struct fuse_forget_in) || forgets_queued == FORGETS_MAX)
+            return 0;
+        const struct fuse_forget_in *arg = (const struct fuse_forget_in *)(in + 1);
+        forgets[forgets_queued++] = (struct fuse_forget_one){.nodeid = in->nodeid, .nlookup = arg->nlookup};
+        return 1;
+    }
+    if (arg_size < sizeof(struct fuse_batch_forget_in))
+        return 0;
+    const struct fuse_batch_forget_in *arg = (const struct fuse_batch_forget_in *)(in + 1);
+    size_t count = arg->count;
+    if ((arg_size - sizeof(*arg)) / sizeof(struct fuse_forget_one) < count ||
+        FORGETS_MAX - forgets_queued < count)
+        return 0;
+    memcpy(forgets + forgets_queued, arg + 1, count * sizeof(struct fuse_forget_one));
+    forgets_queued += count;
+    return 1;
+}
+
+static void (*real_process_buf)(struct fuse_session *, const struct fuse_buf *);
+
+/* Answer the request in BUF here if one of the handlers above would (the same tests they make,
+   on the raw request: a struct fuse_in_header, then the operation's own header), or queue it if
+   it is a forget. Returns 1 if it did, 0 if the request is for Python. */
+static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
 {
     if ((buf->flags & FUSE_BUF_IS_FD) || buf->size < sizeof(struct fuse_in_header))
         return 0;
     const struct fuse_in_header *in = buf->mem;
     size_t arg_size = buf->size - sizeof(*in);
     const struct open_file *file;
+    int here;
     switch (in->opcode) {
+    case FUSE_FORGET:
+    case FUSE_BATCH_FORGET:
+        return queue_forgets(in, arg_size); /* nothing for libfuse to do: no reply */
     case FUSE_GETXATTR:
-        return ops.getxattr == shim_getxattr && has_no_xattrs(in->nodeid);
+        here = ops.getxattr == shim_getxattr && has_no_xattrs(in->nodeid);
+        break;
     case FUSE_OPENDIR:
-        return ops.opendir == shim_opendir;
+        here = ops.opendir == shim_opendir;
+        break;
     case FUSE_READ:
-        return ops.read == shim_read && arg_size >= sizeof(struct fuse_read_in) &&
+        here = ops.read == shim_read && arg_size >= sizeof(struct fuse_read_in) &&
                file_at(((const struct fuse_read_in *)(in + 1))->fh);
+        break;
     case FUSE_WRITE:
         file = arg_size >= sizeof(struct fuse_write_in)
                    ? file_at(((const struct fuse_write_in *)(in + 1))->fh) : NULL;
-        return ops.write_buf == shim_write_buf && file && file->writable;
+        here = ops.write_buf == shim_write_buf && file && file->writable;
+        break;
     default:
-        return 0;
+        here = 0;
     }
+    if (here)
+        real_process_buf(se, buf);
+    return here;
 }
 
 /* At most this many requests are answered in C in a row, so Python's own tasks (signals,
@@ -234,7 +292,6 @@ static int answered_here(const struct fuse_buf *buf)
 #define NEXT_REQUEST_WAIT_MS 1
 
 static int (*real_receive_buf)(struct fuse_session *, struct fuse_buf *);
-static void (*real_process_buf)(struct fuse_session *, const struct fuse_buf *);
 static int (*session_fd)(struct fuse_session *);
 
 /* pyfuse3 waits in its event loop for the FUSE fd, receives one request and processes it: some
@@ -245,9 +302,8 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
 {
     for (int answered = 0;; answered++) {
         int res = real_receive_buf(se, buf);
-        if (res <= 0 || !answered_here(buf))
+        if (res <= 0 || !answer_here(se, buf))
             return res;
-        real_process_buf(se, buf);
         struct pollfd waiting = {.fd = session_fd(se), .events = POLLIN};
         if (answered + 1 >= MAX_ANSWERED_IN_A_ROW || poll(&waiting, 1, NEXT_REQUEST_WAIT_MS) <= 0)
             return -EINTR;
@@ -291,6 +347,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         python_getxattr = ops.getxattr;
         ops.getxattr = shim_getxattr;
     }
+    queue_forgets_here = ops.forget && ops.forget_multi;
     /* pyfuse3 answers listings with readdirplus only. */
     if (ops.readdirplus && reply_err) {
         python_readdirplus = ops.readdirplus;

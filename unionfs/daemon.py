@@ -45,6 +45,7 @@ async def _serve(ops: UnionOperations) -> bool:
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
                         # As in fuse-overlayfs: the size of the inode table, seen from outside.
+                        ops.apply_queued_forgets()
                         print(f"pyunionfs: nodes={len(ops.union.inodes)}", file=sys.stderr, flush=True)
                         continue
                     log.debug("signal %d: unmounting", signum)

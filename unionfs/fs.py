@@ -10,7 +10,7 @@ from typing import Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import pyfuse3
 
-from unionfs import dirops, inode_ops
+from unionfs import dirops, inode_ops, shim
 from unionfs.dirops import Caller
 from unionfs.file import OpenFile, open_file
 from unionfs.inodes import Node, negative_entry
@@ -76,6 +76,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        self.apply_queued_forgets()
         node = self.union.lookup(self._node(parent_inode), name)
         if node is None:
             return negative_entry(self.union.timeout)
@@ -83,8 +84,18 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.apply_queued_forgets()  # a FORGET reaches Python when the shim's queue is full
+        self._apply_forgets(inode_list)
+
+    def _apply_forgets(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.union.inodes.forget(ino, count)
+
+    def apply_queued_forgets(self) -> None:
+        """Drop the lookups the kernel gave back while the shim answered: done where lookups are
+        handed out, so the nodes of removed files do not pile up (node ids are never reused, so
+        a forget applied late is still right)."""
+        self._apply_forgets(shim.take_forgets())
 
     @replies_errno
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
@@ -143,6 +154,7 @@ class UnionOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # One snapshot per listing pass, taken at offset 0 and kept until the pass reaches the
         # end, so that offsets stay valid from one call to the next.
+        self.apply_queued_forgets()
         entries = self._listings.get(fh) if start_id else None
         if entries is None:
             entries = self._listings[fh] = self.union.listdir(self._node(fh))
