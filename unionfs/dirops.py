@@ -246,7 +246,8 @@ def _remove(union: Union, parent: Node, name: bytes, node: Node) -> None:
     with union.upper_dir(parent) as parent_fd:
         _remove_from_upper(union, parent, name, parent_fd, union.has_lower(parent, name))
     _gone(union, node, parent, name)
-    union.refresh(parent, xattrs_changed=False)
+    # Read again when next served: the kernel asks for them at once (GETATTR) anyway.
+    parent.stale = True
 
 
 def _is_merged_or_lower(node: Node) -> bool:
