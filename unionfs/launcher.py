@@ -73,6 +73,8 @@ def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) 
             code = cli.main(argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else EXIT_LAUNCHER_ERROR
+        except BaseException as exc:  # a bug: one line on the container's terminal, no traceback
+            print(f"pyunionfs: the filesystem server failed: {exc!r}", file=sys.stderr)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -1,6 +1,6 @@
 """The daemon runs with csrc/fuse_shim.c loaded, which gives libfuse a fallocate handler that
-pyfuse3 lacks, serves reads and some GETXATTRs in C, queues FORGETs for Python, and lets the kernel cache directory listings
-without OPENDIR round trips (see the file for the contract). It is opened with RTLD_GLOBAL before
+pyfuse3 lacks, serves reads and some GETXATTRs in C, queues FORGETs for Python, and lets the
+kernel cache directory listings without OPENDIR round trips (see the file for the contract). It is opened with RTLD_GLOBAL before
 pyfuse3 is imported: pyfuse3's calls into libfuse then bind to the shim's wrappers, because the
 global scope is searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations

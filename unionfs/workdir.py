@@ -19,16 +19,15 @@ SPARE_FILES = 4
 
 
 class SpareFiles:
-    """Empty unnamed files (O_TMPFILE) in one directory, made by a thread that keeps COUNT ready.
-    It starts at the first take(); a filesystem without O_TMPFILE just has no spares."""
+    """Empty unnamed files (O_TMPFILE) in one directory, made by a thread that keeps SPARE_FILES
+    ready. It starts at the first take(); a filesystem without O_TMPFILE just has no spares."""
 
-    def __init__(self, dir_fd: int, count: int = SPARE_FILES):
+    def __init__(self, dir_fd: int):
         self._dir_fd = dir_fd
-        self._count = count
         self._ready: collections.deque[int] = collections.deque()
         self._wanted = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._closed = count <= 0
+        self._closed = False
 
     def take(self) -> int | None:
         """A spare file's fd (open read-write, to be linked or closed by the caller), or None."""
@@ -44,13 +43,13 @@ class SpareFiles:
     def _make(self) -> None:
         while True:
             with self._wanted:
-                while not self._closed and len(self._ready) >= self._count:
+                while not self._closed and len(self._ready) >= SPARE_FILES:
                     self._wanted.wait()
                 if self._closed:
                     return
             try:
                 fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
-            except OSError:  # no O_TMPFILE here (or no room): work without spares
+            except OSError:  # no O_TMPFILE here (or another error, which a named create reports)
                 with self._wanted:
                     self._closed = True
                 return
