@@ -5,6 +5,7 @@ import errno
 import mmap
 import os
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -47,6 +48,26 @@ def test_xattr_answers_follow_changes(layout, mnt):
             assert gone.value.errno == errno.ENODATA
         os.setxattr(target, "user.again", b"2")
         assert os.getxattr(target, "user.again") == b"2"
+
+
+def test_xattr_names_follow_chown_and_chmod(layout, mnt):
+    """A chown drops a file's capability (the upper filesystem removes security.capability), a
+    chmod keeps it: the names listed through the mount are those of the upper copy each time."""
+    tool = layout["lower"] / "tool"
+    tool.write_text("#!/bin/sh\n")
+    # struct vfs_cap_data, revision 2, effective, CAP_NET_RAW permitted
+    capability = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+    os.setxattr(tool, "security.capability", capability)
+    with mounted(layout, mnt):
+        target = mnt / "tool"
+        os.chmod(target, 0o750)
+        assert os.getxattr(target, "security.capability") == capability
+        os.chown(target, 1, 1)
+        upper_names = os.listxattr(layout["upper"] / "tool")
+        assert "security.capability" not in upper_names, "ext4 keeps capabilities over a chown now?"
+        assert "security.capability" not in os.listxattr(target)
+        os.chmod(target, 0o700)
+        assert sorted(os.listxattr(target)) == sorted(name for name in upper_names if "overlay" not in name)
 
 
 def test_copy_keeps_metadata_xattrs_and_holes(layout, mnt):

@@ -36,7 +36,8 @@ async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, field
             times = (attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
                      attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns)
             os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
-    union.refresh(node)
+    # A chown or a truncate drops security.capability; a chmod or new times change no xattr name.
+    union.refresh(node, xattrs_changed=fields.update_uid or fields.update_gid or fields.update_size)
     return node.entry
 
 
