@@ -124,7 +124,8 @@ def command_lines() -> dict[int, bytes]:
 def leftovers(command: str) -> tuple[list[str], list[int]]:
     """Host mounts of a launcher, and processes whose command line has COMMAND (the launcher's
     and those it forks, the filesystem server among them, carry the container's command)."""
-    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "pyunionfs-run." in line]
+    mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+    mounts = [line for line in mountinfo if "pyunionfs-run." in line]
     return mounts, [pid for pid, line in command_lines().items() if command.encode() in line]
 
 
@@ -134,6 +135,11 @@ def comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def servers_running(command: list[str]) -> list[int]:
+    """The filesystem servers of the launcher that runs COMMAND."""
+    return [pid for pid in leftovers("\0".join(command))[1] if comm(pid) == launcher_module.SERVER_NAME]
 
 
 def unique_sleep() -> list[str]:
@@ -228,7 +234,7 @@ def test_dead_filesystem_server_is_a_launcher_error(launcher):
         deadline = time.monotonic() + 30
         servers: list[int] = []
         while not servers and time.monotonic() < deadline:
-            servers = [pid for pid in leftovers("\0".join(sleep))[1] if comm(pid) == launcher_module.SERVER_NAME]
+            servers = servers_running(sleep)
             time.sleep(0.05)
         time.sleep(0.5)
         os.kill(servers[0], signal.SIGKILL)
@@ -244,7 +250,7 @@ def test_killing_the_launcher_leaves_nothing(launcher):
     sleep = unique_sleep()
     proc = launcher.popen("--", *sleep)
     time.sleep(1.5)
-    assert [pid for pid in leftovers("\0".join(sleep))[1] if comm(pid) == launcher_module.SERVER_NAME]
+    assert servers_running(sleep)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # The children die with the launcher, the sleeper with the PID namespace of its init: soon,
