@@ -81,9 +81,7 @@ def profile(args: argparse.Namespace) -> str:
             sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 time.sleep(SPY_START)
-                cpu_before, start = runner.daemon_cpu(daemon), time.perf_counter()
-                workload.run(ctx)
-                seconds, cpu = time.perf_counter() - start, runner.daemon_cpu(daemon) - cpu_before
+                seconds, cpu = runner.run_timed(workload, ctx, daemon)
             finally:
                 sampler.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
                 sampler.wait()

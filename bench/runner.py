@@ -158,14 +158,20 @@ def get_ready(workload: Workload, ctx: Context) -> None:
         os.sync()  # what earlier measurements left dirty is not written out on this one's clock
 
 
-def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | None) -> None:
-    get_ready(workload, ctx)
+def run_timed(workload: Workload, ctx: Context, daemon: int | None) -> tuple[float, float | None]:
+    """Run WORKLOAD once on the clock: its seconds, and the CPU seconds of DAEMON (if given)."""
     cpu_before = daemon_cpu(daemon) if daemon else 0.0
     start = time.perf_counter()
     workload.run(ctx)
-    result.seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, daemon_cpu(daemon) - cpu_before if daemon else None
+
+
+def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | None) -> None:
+    get_ready(workload, ctx)
+    result.seconds, cpu = run_timed(workload, ctx, daemon)
     if daemon:
-        result.daemon_cpu = daemon_cpu(daemon) - cpu_before
+        result.daemon_cpu = cpu
         result.daemon_peak_rss_kib = daemon_peak_rss_kib(daemon)
 
 

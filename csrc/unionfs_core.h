@@ -153,10 +153,10 @@ int ufs_copy_data(int src_fd, int dst_fd, uint64_t size, unsigned int flags);
 
 /*
  * Fill DST_FD, an empty regular file open for writing (Python makes it in the work directory),
- * as a copy of regular file SRC_NAME in SRC_DIR_FD: its data when FLAGS has UFS_COPY_DATA (else it
- * stays empty), then the owner, mode and times of META, in that order
- * (a chown clears set-id bits). With UFS_COPY_SYNC its data is on disk when this returns (owner,
- * mode and times are set after that fsync, as the kernel's copy-up sets them after its own).
+ * as a copy of regular file SRC_NAME in SRC_DIR_FD: its data when FLAGS has UFS_COPY_DATA (else
+ * it stays empty), then the owner, mode and times of META, in that order (a chown clears set-id
+ * bits). With UFS_COPY_SYNC its data is on disk when this returns (owner, mode and times are set
+ * after that fsync, as the kernel's copy-up sets them after its own).
  */
 int ufs_copy_file(int src_dir_fd, const char *src_name, int dst_fd, const struct ufs_copy_meta *meta,
                   unsigned int flags);
