@@ -219,16 +219,61 @@ static void fill_attr(struct ufs_attr *a, const struct stat *st)
     a->ctime_ns = (int64_t)st->st_ctim.tv_sec * 1000000000 + st->st_ctim.tv_nsec;
 }
 
-int ufs_stat_at(int root_fd, const char *path, struct ufs_attr *out)
+/* The override_stat xattr a layer's flags name, or NULL. */
+static const char *override_xattr(int layer_flags)
+{
+    if (layer_flags & UFS_LAYER_OVERRIDE_PRIVILEGED)
+        return "security.fuseoverlayfs.override_stat";
+    if (layer_flags & UFS_LAYER_OVERRIDE_CONTAINERS)
+        return "user.containers.override_stat";
+    if (layer_flags & UFS_LAYER_OVERRIDE_USER)
+        return "user.fuseoverlayfs.override_stat";
+    return NULL;
+}
+
+/* Replace the owner and permission bits in A with those PATH's override_stat xattr records
+   ("UID:GID:OCTAL-MODE", more fields after those ignored); A stays as it is when PATH has none
+   or an unreadable one. PATH is a /proc/self/fd path: FOLLOW when it names an fd of the object
+   itself (the magic link leads to exactly that object, a symlink too), else a name in a directory
+   fd, which must not be followed. */
+static void apply_override(int layer_flags, const char *path, int follow, struct ufs_attr *a)
+{
+    const char *xattr = override_xattr(layer_flags);
+    char value[64];
+    if (!xattr)
+        return;
+    ssize_t n = follow ? getxattr(path, xattr, value, sizeof(value) - 1)
+                       : lgetxattr(path, xattr, value, sizeof(value) - 1);
+    if (n <= 0)
+        return;
+    value[n] = '\0';
+    unsigned int uid, gid, mode;
+    if (sscanf(value, "%u:%u:%o", &uid, &gid, &mode) != 3)
+        return;
+    a->uid = uid;
+    a->gid = gid;
+    a->mode = (a->mode & S_IFMT) | (mode & 07777);
+}
+
+int ufs_stat_fd(int fd, int layer_flags, struct ufs_attr *out)
 {
     struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    fill_attr(out, &st);
+    char proc[64];
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+    apply_override(layer_flags, proc, 1, out);
+    return 0;
+}
+
+int ufs_stat_at(int root_fd, const char *path, int layer_flags, struct ufs_attr *out)
+{
     int fd = ufs_open_at(root_fd, path, O_PATH);
     if (fd < 0)
         return fd;
-    int rc = fstat(fd, &st) < 0 ? -errno : 0;
+    int rc = ufs_stat_fd(fd, layer_flags, out);
     close(fd);
-    if (rc == 0)
-        fill_attr(out, &st);
     return rc;
 }
 
@@ -276,6 +321,9 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
                     fill_attr(&out->attr, &st);
                     if (layers[i].flags & (UFS_LAYER_UPPER_TRUSTED | UFS_LAYER_UPPER_USER))
                         read_upper_xattrs(&layers[i], l, name, out);
+                    char path[PATH_MAX];
+                    if (override_xattr(layers[i].flags) && proc_path(path, l, name) == 0)
+                        apply_override(layers[i].flags, path, 0, &out->attr);
                 }
                 /* A non-directory ends the search, and also ends a merged directory above it. */
                 if (!S_ISDIR(st.st_mode) || !S_ISDIR(out->attr.mode))

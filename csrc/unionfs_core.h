@@ -28,6 +28,13 @@
    user.overlay.*): objects found in it report their overlay.origin and overlay.metacopy. */
 #define UFS_LAYER_UPPER_TRUSTED 4
 #define UFS_LAYER_UPPER_USER 8
+/* fuse-overlayfs's override_stat: the owner and permission bits shown for an object in the layer
+   are those of its "UID:GID:OCTAL-MODE" xattr, when it has one. At most one of these, naming the
+   xattr: security.fuseoverlayfs.override_stat, user.containers.override_stat,
+   user.fuseoverlayfs.override_stat. */
+#define UFS_LAYER_OVERRIDE_PRIVILEGED 16
+#define UFS_LAYER_OVERRIDE_CONTAINERS 32
+#define UFS_LAYER_OVERRIDE_USER 64
 
 struct ufs_layer {
     int root_fd; /* directory fd of the layer root (O_PATH is enough) */
@@ -104,8 +111,12 @@ int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir
 
 void ufs_listing_free(struct ufs_listing *listing);
 
-/* lstat() PATH below ROOT_FD into OUT. */
-int ufs_stat_at(int root_fd, const char *path, struct ufs_attr *out);
+/* lstat() PATH below ROOT_FD into OUT, with the owner and mode of its override_stat xattr when
+   LAYER_FLAGS has a UFS_LAYER_OVERRIDE_* flag (0: as it is). */
+int ufs_stat_at(int root_fd, const char *path, int layer_flags, struct ufs_attr *out);
+
+/* The same for the object FD refers to (an open file, which may have no name any more). */
+int ufs_stat_fd(int fd, int layer_flags, struct ufs_attr *out);
 
 /*
  * Open PATH (relative to ROOT_FD) with FLAGS | O_NOFOLLOW | O_CLOEXEC, walking it a piece at a

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,3 +34,13 @@ def mnt(tmp_path: Path):
         os.kill(pid, signal.SIGKILL)
     assert not leftover, f"{path} was left mounted"
     assert not daemons, f"pyunionfs processes left running: {daemons}"
+
+
+@pytest.fixture
+def shared_tmp() -> Path:
+    """A temporary directory other users can reach (pytest's own base directory is 0700), for
+    tests that act as another user."""
+    path = Path(tempfile.mkdtemp(prefix="pyunionfs-test."))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -67,6 +67,29 @@ def pyunionfs(lowers: Sequence[Path], mountpoint: Path, *extra: str, upper: Path
         stop(proc)
 
 
+def overlay_options(lowers: Sequence[Path], upper: Path | None = None, workdir: Path | None = None,
+                    extra: str = "") -> str:
+    """An overlay -o string, as containers/storage writes it."""
+    opts = "lowerdir=" + ":".join(str(lower) for lower in lowers)
+    if upper:
+        opts += f",upperdir={upper},workdir={workdir}"
+    return opts + (f",{extra}" if extra else "")
+
+
+@contextlib.contextmanager
+def helper_mount(program: str, mountpoint: Path, options: str) -> Iterator[None]:
+    """PROGRAM (pyunionfs or fuse-overlayfs) mounted as a mount program, daemonized, with -o
+    OPTIONS; unmounted afterwards, and its daemon waited for."""
+    subprocess.run([program, "-o", options, str(mountpoint)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        force_unmount(mountpoint)
+        deadline = time.monotonic() + 10
+        while daemons_for(mountpoint, program) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def kernel_overlay(lowers: Sequence[Path], mountpoint: Path, options: str = "", upper: Path | None = None,
                    workdir: Path | None = None) -> Iterator[None]:
@@ -92,8 +115,8 @@ def tmpfs(path: Path) -> Iterator[Path]:
         force_unmount(path)
 
 
-def daemons_for(mountpoint: Path) -> list[int]:
-    """PIDs of pyunionfs processes whose command line names MOUNTPOINT."""
-    needle = os.fsencode(str(mountpoint))
+def daemons_for(mountpoint: Path, program: str = "pyunionfs") -> list[int]:
+    """PIDs of PROGRAM's processes whose command line names MOUNTPOINT."""
+    needle, name = os.fsencode(str(mountpoint)), os.fsencode(os.path.basename(program))
     return [pid for pid, argv in command_lines().items()
-            if any(b"pyunionfs" in arg for arg in argv[:2]) and needle in argv]
+            if any(name in arg for arg in argv[:2]) and needle in argv]

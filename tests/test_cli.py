@@ -126,7 +126,13 @@ BAD_INPUTS = {
     "workdir inside upper": (lambda d: ["mount", "--lower", str(d["top"]), "--upper", str(d["upper"]),
                                         "--workdir", str(d["upper"] / "w"), "{mnt}"], "overlap"),
     "unknown option": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},frobnicate"], "unknown mount option"),
-    "bad fsync value": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},fsync=2"], "unknown mount option"),
+    "bad fsync value": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},fsync=2"], "fsync= takes"),
+    "bad id mapping": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},uidmapping=0:100000"], "uidmapping="),
+    "bad xattr_permissions": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},xattr_permissions=3"],
+                              "xattr_permissions="),
+    "plugins": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},plugins=/x.so"], "plugins"),
+    "bad FUSE value": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},upperdir={d['upper']},"
+                                  f"workdir={d['work']},max_read=abc"], "max_read="),
     "too many paths": (lambda d: ["a", "b", "{mnt}", "-o", f"lowerdir={d['top']}"], "MOUNTPOINT"),
     "unknown flag": (lambda d: ["mount", "--bogus", "{mnt}"], "unrecognized"),
 }

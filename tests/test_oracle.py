@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import struct
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from mounts import kernel_overlay, pyunionfs
-from trees import LayerBuilder, checksum, differences, make_opaque, make_whiteout, snapshot
+from trees import (ACL_ACCESS, LayerBuilder, checksum, differences, grant_to_nobody, make_opaque, make_whiteout,
+                   reads_as_nobody, snapshot)
 
 
 def count_entries(roots: list[Path]) -> int:
@@ -94,52 +92,28 @@ def test_kernel_forms_on_every_layer(tmp_path, mnt):
     assert differences(expected, got) == []
 
 
-ACL_ACCESS = "system.posix_acl_access"
-ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
-NO_ID = 0xFFFFFFFF
-NOBODY = 65534
-
-
-def posix_acl(*entries: tuple[int, int, int]) -> bytes:
-    """An ACL in the xattr format (version 2, then tag, permission bits, id per entry)."""
-    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
-
-
-def reads_as_nobody(path: Path) -> bool:
-    result = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                             "cat", str(path)], capture_output=True)
-    return result.returncode == 0
-
-
-def test_posix_acls_of_the_layers_count_as_in_the_kernel():
-    # Under /tmp itself: pytest's 0700 base directory would keep the other user out.
-    base = Path(tempfile.mkdtemp(prefix="pyunionfs-acl-test."))
-    try:
-        base.chmod(0o755)
-        lower, mnt = base / "lower", base / "mnt"
-        lower.mkdir()
-        mnt.mkdir()
-        for name in ("granted", "plain", "to-grant"):
-            (lower / name).write_text(f"{name}\n")
-            (lower / name).chmod(0o600)
-        grant = posix_acl((ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 4, NOBODY), (ACL_GROUP_OBJ, 0, NO_ID),
-                          (ACL_MASK, 4, NO_ID), (ACL_OTHER, 0, NO_ID))
-        os.setxattr(lower / "granted", ACL_ACCESS, grant)
-        before = checksum(lower)
-        results, uppers = {}, {}
-        for name, mount in (("kernel", kernel_overlay), ("pyunionfs", pyunionfs)):
-            upper, work = base / f"{name}-upper", base / f"{name}-work"
-            upper.mkdir()
-            work.mkdir()
-            with mount([lower], mnt, upper=upper, workdir=work):
-                os.setxattr(mnt / "to-grant", ACL_ACCESS, grant)  # copies it up
-                results[name] = {entry: (reads_as_nobody(mnt / entry), os.stat(mnt / entry).st_mode)
-                                 for entry in ("granted", "plain", "to-grant")}
-            uppers[name] = (os.getxattr(upper / "to-grant", ACL_ACCESS), os.stat(upper / "to-grant").st_mode)
-        assert results["kernel"] == {"granted": (True, 0o100640), "plain": (False, 0o100600),
-                                     "to-grant": (True, 0o100640)}
-        assert results["pyunionfs"] == results["kernel"]
-        assert uppers["pyunionfs"] == uppers["kernel"]
-        assert checksum(lower) == before
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+def test_posix_acls_of_the_layers_count_as_in_the_kernel(shared_tmp):
+    lower, mnt = shared_tmp / "lower", shared_tmp / "mnt"
+    lower.mkdir()
+    mnt.mkdir()
+    for name in ("granted", "plain", "to-grant"):
+        (lower / name).write_text(f"{name}\n")
+        (lower / name).chmod(0o600)
+    grant = grant_to_nobody()
+    os.setxattr(lower / "granted", ACL_ACCESS, grant)
+    before = checksum(lower)
+    results, uppers = {}, {}
+    for name, mount in (("kernel", kernel_overlay), ("pyunionfs", pyunionfs)):
+        upper, work = shared_tmp / f"{name}-upper", shared_tmp / f"{name}-work"
+        upper.mkdir()
+        work.mkdir()
+        with mount([lower], mnt, upper=upper, workdir=work):
+            os.setxattr(mnt / "to-grant", ACL_ACCESS, grant)  # copies it up
+            results[name] = {entry: (reads_as_nobody(mnt / entry), os.stat(mnt / entry).st_mode)
+                             for entry in ("granted", "plain", "to-grant")}
+        uppers[name] = (os.getxattr(upper / "to-grant", ACL_ACCESS), os.stat(upper / "to-grant").st_mode)
+    assert results["kernel"] == {"granted": (True, 0o100640), "plain": (False, 0o100600),
+                                 "to-grant": (True, 0o100640)}
+    assert results["pyunionfs"] == results["kernel"]
+    assert uppers["pyunionfs"] == uppers["kernel"]
+    assert checksum(lower) == before

@@ -5,6 +5,8 @@ import hashlib
 import os
 import random
 import stat
+import struct
+import subprocess
 from pathlib import Path
 
 WHITEOUT_DEV = os.makedev(0, 0)
@@ -26,6 +28,32 @@ def make_xwhiteout(parent: Path, name: str) -> None:
     os.setxattr(parent, "trusted.overlay.opaque", b"x")
     (parent / name).touch()
     os.setxattr(parent / name, "trusted.overlay.whiteout", b"")
+
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+NO_ID = 0xFFFFFFFF
+NOBODY = 65534
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """An ACL in the xattr format (version 2, then tag, permission bits, id per entry)."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def grant_to_nobody() -> bytes:
+    """An access ACL for a mode 0600 file that lets user nobody read it (mode then shows 0640)."""
+    return posix_acl((ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 4, NOBODY), (ACL_GROUP_OBJ, 0, NO_ID),
+                     (ACL_MASK, 4, NO_ID), (ACL_OTHER, 0, NO_ID))
+
+
+def as_user(uid: int, gid: int, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *command],
+                          capture_output=True, text=True)
+
+
+def reads_as_nobody(path: Path) -> bool:
+    return as_user(NOBODY, NOBODY, "cat", str(path)).returncode == 0
 
 
 # ---- snapshots ----

@@ -24,7 +24,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                         help="comma-separated mount options: lowerdir=A:B,upperdir=U,workdir=W, ro, ...")
     parser.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
-    parser.add_argument("-d", dest="debug", action="store_true", help="log debug output (implies -f)")
+    parser.add_argument("-d", "--debug", dest="debug", action="store_true",
+                        help="log debug output (implies -f; also -o debug)")
     # For `pyunionfs run`: an inherited pipe on which the server says "ok" once the mount is live.
     parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
 
@@ -163,10 +164,10 @@ def run(argv: Sequence[str]) -> int:
     shim.load()
     from unionfs import daemon
 
-    if args.debug:
+    debug = args.debug or config.debug
+    if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
-    return daemon.serve(config, foreground=args.foreground or args.debug, debug=args.debug,
-                        ready_fd=args.ready_fd)
+    return daemon.serve(config, foreground=args.foreground or debug, debug=debug, ready_fd=args.ready_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

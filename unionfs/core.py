@@ -11,6 +11,12 @@ MAX_LAYERS: int = lib.UFS_MAX_LAYERS
 LAYER_OCI: int = lib.UFS_LAYER_OCI
 LAYER_XWHITEOUT: int = lib.UFS_LAYER_XWHITEOUT
 LAYER_UPPER: dict[bytes, int] = {b"trusted.": lib.UFS_LAYER_UPPER_TRUSTED, b"user.": lib.UFS_LAYER_UPPER_USER}
+# The layer flag that makes the C core show owners and modes from this override_stat xattr.
+LAYER_OVERRIDE: dict[bytes, int] = {
+    b"security.fuseoverlayfs.override_stat": lib.UFS_LAYER_OVERRIDE_PRIVILEGED,
+    b"user.containers.override_stat": lib.UFS_LAYER_OVERRIDE_CONTAINERS,
+    b"user.fuseoverlayfs.override_stat": lib.UFS_LAYER_OVERRIDE_USER,
+}
 
 
 
@@ -96,10 +102,18 @@ class LayerArray:
             lib.ufs_listing_free(listing)
 
 
-def stat_at(root_fd: int, path: bytes) -> Attr:
-    """lstat() of PATH below ROOT_FD as a struct ufs_attr."""
+def stat_at(root_fd: int, path: bytes, layer_flags: int = 0) -> Attr:
+    """lstat() of PATH below ROOT_FD as a struct ufs_attr, with the owner and mode of its
+    override_stat xattr when LAYER_FLAGS names one."""
     out = ffi.new("struct ufs_attr *")
-    _check(lib.ufs_stat_at(root_fd, path, out), path)
+    _check(lib.ufs_stat_at(root_fd, path, layer_flags, out), path)
+    return _copy_attr(out)
+
+
+def stat_fd(fd: int, layer_flags: int = 0) -> Attr:
+    """stat_at() of the object open as FD."""
+    out = ffi.new("struct ufs_attr *")
+    _check(lib.ufs_stat_fd(fd, layer_flags, out), b"fd %d" % fd)
     return _copy_attr(out)
 
 

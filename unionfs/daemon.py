@@ -13,6 +13,7 @@ import trio
 
 from unionfs import checks
 from unionfs.fs import UnionOperations
+from unionfs.inodes import AttrView
 from unionfs.layers import LayerStack
 from unionfs.options import ConfigError, MountConfig
 from unionfs.union import Union
@@ -26,9 +27,12 @@ def open_union(config: MountConfig) -> Union:
     """Check CONFIG and open its layers; nothing is mounted yet."""
     checks.validate(config)
     try:
-        stack = LayerStack(config.lowers, config.upper)
-        return Union(stack, None if config.read_only else config.workdir,
-                     redirect_dirs=config.redirect_dirs, sync=config.sync)
+        stack = LayerStack(config.lowers, config.upper, user_xattr=config.user_xattr,
+                           xattr_permissions=config.xattr_permissions)
+        uids, gids = config.id_maps()
+        view = AttrView(config.timeout, uids, gids, config.static_nlink)
+        return Union(stack, None if config.read_only else config.workdir, view,
+                     redirect_dirs=config.redirect_dirs, sync=config.sync, xattrs=config.xattrs)
     except OSError as exc:
         raise ConfigError(f"cannot open layer {exc.filename}: {exc.strerror}") from None
 
@@ -78,7 +82,7 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
             return _wait_until_mounted(ready_r)
         os.close(ready_r)
         os.setsid()
-    ops = UnionOperations(union)
+    ops = UnionOperations(union, acl=config.acl)
     # A stop signal between the mount and the signal receiver would kill the daemon and leave
     # the mount behind: hold them until _serve listens.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

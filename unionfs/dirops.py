@@ -14,6 +14,7 @@ from unionfs.layers import proc_path
 from unionfs.namei import REDIRECT, UPPER_BIT, fail
 from unionfs.union import Union
 from unionfs.whiteout import is_whiteout, make_whiteout, set_opaque
+from unionfs.xattrs import set_override
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -48,22 +49,32 @@ def _discard(dir_fd: int, name: bytes) -> None:
             os.rmdir(name, dir_fd=dir_fd)
 
 
-def _owner_and_mode(parent_fd: int, caller: Caller, mode: int) -> tuple[int, int, int]:
-    """Owner and mode of a new object: a set-group-ID directory hands on its group (and, to a
-    new directory, the set-group-ID bit), as the upper filesystem would for the caller itself."""
+def _owner_and_mode(union: Union, parent_fd: int, caller: Caller, mode: int) -> tuple[int, int, int]:
+    """Owner (as stored, see unionfs/idmap.py) and mode of a new object: a set-group-ID directory
+    hands on its group (and, to a new directory, the set-group-ID bit), as the upper filesystem
+    would for the caller itself."""
     parent = os.fstat(parent_fd)
+    uid = union.view.uids.stored(caller.uid)
     if parent.st_mode & stat.S_ISGID:
-        return caller.uid, parent.st_gid, mode | (stat.S_ISGID if stat.S_ISDIR(mode) else 0)
-    return caller.uid, caller.gid, mode
+        return uid, parent.st_gid, mode | (stat.S_ISGID if stat.S_ISDIR(mode) else 0)
+    return uid, union.view.gids.stored(caller.gid), mode
 
 
-def _build(dir_fd: int, name: bytes, make: Callable[[int, bytes], None], uid: int, gid: int,
+def _build(union: Union, dir_fd: int, name: bytes, make: Callable[[int, bytes], None], uid: int, gid: int,
            mode: int, opaque_namespace: bytes | None) -> None:
     make(dir_fd, name)
     try:
-        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISLNK(mode):  # after chown, which clears set-ID bits
-            os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
+        if union.override:
+            # -o xattr_permissions: the owner and mode go to the override_stat xattr only.
+            fd = core.open_at(dir_fd, name, os.O_PATH)
+            try:
+                set_override(proc_path(fd), union.override, uid, gid, stat.S_IMODE(mode))
+            finally:
+                os.close(fd)
+        else:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISLNK(mode):  # after chown, which clears set-ID bits
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
         if opaque_namespace:
             set_opaque(dir_fd, name, opaque_namespace)
     except BaseException:
@@ -106,11 +117,11 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
     # directory renamed later may bring lower entries of the same name into view.
     opaque_here = union.redirect_dirs and bool(parent.dir_layers & ~UPPER_BIT)
     with union.upper_dir(parent) as parent_fd:
-        uid, gid, mode = _owner_and_mode(parent_fd, caller, mode)
+        uid, gid, mode = _owner_and_mode(union, parent_fd, caller, mode)
 
         def build(dir_fd: int, build_name: bytes, over_whiteout: bool) -> None:
             opaque = stat.S_ISDIR(mode) and (over_whiteout or opaque_here)
-            _build(dir_fd, build_name, make, uid, gid, mode, union.xattr_namespace if opaque else None)
+            _build(union, dir_fd, build_name, make, uid, gid, mode, union.xattr_namespace if opaque else None)
 
         _place(union, parent_fd, name, build)
     node = union.lookup(parent, name)

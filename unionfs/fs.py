@@ -52,9 +52,10 @@ class UnionOperations(pyfuse3.Operations):
     # caches them: without this it ignores them and asks for them on every getxattr (ls -l).
     enable_acl = True
 
-    def __init__(self, union: Union):
+    def __init__(self, union: Union, acl: bool = True):
         super().__init__()
         self.union = union
+        self.enable_acl = acl  # -o noacl (fuse-overlayfs) turns it off
         self._handles: dict[int, OpenFile] = {}
         self._free_fhs: list[int] = []  # numbers of closed handles: reused, so they stay small
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # directory node id -> entries
@@ -79,7 +80,7 @@ class UnionOperations(pyfuse3.Operations):
         self.apply_queued_forgets()
         node = self.union.lookup(self._node(parent_inode), name)
         if node is None:
-            return negative_entry(self.union.timeout)
+            return negative_entry(self.union.view.timeout)
         return self.union.entry(node)
 
     @replies_errno
@@ -221,20 +222,30 @@ class UnionOperations(pyfuse3.Operations):
     async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
         return self.union.statfs()
 
+    def _require_xattrs(self) -> None:
+        # -o noxattrs=1: ENOSYS, after which the kernel answers EOPNOTSUPP without asking again,
+        # as fuse-overlayfs does.
+        if not self.union.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+
     @replies_errno
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        self._require_xattrs()
         return self.union.getxattr(self._node(inode), name)
 
     @replies_errno
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        self._require_xattrs()
         return self.union.listxattr(self._node(inode))
 
     @replies_errno
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        self._require_xattrs()
         await inode_ops.setxattr(self.union, self._node(inode), name, value)
 
     @replies_errno
     async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        self._require_xattrs()
         await inode_ops.removexattr(self.union, self._node(inode), name)
 
     @replies_errno

@@ -10,52 +10,82 @@ import pyfuse3
 from unionfs import xattrs
 from unionfs.file import OpenFile
 from unionfs.inodes import Node
-from unionfs.layers import proc_path
-from unionfs.namei import fail
+from unionfs.namei import UPPER, fail
 from unionfs.union import Union
+
+
+async def _copy_up_for_change(union: Union, node: Node, with_data: bool = True) -> None:
+    union.require_writable()
+    if node.name is None and node.layer != UPPER:
+        # A removed lower file, still open: it has no upper copy and gets none. The kernel's
+        # copy-up then finds the whiteout in its way, and says so.
+        raise fail(errno.EEXIST)
+    if node.name is not None:
+        await union.copy_up(node, with_data=with_data)
 
 
 async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                   handle: OpenFile | None) -> pyfuse3.EntryAttributes:
-    union.require_writable()
     truncating_to_zero = fields.update_size and attr.st_size == 0
-    await union.copy_up(node, with_data=not truncating_to_zero)
-    with union.upper_location(node) as (dir_fd, name):
+    await _copy_up_for_change(union, node, with_data=not truncating_to_zero)
+    with union.object_path(node, handle) as path:
         if fields.update_size:
-            if handle is not None:
+            if handle is not None and handle.flags != os.O_RDONLY:
                 os.ftruncate(handle.fd, attr.st_size)
             else:
-                os.truncate(proc_path(dir_fd, name), attr.st_size)
-        if fields.update_uid or fields.update_gid:
-            os.chown(name, attr.st_uid if fields.update_uid else -1,
-                     attr.st_gid if fields.update_gid else -1, dir_fd=dir_fd, follow_symlinks=False)
-        if fields.update_mode:
-            os.chmod(name, attr.st_mode & 0o7777, dir_fd=dir_fd)
+                os.truncate(path, attr.st_size)
+        uid = union.view.uids.stored(attr.st_uid) if fields.update_uid else -1
+        gid = union.view.gids.stored(attr.st_gid) if fields.update_gid else -1
+        mode = attr.st_mode & 0o7777 if fields.update_mode else None
+        if union.override and (uid != -1 or gid != -1 or mode is not None):
+            # -o xattr_permissions: owners and modes are kept in the override_stat xattr.
+            xattrs.set_override(path, union.override, uid, gid, mode)
+        else:
+            if uid != -1 or gid != -1:
+                _chown(union, path, uid, gid)
+            if mode is not None:
+                os.chmod(path, mode)
         if fields.update_atime or fields.update_mtime:
-            current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            current = os.stat(path)
             times = (attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
                      attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns)
-            os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+            os.utime(path, ns=times)
     # A chown or a truncate drops security.capability; a chmod or new times change no xattr name.
+    if node.name is None:
+        return union.getattr(node)
     union.refresh(node, xattrs_changed=fields.update_uid or fields.update_gid or fields.update_size)
     return node.entry
 
 
+def _chown(union: Union, path: bytes, uid: int, gid: int) -> None:
+    """Give the object at PATH the stored owner UID, GID (-1: unchanged)."""
+    try:
+        os.chown(path, uid, gid)
+    except OSError:
+        # Squashed owners are shown whatever is stored: fuse-overlayfs lets such a chown succeed.
+        if union.view.uids.squash is None and union.view.gids.squash is None:
+            raise
+
+
+def _check_settable(union: Union, name: bytes) -> None:
+    if xattrs.to_stored(name) in union.stack.hidden_xattrs:
+        raise fail(errno.EPERM)  # the union's own metadata (override_stat), as in fuse-overlayfs
+
+
 async def setxattr(union: Union, node: Node, name: bytes, value: bytes) -> None:
-    union.require_writable()
-    await union.copy_up(node)
-    with union.upper_location(node) as (dir_fd, rel):
-        os.setxattr(proc_path(dir_fd, rel), xattrs.to_stored(name), value,
-                    follow_symlinks=False)
+    _check_settable(union, name)
+    await _copy_up_for_change(union, node)
+    with union.object_path(node) as path:
+        os.setxattr(path, xattrs.to_stored(name), value)
     union.forget_xattr_names(node)
 
 
 async def removexattr(union: Union, node: Node, name: bytes) -> None:
+    _check_settable(union, name)
     union.require_writable()
     if xattrs.to_stored(name) not in union.xattr_names(node):
         raise fail(errno.ENODATA)  # nothing to remove: no reason to copy up
-    await union.copy_up(node)
-    with union.upper_location(node) as (dir_fd, rel):
-        os.removexattr(proc_path(dir_fd, rel), xattrs.to_stored(name),
-                       follow_symlinks=False)
+    await _copy_up_for_change(union, node)
+    with union.object_path(node) as path:
+        os.removexattr(path, xattrs.to_stored(name))
     union.forget_xattr_names(node)

@@ -11,11 +11,14 @@ import ctypes
 import errno
 import itertools
 import stat
+from dataclasses import dataclass, field
 
 import pyfuse3
 
 from unionfs.core import Attr, Found
+from unionfs.idmap import IdMap
 from unionfs.layers import ROOT_PATH
+from unionfs.options import DEFAULT_TIMEOUT
 
 ROOT_ID: int = pyfuse3.ROOT_INODE
 
@@ -43,6 +46,18 @@ _STAT_INO_OFFSET = _locate_stat_ino()
 SEPARATE_NODE_IDS = _STAT_INO_OFFSET is not None
 
 
+@dataclass(frozen=True)
+class AttrView:
+    """How the layers' attributes are shown through the mount: how long the kernel may cache
+    them, owners shifted or squashed (fuse-overlayfs's uidmapping, squash_to_*), and directory
+    link counts (static_nlink: always 1)."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    uids: IdMap = field(default_factory=IdMap)
+    gids: IdMap = field(default_factory=IdMap)
+    static_nlink: bool = False
+
+
 class Node:
     """A union object the kernel knows, found under its parent by name."""
 
@@ -50,7 +65,7 @@ class Node:
                  "entry", "stale", "lookups", "c_dir", "xattr_names", "open_files", "index_name")
 
     def __init__(self, node_id: int, ino: int, parent: Node | None, name: bytes, found: Found,
-                 lower_paths: dict[int, bytes], timeout: float):
+                 lower_paths: dict[int, bytes], view: AttrView):
         self.id = node_id  # the FUSE node id
         self.ino = ino  # st_ino
         self.parent = parent  # None for the root; a directory has one parent
@@ -62,7 +77,7 @@ class Node:
         # from the union path: a renamed directory records where its lower copies are
         # (overlay.redirect), and lower layers never move.
         self.lower_paths = lower_paths
-        self.entry = make_entry(node_id, ino, found, timeout)  # served by lookup, getattr, readdirplus
+        self.entry = make_entry(node_id, ino, found, view)  # served by lookup, getattr, readdirplus
         self.stale = False  # written since the entry was made: re-read before serving it
         self.lookups = 0
         self.c_dir: tuple | None = None  # (path, per-layer paths, C argument), built on first use
@@ -119,31 +134,31 @@ class Node:
         elif old in self.other_names:
             self.other_names[self.other_names.index(old)] = new
 
-    def update(self, found: Found, timeout: float) -> None:
+    def update(self, found: Found, view: AttrView) -> None:
         """Take new attributes after a change; st_ino and the node id stay."""
         self.layer = found.layer
         if found.dir_layers != self.dir_layers:
             self.dir_layers = found.dir_layers
             self.c_dir = None
-        self.entry = make_entry(self.id, self.ino, found, timeout)
+        self.entry = make_entry(self.id, self.ino, found, view)
         self.stale = False
 
 
-def make_entry(node_id: int, ino: int, found: Found, timeout: float) -> pyfuse3.EntryAttributes:
+def make_entry(node_id: int, ino: int, found: Found, view: AttrView) -> pyfuse3.EntryAttributes:
     a: Attr = found.attr
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = node_id
     if _STAT_INO_OFFSET is not None:
         ctypes.c_uint64.from_address(id(entry) + _STAT_INO_OFFSET).value = ino
-    entry.entry_timeout = timeout
-    entry.attr_timeout = timeout
+    entry.entry_timeout = view.timeout
+    entry.attr_timeout = view.timeout
     entry.st_mode = a.mode
     # Like kernel overlayfs: a merged directory's link count is not worth computing, and 1 keeps
     # find and friends from trusting it.
-    merged = stat.S_ISDIR(a.mode) and found.dir_layers & (found.dir_layers - 1)
+    merged = stat.S_ISDIR(a.mode) and (view.static_nlink or found.dir_layers & (found.dir_layers - 1))
     entry.st_nlink = 1 if merged else a.nlink
-    entry.st_uid = a.uid
-    entry.st_gid = a.gid
+    entry.st_uid = view.uids.shown(a.uid)
+    entry.st_gid = view.gids.shown(a.gid)
     entry.st_rdev = a.rdev
     entry.st_size = a.size
     entry.st_blksize = a.blksize
@@ -163,10 +178,10 @@ def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
 
 
 class InodeTable:
-    def __init__(self, root_ino: int, root_found: Found, root_lower_paths: dict[int, bytes], timeout: float):
-        self.timeout = timeout
+    def __init__(self, root_ino: int, root_found: Found, root_lower_paths: dict[int, bytes], view: AttrView):
+        self.view = view
         self._ids = itertools.count(ROOT_ID + 1)
-        root = Node(ROOT_ID, root_ino, None, b"", root_found, root_lower_paths, timeout)
+        root = Node(ROOT_ID, root_ino, None, b"", root_found, root_lower_paths, view)
         root.lookups = 1  # the kernel never forgets the root
         self._by_id: dict[int, Node] = {ROOT_ID: root}
         self._by_ino: dict[int, Node] = {root_ino: root}
@@ -187,13 +202,13 @@ class InodeTable:
         known = self._by_ino.get(ino)
         if known is not None:
             if known.name is None:  # the object's known names were removed: this is another
-                known.update(found, self.timeout)
+                known.update(found, self.view)
                 known.lower_paths = lower_paths
             if not stat.S_ISDIR(found.attr.mode):
                 known.add_name(parent, name)
             return known
         node_id = next(self._ids) if SEPARATE_NODE_IDS else ino
-        return Node(node_id, ino, parent, name, found, lower_paths, self.timeout)
+        return Node(node_id, ino, parent, name, found, lower_paths, self.view)
 
     def current(self, node: Node) -> Node:
         """The counted node for NODE's object: a listing may hold a node made before another was."""

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from unionfs import core
+from unionfs import core, xattrs
 
 # st_ino = fsid << INO_SHIFT | inode number in that filesystem, as kernel overlayfs's xino does:
 # layers on the same filesystem share an fsid, so one object has one number; layers on different
@@ -23,11 +23,18 @@ def proc_path(dir_fd: int, name: bytes = b"") -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else b"/proc/self/fd/%d" % dir_fd
 
 
+def _root_override(root_fd: int) -> bytes | None:
+    """The override_stat xattr a layer root carries, if any."""
+    names = os.listxattr(proc_path(root_fd))
+    return next((name for name in xattrs.OVERRIDE_NAMES if os.fsdecode(name) in names), None)
+
+
 @dataclass(frozen=True)
 class Layer:
     path: str
     root_fd: int
     is_upper: bool
+    flags: int = 0  # for the C core (core.LAYER_*)
 
 
 def overlay_xattr_namespace() -> bytes:
@@ -41,7 +48,8 @@ def overlay_xattr_namespace() -> bytes:
 class LayerStack:
     """Upper (if any) then lowers, top first; each opened once, by path, before the mount."""
 
-    def __init__(self, lowers: Sequence[str], upper: str | None = None):
+    def __init__(self, lowers: Sequence[str], upper: str | None = None, user_xattr: bool = False,
+                 xattr_permissions: int = 0):
         paths = ([upper] if upper else []) + list(lowers)
         fds: list[int] = []
         try:
@@ -51,22 +59,51 @@ class LayerStack:
             for fd in fds:
                 os.close(fd)
             raise
-        self.layers = [Layer(p, fd, bool(upper) and i == 0) for i, (p, fd) in enumerate(zip(paths, fds))]
-        self.xattr_namespace = overlay_xattr_namespace()
-        self.c = core.LayerArray([(layer.root_fd, self._flags(layer)) for layer in self.layers])
+        # -o userxattr asks for the unprivileged format even where trusted.* could be written.
+        self.xattr_namespace = b"user." if user_xattr else overlay_xattr_namespace()
+        # -o xattr_permissions=1|2 (fuse-overlayfs): owners and modes kept in override_stat
+        # xattrs, in the upper under this name (None: off); see xattrs.OVERRIDE_NAMES.
+        self.upper_override = xattrs.OVERRIDE_BY_OPTION.get(xattr_permissions) if upper else None
+        # With the option, override_stat xattrs are the union's metadata: users do not see them.
+        self.hidden_xattrs = frozenset(xattrs.OVERRIDE_NAMES) if xattr_permissions else frozenset()
+        layers = [Layer(p, fd, bool(upper) and i == 0) for i, (p, fd) in enumerate(zip(paths, fds))]
+        self.layers = [Layer(layer.path, layer.root_fd, layer.is_upper, self._flags(layer, xattr_permissions))
+                       for layer in layers]
+        self.c = core.LayerArray([(layer.root_fd, layer.flags) for layer in self.layers])
         self.all_layers_mask = (1 << len(self.layers)) - 1
         self._readable_roots: dict[int, int] = {}
         self._fsids: dict[int, int] = {}
         for layer in self.layers:
             self._fsid(os.fstat(layer.root_fd).st_dev)
 
-    def _flags(self, layer: Layer) -> int:
+    def _flags(self, layer: Layer, xattr_permissions: int) -> int:
         # Image layers may carry OCI ".wh." whiteouts and xwhiteouts; the upper holds only the
         # kernel's formats, so a user's own ".wh.name" file there stays an ordinary file. The C
         # core reads the upper's origin and metacopy xattrs with each lookup.
-        if layer.is_upper:
-            return core.LAYER_UPPER[self.xattr_namespace]
-        return core.LAYER_OCI | core.LAYER_XWHITEOUT
+        flags = core.LAYER_UPPER[self.xattr_namespace] if layer.is_upper else core.LAYER_OCI | core.LAYER_XWHITEOUT
+        if xattr_permissions:
+            # As fuse-overlayfs: a layer whose root carries an override_stat xattr has them all.
+            override = self.upper_override if layer.is_upper else _root_override(layer.root_fd)
+            if override is not None:
+                flags |= core.LAYER_OVERRIDE[override]
+        return flags
+
+    def mark_upper_override(self) -> None:
+        """Give the upper root its override_stat xattr, which marks the layer (for this union,
+        fuse-overlayfs and containers/storage) as keeping owners and modes there: a lower root's,
+        else the root's own owner and mode."""
+        path = proc_path(self.top().root_fd)
+        try:
+            os.getxattr(path, self.upper_override)
+            return
+        except OSError:
+            pass
+        for layer in self.layers[1:]:
+            with contextlib.suppress(OSError):
+                os.setxattr(path, self.upper_override, os.getxattr(proc_path(layer.root_fd), self.upper_override))
+                return
+        st = os.stat(path)
+        os.setxattr(path, self.upper_override, xattrs.override_value(st.st_uid, st.st_gid, st.st_mode))
 
     def _fsid(self, dev: int) -> int:
         # Numbered in layer order, so the same stack gives the same numbers at every mount.

@@ -7,7 +7,7 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Any
+from typing import Any, Iterator
 
 from unionfs import core, origin
 from unionfs.inodes import Node
@@ -57,6 +57,25 @@ class Namei:
         if node.index_name is not None:
             return contextlib.nullcontext((self.work.index_fd, node.index_name))
         return self.stack.at(node.layer, self.layer_path(node, node.layer))
+
+    @contextlib.contextmanager
+    def object_path(self, node: Node, handle: Any = None) -> Iterator[bytes]:
+        """A path that leads to NODE's object and nothing else, for the calls that take no fd
+        (xattrs, chmod, ...): /proc/self/fd/N of an O_PATH fd opened by name without following a
+        symlink (the magic link is followed to exactly that object), or, for a removed file that
+        is still open, of one of its open files (HANDLE first, then those open for writing)."""
+        if node.name is None and node.parent is not None:
+            handles = ([handle] if handle else []) + sorted(node.open_files, key=lambda h: h.flags == os.O_RDONLY)
+            if not handles:
+                raise fail(errno.ENOENT)
+            yield proc_path(handles[0].fd)
+            return
+        with self._at(node) as (dir_fd, name):
+            fd = core.open_at(dir_fd, name, os.O_PATH)
+        try:
+            yield proc_path(fd)
+        finally:
+            os.close(fd)
 
     def _data_at(self, node: Node):
         """(dir_fd, name) of NODE's data: a kernel metacopy file's data is in a lower layer, and
@@ -199,7 +218,7 @@ class Namei:
         whose object was copied up through another name (whose attributes are the index copy's)."""
         index_name = self._index_entry(found, lower_paths)
         if index_name is not None:
-            attr = core.stat_at(self.work.index_fd, index_name)
+            attr = core.stat_at(self.work.index_fd, index_name, self.stack.layers[UPPER].flags)
             return found._replace(attr=self._union_nlink(attr, self.work.index_fd, index_name)), index_name
         if found.layer == UPPER and self.has_upper:
             return found._replace(attr=self._union_nlink(found.attr, self.stack.top().root_fd, path)), None

@@ -14,7 +14,7 @@ import trio
 
 from unionfs import core, shim, xattrs
 from unionfs.copy_up import build_copy, fill_metacopy
-from unionfs.inodes import InodeTable, Node
+from unionfs.inodes import AttrView, InodeTable, Node
 from unionfs.layers import ROOT_PATH, LayerStack, proc_path
 from unionfs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
 from unionfs.workdir import WorkDir
@@ -25,32 +25,35 @@ def node_found(node: Node, attr: core.Attr) -> core.Found:
     return core.Found(node.layer, attr, node.dir_layers)
 
 
-# Layers do not change behind the union's back (kernel overlayfs assumes the same), so the kernel
-# may keep entries and attributes for as long as it likes.
-DEFAULT_TIMEOUT = 1e6
-
 # Files up to this size are copied up on the event loop: a hop to a worker thread costs more than
 # their copy. Bigger ones go to a thread, so other requests go on meanwhile.
 INLINE_COPY_MAX = 1 << 20
 
 
 class Union(Namei):
-    def __init__(self, stack: LayerStack, workdir: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 redirect_dirs: bool = True, sync: bool = True):
+    def __init__(self, stack: LayerStack, workdir: str | None = None, view: AttrView = AttrView(),
+                 redirect_dirs: bool = True, sync: bool = True, xattrs: bool = True):
         # Writable with an upper layer and a work directory; without them, read-only.
         self.writable = stack.top().is_upper and workdir is not None
         super().__init__(stack, WorkDir(workdir) if self.writable else None)
-        self.timeout = timeout
+        self.view = view
+        # -o noxattrs=1 (fuse-overlayfs): no extended attributes through the mount.
+        self.xattrs = xattrs
         # Copies are synced before they are renamed into place, so a crash cannot leave half of
         # one (as the kernel does); -o fsync=0 trades that for speed, as in fuse-overlayfs.
         self.sync = sync
         # Directories that merge lower layers are renamed with overlay.redirect (kernel option
         # redirect_dir=on); without it such a rename answers EXDEV (redirect_dir=off).
         self.redirect_dirs = redirect_dirs
-        found = core.Found(0, core.stat_at(stack.top().root_fd, ROOT_PATH), stack.all_layers_mask)
+        # -o xattr_permissions: the override_stat xattr where new owners and modes are kept.
+        self.override = stack.upper_override if self.writable else None
+        if self.override:
+            stack.mark_upper_override()
+        top = stack.top()
+        found = core.Found(0, core.stat_at(top.root_fd, ROOT_PATH, top.flags), stack.all_layers_mask)
         root_ino = stack.compose_ino(found.attr.dev, found.attr.ino)
         root_lower_paths = {i: ROOT_PATH for i in range(len(stack.layers)) if not stack.layers[i].is_upper}
-        self.inodes = InodeTable(root_ino, found, root_lower_paths, timeout)
+        self.inodes = InodeTable(root_ino, found, root_lower_paths, view)
         self._copy_locks: dict[int, trio.Lock] = {}
 
     def close(self) -> None:
@@ -73,9 +76,9 @@ class Union(Namei):
         node = self.inodes.node_for(ino, parent, name, found, lower_paths)
         if node.layer == UPPER:
             if found.layer == UPPER and self.writable:  # attributes as they are now
-                node.update(found, self.timeout)
+                node.update(found, self.view)
         elif index_name is not None:  # a lower name of an object copied up through another
-            node.update(found, self.timeout)
+            node.update(found, self.view)
             node.index_name = index_name
         return node
 
@@ -89,7 +92,7 @@ class Union(Namei):
         found, lower_paths = resolved
         found, node.index_name = self._with_copy_state(found, lower_paths, node.path)
         node.lower_paths = lower_paths
-        node.update(found, self.timeout)
+        node.update(found, self.view)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """Resolve NAME in PARENT and count the kernel's new reference; None when absent."""
@@ -116,9 +119,14 @@ class Union(Namei):
                        for name, found in entries]
 
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
-        if node.layer == UPPER and self.writable and node.name is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
+        if node.layer == UPPER and self.writable:
+            if node.name is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
+            elif node.open_files:
+                # Removed but still open: what its open files reach (st_nlink 0, as in the kernel).
+                attr = core.stat_fd(next(iter(node.open_files)).fd, self.stack.layers[UPPER].flags)
+                node.update(node_found(node, attr), self.view)
         return node.entry
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -138,10 +146,10 @@ class Union(Namei):
 
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattr_names is None:
-            with self._at(node) as (dir_fd, rel):
-                names = os.listxattr(proc_path(dir_fd, rel), follow_symlinks=False)
+            with self.object_path(node) as path:
+                names = os.listxattr(path)
             node.xattr_names = frozenset(os.fsencode(name) for name in names)
-            if not xattrs.visible(list(node.xattr_names)):
+            if self.xattrs and not xattrs.visible(list(node.xattr_names), self.stack.hidden_xattrs):
                 shim.mark_no_xattrs(node.id, True)
         return node.xattr_names
 
@@ -153,13 +161,13 @@ class Union(Namei):
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         name = xattrs.to_stored(name)
-        if name not in self.xattr_names(node):
+        if name not in self.xattr_names(node) or name in self.stack.hidden_xattrs:
             raise fail(errno.ENODATA)
-        with self._at(node) as (dir_fd, rel):
-            return os.getxattr(proc_path(dir_fd, rel), name, follow_symlinks=False)
+        with self.object_path(node) as path:
+            return os.getxattr(path, name)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        return xattrs.visible(sorted(self.xattr_names(node)))
+        return xattrs.visible(sorted(self.xattr_names(node)), self.stack.hidden_xattrs)
 
     def statfs(self) -> pyfuse3.StatvfsData:
         """The filesystem of the top layer: the upper when there is one, as in kernel overlayfs."""
@@ -214,10 +222,10 @@ class Union(Namei):
         have changed too (at once: the kernel asks for security.capability before every write
         and chown, and the shim answers that only for names Python has read)."""
         path = node.path
-        attr = self._union_nlink(core.stat_at(self.stack.layers[UPPER].root_fd, path),
-                                 self.stack.layers[UPPER].root_fd, path)
+        upper = self.stack.layers[UPPER]
+        attr = self._union_nlink(core.stat_at(upper.root_fd, path, upper.flags), upper.root_fd, path)
         dir_layers = node.dir_layers | UPPER_BIT if stat.S_ISDIR(attr.mode) else 0
-        node.update(core.Found(UPPER, attr, dir_layers), self.timeout)
+        node.update(core.Found(UPPER, attr, dir_layers), self.view)
         if xattrs_changed:
             self.forget_xattr_names(node)
             self.xattr_names(node)
@@ -319,8 +327,8 @@ class Union(Namei):
         else:
             self.work.remove(tmp)
             node.index_name = index_name
-            attr = core.stat_at(self.work.index_fd, index_name)
-            node.update(node_found(node, self._union_nlink(attr, self.work.index_fd, index_name)), self.timeout)
+            attr = core.stat_at(self.work.index_fd, index_name, self.stack.layers[UPPER].flags)
+            node.update(node_found(node, self._union_nlink(attr, self.work.index_fd, index_name)), self.view)
 
     def _link_from_index(self, node: Node) -> None:
         """Copy-up of a lower hard link whose object is in the index already: a new upper link."""
