@@ -3,6 +3,8 @@ lowers, must give the same results, the same merged tree and the same upper dire
 from __future__ import annotations
 
 import os
+import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ MODES = {
     # this mode compares the merged trees and the round trips, not the upper directories.
     "all-kernel-features": ("redirect_dir=on,index=on,metacopy=on", ()),
     # Lower hard links stay together only with the kernel's index, so only this mode has them.
-    "hard-links": ("redirect_dir=on,index=on,metacopy=on", ()),
+    # It has a device node too: `dev` lets both open it (a FUSE mount is nodev by default).
+    "hard-links": ("redirect_dir=on,index=on,metacopy=on", ("-o", "dev")),
 }
 # What the comparison of upper directories looks at: the user's xattrs and the opaque marks.
 # The kernel also writes origin, impure and uuid, which are its own bookkeeping.
@@ -28,7 +31,7 @@ UPPER_XATTRS = ("user.", "trusted.overlay.opaque", "trusted.overlay.overlay.", "
 
 def build_lowers(root: Path, hard_links: bool) -> tuple[list[Path], list[str]]:
     """Two lowers with files, dirs, symlinks, a fifo, xattrs, a whiteout and an opaque dir, and
-    with HARD_LINKS a lower hard-link pair."""
+    with HARD_LINKS a lower hard-link pair of every type of file."""
     top, bottom = root / "top", root / "bottom"
     for d in range(4):
         for sub in ("", "/s"):
@@ -53,8 +56,15 @@ def build_lowers(root: Path, hard_links: bool) -> tuple[list[Path], list[str]]:
     (top / "d1" / "only").write_text("opaque dir\n")
     (top / "d4").mkdir()
     (top / "d4" / "new").write_text("top dir\n")
-    if hard_links:
+    if hard_links:  # one of each type: regular, symlink, fifo, socket, device
         os.link(bottom / "d2" / "f0", bottom / "d3" / "s" / "linked")
+        os.link(bottom / "rel-link", bottom / "d1" / "link-too", follow_symlinks=False)
+        os.link(bottom / "fifo", bottom / "d2" / "s" / "fifo-too")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(bottom / "d0" / "sock"))
+        os.link(bottom / "d0" / "sock", bottom / "d3" / "sock-too")
+        os.mknod(bottom / "d1" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.link(bottom / "d1" / "null", bottom / "d2" / "null-too")
     paths = sorted({os.path.relpath(os.path.join(dirpath, name), layer)
                     for layer in (top, bottom) for dirpath, dirs, files in os.walk(layer)
                     for name in dirs + files})

@@ -13,13 +13,12 @@ from unionfs.inodes import Node
 from unionfs.layers import proc_path
 from unionfs.namei import REDIRECT, UPPER_BIT, fail
 from unionfs.union import Union
-from unionfs.whiteout import is_whiteout, make_whiteout, set_opaque
+from unionfs.whiteout import NAME_MAX, adopt_oci_whiteout, is_oci_marker, is_whiteout, make_whiteout, set_opaque
 from unionfs.xattrs import set_override
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
-NAME_MAX = 255
 
 
 class Caller(NamedTuple):
@@ -82,10 +81,18 @@ def _build(union: Union, dir_fd: int, name: bytes, make: Callable[[int, bytes], 
         raise
 
 
-def _check_new_name(union: Union, parent: Node, name: bytes) -> None:
-    union.require_writable()
+def _check_name(name: bytes) -> None:
+    """A name that can be made through the union: ".wh." names are read as whiteout markers in
+    every layer, so, as fuse-overlayfs does, they are refused (EINVAL)."""
     if len(name) > NAME_MAX:
         raise fail(errno.ENAMETOOLONG)
+    if is_oci_marker(name):
+        raise fail(errno.EINVAL)
+
+
+def _check_new_name(union: Union, parent: Node, name: bytes) -> None:
+    union.require_writable()
+    _check_name(name)
     if union.resolve(parent, name) is not None:
         raise fail(errno.EEXIST)
 
@@ -94,6 +101,7 @@ def _place(union: Union, parent_fd: int, name: bytes, build: Callable[[int, byte
     """Give NAME in PARENT_FD a new object made by BUILD(dir_fd, name, over_whiteout). Over a
     whiteout the object is built in the work directory and swapped in with RENAME_EXCHANGE, so
     the lower object never shows through."""
+    adopt_oci_whiteout(parent_fd, name)
     if not _whiteout_at(parent_fd, name):
         build(parent_fd, name, False)
         return
@@ -268,8 +276,7 @@ def _is_merged_or_lower(node: Node) -> bool:
 async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
                  flags: int) -> None:
     union.require_writable()
-    if len(new_name) > NAME_MAX:
-        raise fail(errno.ENAMETOOLONG)
+    _check_name(new_name)
     src = union.lookup_existing(old_parent, old_name)
     try:
         dst: Node | None = union.lookup_existing(new_parent, new_name)
@@ -306,6 +313,8 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
     src_has_lower = union.has_lower(old_parent, old_name)
     samedir = old_parent is new_parent
     with union.upper_dir(old_parent) as old_fd, union.upper_dir(new_parent) as new_fd:
+        if dst is None:
+            adopt_oci_whiteout(new_fd, new_name)
         _prepare_moving_dir(union, src, old_fd, old_name, new_parent, samedir)
         if flags & RENAME_EXCHANGE:
             _prepare_moving_dir(union, dst, new_fd, new_name, old_parent, samedir)

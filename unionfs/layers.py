@@ -77,10 +77,12 @@ class LayerStack:
             self._fsid(os.fstat(layer.root_fd).st_dev)
 
     def _flags(self, layer: Layer, xattr_permissions: int) -> int:
-        # Image layers may carry OCI ".wh." whiteouts and xwhiteouts; the upper holds only the
-        # kernel's formats, so a user's own ".wh.name" file there stays an ordinary file. The C
-        # core reads the upper's origin and metacopy xattrs with each lookup.
-        flags = core.LAYER_UPPER[self.xattr_namespace] if layer.is_upper else core.LAYER_OCI | core.LAYER_XWHITEOUT
+        # Layers may carry OCI ".wh." whiteouts, the upper too (containers/storage stores its
+        # layers so, and mounts one as the upper for `podman image diff`), as fuse-overlayfs
+        # reads them; lower layers also xwhiteouts, as the kernel. The C core reads the upper's
+        # origin and metacopy xattrs with each lookup.
+        flags = core.LAYER_OCI
+        flags |= core.LAYER_UPPER[self.xattr_namespace] if layer.is_upper else core.LAYER_XWHITEOUT
         if xattr_permissions:
             # As fuse-overlayfs: a layer whose root carries an override_stat xattr has them all.
             override = self.upper_override if layer.is_upper else _root_override(layer.root_fd)

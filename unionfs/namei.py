@@ -264,7 +264,7 @@ class Namei:
         it in overlay.nlink ("U+n": the upper count plus n), as the kernel writes it. Such a copy
         has two links or more, unless it is only in the index."""
         in_index = dir_fd == self.work.index_fd if self.work else False
-        if not stat.S_ISREG(attr.mode) or (attr.nlink < 2 and not in_index):
+        if stat.S_ISDIR(attr.mode) or (attr.nlink < 2 and not in_index):
             return attr
         try:
             value = os.getxattr(proc_path(dir_fd, name), self.xattr_namespace + NLINK,

@@ -232,9 +232,12 @@ class Union(Namei):
         return attr
 
     def set_union_nlink(self, node: Node, nlink: int) -> None:
-        """Record NLINK as the union link count of NODE's object, if its upper copy keeps one in
-        overlay.nlink (a copied-up lower hard link): names can live in the upper layer, in the
-        index or only below, so the upper count alone does not tell."""
+        """Record NLINK as the union link count of NODE's object: in the attributes served for it
+        (the kernel asks for them after an unlink, also through another name, and the node may
+        have no name left to read them by), and in overlay.nlink of its upper copy if it keeps one
+        (a copied-up lower hard link): names can live in the upper layer, in the index or only
+        below, so the upper count alone does not tell."""
+        node.entry.st_nlink = nlink
         if node.index_name is not None:
             where = contextlib.nullcontext((self.work.index_fd, node.index_name))
         elif node.layer == UPPER and node.name is not None:
@@ -317,7 +320,8 @@ class Union(Namei):
                     nlink = b"U%+d" % (node.entry.st_nlink - (2 if into_upper else 1))
                     os.setxattr(proc_path(self.work.fd, tmp),
                                 self.xattr_namespace + NLINK, nlink, follow_symlinks=False)
-                    os.link(tmp, index_name, src_dir_fd=self.work.fd, dst_dir_fd=self.work.index_fd)
+                    os.link(tmp, index_name, src_dir_fd=self.work.fd, dst_dir_fd=self.work.index_fd,
+                            follow_symlinks=False)  # a copy of a symlink is linked, not its target
             except BaseException:
                 with contextlib.suppress(OSError):
                     self.work.remove(tmp)
