@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config gcc uidmap
           python3-dev python3-venv  # Debian's python: other users can run it (rootless tier)
-          fuse-overlayfs busybox-static attr bubblewrap)  # test oracles, fixtures, bench peers
+          fuse-overlayfs busybox-static attr bubblewrap  # test oracles, fixtures, bench peers
+          podman runc)  # the podman tier: pyunionfs as containers/storage's mount program
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

@@ -192,3 +192,10 @@ def test_fsync_option_follows_fuse_overlayfs():
     assert not config.sync
     apply_option_string(config, "fsync=1")
     assert config.sync
+
+
+def test_version_as_fuse_overlayfs_prints_it():
+    """podman info asks the mount program for `--version`."""
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("pyunionfs: version ") and "FUSE library version 3." in result.stdout

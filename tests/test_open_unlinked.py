@@ -32,6 +32,11 @@ def new_file(mnt: Path) -> list:
         os.unlink(mnt / "new")
         os.write(fd, b"defgh" * 1000)
         seen = [_fstat(fd), len(os.pread(fd, 100_000, 0))]
+        again = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # opened anew through the fd, as `cat /dev/fd/3`
+        try:
+            seen += [_fstat(again), os.pread(again, 5, 3)]
+        finally:
+            os.close(again)
         os.fchmod(fd, 0o600)
         os.fchown(fd, 7, 8)
         os.setxattr(fd, "user.kept", b"1")

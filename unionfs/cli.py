@@ -3,11 +3,14 @@ containers/storage (`pyunionfs [SOURCE] MOUNTPOINT -o lowerdir=...`)."""
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
 import os
 import sys
 from typing import NoReturn, Sequence
 
+from unionfs import __version__
 from unionfs.container import EXIT_LAUNCHER_ERROR
 from unionfs.options import ConfigError, MountConfig, apply_option_string
 
@@ -137,7 +140,20 @@ def _config_from(args: argparse.Namespace, mountpoint: str, source: str = "pyuni
     return config
 
 
+def _print_version() -> int:
+    """As fuse-overlayfs --version does (podman info asks the mount program for it)."""
+    fuse = ctypes.util.find_library("fuse3")
+    library = ctypes.CDLL(fuse).fuse_pkgversion if fuse else None
+    if library is not None:
+        library.restype = ctypes.c_char_p
+    print(f"pyunionfs: version {__version__}")
+    print(f"FUSE library version {library().decode() if library is not None else 'unknown'}")
+    return 0
+
+
 def run(argv: Sequence[str]) -> int:
+    if argv[:1] in (["--version"], ["-V"]):
+        return _print_version()
     if argv and argv[0] == "run":
         # The launcher never imports pyfuse3 or trio: it makes namespaces, which a process
         # with threads cannot enter, and runs the filesystem server as a process of its own.

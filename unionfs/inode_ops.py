@@ -10,24 +10,14 @@ import pyfuse3
 from unionfs import xattrs
 from unionfs.file import OpenFile
 from unionfs.inodes import Node
-from unionfs.namei import UPPER, fail
+from unionfs.namei import fail
 from unionfs.union import Union
-
-
-async def _copy_up_for_change(union: Union, node: Node, with_data: bool = True) -> None:
-    union.require_writable()
-    if node.name is None and node.layer != UPPER:
-        # A removed lower file, still open: it has no upper copy and gets none. The kernel's
-        # copy-up then finds the whiteout in its way, and says so.
-        raise fail(errno.EEXIST)
-    if node.name is not None:
-        await union.copy_up(node, with_data=with_data)
 
 
 async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                   handle: OpenFile | None) -> pyfuse3.EntryAttributes:
     truncating_to_zero = fields.update_size and attr.st_size == 0
-    await _copy_up_for_change(union, node, with_data=not truncating_to_zero)
+    await union.copy_up(node, with_data=not truncating_to_zero)
     with union.object_path(node, handle) as path:
         if fields.update_size:
             if handle is not None and handle.flags != os.O_RDONLY:
@@ -51,8 +41,6 @@ async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, field
                      attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns)
             os.utime(path, ns=times)
     # A chown or a truncate drops security.capability; a chmod or new times change no xattr name.
-    if node.name is None:
-        return union.getattr(node)
     union.refresh(node, xattrs_changed=fields.update_uid or fields.update_gid or fields.update_size)
     return node.entry
 
@@ -74,7 +62,7 @@ def _check_settable(union: Union, name: bytes) -> None:
 
 async def setxattr(union: Union, node: Node, name: bytes, value: bytes) -> None:
     _check_settable(union, name)
-    await _copy_up_for_change(union, node)
+    await union.copy_up(node)
     with union.object_path(node) as path:
         os.setxattr(path, xattrs.to_stored(name), value)
     union.forget_xattr_names(node)
@@ -85,7 +73,7 @@ async def removexattr(union: Union, node: Node, name: bytes) -> None:
     union.require_writable()
     if xattrs.to_stored(name) not in union.xattr_names(node):
         raise fail(errno.ENODATA)  # nothing to remove: no reason to copy up
-    await _copy_up_for_change(union, node)
+    await union.copy_up(node)
     with union.object_path(node) as path:
         os.removexattr(path, xattrs.to_stored(name))
     union.forget_xattr_names(node)

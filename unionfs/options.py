@@ -1,6 +1,7 @@
 """Mount configuration from either command-line form, with fuse-overlayfs's -o conventions."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from unionfs.idmap import MAX_ID, IdMap, MappedRange, overflow_id, parse_ranges
@@ -82,11 +83,15 @@ class MountConfig:
 
     def fuse_options(self) -> set[str]:
         """The option set handed to pyfuse3.init()."""
-        # Like fuse-overlayfs as root: allow_other so every uid can use the union, suid so
-        # setuid programs in a container root work; the kernel checks permissions.
-        opts = {"default_permissions", "allow_other"}
-        if OPPOSITE_FLAGS["suid"] not in self.fuse_flags:
-            opts.add("suid")
+        # Like fuse-overlayfs: the kernel checks permissions; as root also allow_other, so every
+        # uid can use the union, and suid, so setuid programs in a container root work. A plain
+        # user mounts through the setuid fusermount3, which refuses allow_other (unless
+        # /etc/fuse.conf allows it) and makes the mount nosuid anyway.
+        opts = {"default_permissions"}
+        if os.geteuid() == 0:
+            opts.add("allow_other")
+            if OPPOSITE_FLAGS["suid"] not in self.fuse_flags:
+                opts.add("suid")
         opts |= self.fuse_flags
         values = {"fsname": self.source, "subtype": "pyunionfs"} | self.fuse_values
         opts |= {f"{key}={value}" for key, value in values.items()}

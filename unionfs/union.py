@@ -120,13 +120,8 @@ class Union(Namei):
 
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable:
-            if node.name is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
-            elif node.open_files:
-                # Removed but still open: what its open files reach (st_nlink 0, as in the kernel).
-                attr = core.stat_fd(next(iter(node.open_files)).fd, self.stack.layers[UPPER].flags)
-                node.update(node_found(node, attr), self.view)
+            with contextlib.suppress(FileNotFoundError):
+                self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
         return node.entry
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -141,6 +136,11 @@ class Union(Namei):
             return os.readlink(name, dir_fd=dir_fd)
 
     def open_file(self, node: Node, flags: int) -> int:
+        if node.name is None and node.parent is not None and node.open_files:
+            # Removed but still open (and opened again through /proc/PID/fd): as the kernel
+            # does, the object its open files reach.
+            with self.object_path(node) as path:
+                return os.open(path, flags | os.O_CLOEXEC)
         with self._data_at(node) as (dir_fd, name):
             return core.open_at(dir_fd, name, flags)
 
@@ -220,10 +220,16 @@ class Union(Namei):
     def refresh(self, node: Node, xattrs_changed: bool = True) -> core.Attr:
         """Re-read NODE's attributes from its upper object, and its xattr names when they may
         have changed too (at once: the kernel asks for security.capability before every write
-        and chown, and the shim answers that only for names Python has read)."""
-        path = node.path
+        and chown, and the shim answers that only for names Python has read). A removed file that
+        is still open shows what its open files reach (st_nlink 0, as in the kernel)."""
         upper = self.stack.layers[UPPER]
-        attr = self._union_nlink(core.stat_at(upper.root_fd, path, upper.flags), upper.root_fd, path)
+        if node.name is None and node.parent is not None:
+            if not node.open_files:
+                raise FileNotFoundError(errno.ENOENT, "the name of this object was removed")
+            attr = core.stat_fd(next(iter(node.open_files)).fd, upper.flags)
+        else:
+            path = node.path
+            attr = self._union_nlink(core.stat_at(upper.root_fd, path, upper.flags), upper.root_fd, path)
         dir_layers = node.dir_layers | UPPER_BIT if stat.S_ISDIR(attr.mode) else 0
         node.update(core.Found(UPPER, attr, dir_layers), self.view)
         if xattrs_changed:
@@ -270,6 +276,10 @@ class Union(Namei):
         self.require_writable()
         if node.layer == UPPER and not self.needs_data(node):
             return
+        if node.name is None and node.parent is not None:
+            # A removed lower file, still open: it has no upper copy and gets none. The kernel's
+            # copy-up then finds the whiteout in its way, and says so.
+            raise fail(errno.EEXIST)
         if node.is_dir:
             self.ensure_upper_dir(node)
             return

@@ -71,12 +71,15 @@ class SpareFiles:
 
 class WorkDir:
     def __init__(self, workdir: str):
+        # Mode 0 as the kernel makes them; an unprivileged owner (no user namespace, so no
+        # CAP_DAC_OVERRIDE) needs to reach into them itself, as fuse-overlayfs's 0700.
+        mode = 0o000 if os.geteuid() == 0 else 0o700
         path = os.path.join(workdir, WORK_SUBDIR)
-        os.makedirs(path, mode=0o000, exist_ok=True)
+        os.makedirs(path, mode=mode, exist_ok=True)
         self._clean(path)
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         index = os.path.join(workdir, INDEX_SUBDIR)
-        os.makedirs(index, mode=0o000, exist_ok=True)
+        os.makedirs(index, mode=mode, exist_ok=True)
         self.index_fd = os.open(index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._names = itertools.count(1)
         self._spares = SpareFiles(self.fd)
