@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def chosen_workloads(spec: str) -> list[workloads.Workload]:
     if spec == "all":
-        return list(workloads.WORKLOADS)
+        return [workload for workload in workloads.WORKLOADS if workloads.available(workload)]
     names = [name for name in spec.split(",") if name]
     unknown = [name for name in names if name not in workloads.BY_NAME]
     if unknown:
@@ -96,7 +96,11 @@ def run(args: argparse.Namespace, command: str) -> int:
     out = args.out or RESULTS / started.strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pyunionfs-bench.", dir=args.data) as scratch:
-        measurements = runner.run_all(chosen, todo, rounds, runner.Mounts(Path(scratch), data), progress)
+        mounts = runner.Mounts(Path(scratch), data)
+        try:
+            measurements = runner.run_all(chosen, todo, rounds, mounts, progress)
+        finally:
+            mounts.close()
     names = [system.name for system in chosen]
     summaries = stats.summarize(measurements, BASELINES)
     header = (f"{started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, kernel "

@@ -7,11 +7,13 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from bench import podman
 from bench.dataset import Dataset
 from bench.systems import BWRAP_TRUE, BenchError, System, fill
 from bench.workloads import Context, Workload
@@ -82,11 +84,30 @@ def daemon_peak_rss_kib(pid: int) -> int:
 
 
 class Mounts:
-    """Fresh upper, work and mount directories under SCRATCH, and what mounts on them."""
+    """Fresh upper, work and mount directories under SCRATCH, and what mounts on them; for the
+    podman-run workload, a podman storage per system with the busybox image in it, made at its
+    first use and kept until close()."""
 
     def __init__(self, scratch: Path, dataset: Dataset):
         self.scratch = scratch
         self.dataset = dataset
+        self._stores: dict[str, podman.Podman] = {}
+
+    def podman_store(self, system: System) -> podman.Podman:
+        if not system.podman:
+            raise BenchError(f"{system.name} has no podman storage arguments (podman = ... in a systems file)")
+        if system.name not in self._stores:
+            # Not below SCRATCH: podman refuses a runroot path longer than 50 characters.
+            store = podman.Podman(Path(tempfile.mkdtemp(prefix="pm.")), fill(system.podman))
+            self._stores[system.name] = store
+            store("import", str(podman.image_tarball(self.dataset.image, store.base / "image.tar")),
+                  "localhost/busybox")
+        return self._stores[system.name]
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
 
     def fresh_dirs(self, system: System) -> dict[str, Path]:
         base = self.scratch / system.name
@@ -130,7 +151,7 @@ def measure(system: System, workload: Workload, round_: int, mounts: Mounts) -> 
     result = Measurement(round_, workload.name, system.name, None)
     try:
         if workload.starts_containers:
-            result.seconds = _container_starts(system, mounts)
+            result.seconds = STARTERS[workload.starter](system, mounts)
         elif system.is_union:
             with mounts.mounted(system) as mnt:
                 _timed(workload, Context(mnt, mounts.dataset), result, find_daemon(mnt))
@@ -196,6 +217,21 @@ def _container_starts(system: System, mounts: Mounts) -> float:
         times.append(time.perf_counter() - start)
         shutil.rmtree(dirs["mnt"].parent, ignore_errors=True)
     return statistics.median(times)
+
+
+def _podman_runs(system: System, mounts: Mounts) -> float:
+    """The median time of `podman run --rm` of `true` on the busybox image, with SYSTEM as
+    podman's storage (its mount program, say): the mount, runc and the unmount."""
+    store = mounts.podman_store(system)
+    times = []
+    for _ in range(mounts.dataset.scale.startup_runs):
+        start = time.perf_counter()
+        store("run", "--rm", "--pull=never", "--network=none", "localhost/busybox", "/bin/true")
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+STARTERS = {"bwrap": _container_starts, "podman": _podman_runs}
 
 
 def run_all(systems: list[System], workloads: list[Workload], rounds: int, mounts: Mounts,

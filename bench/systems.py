@@ -5,6 +5,8 @@ union can be added with a TOML file:
     mount = "my-union -o lowerdir={lowerdir},upperdir={upper},workdir={work} {mnt}"
     umount = "fusermount3 -u {mnt}"
     # run = "..."  how to start `true` in a container on {image}; default: mount, bwrap, umount
+    # podman = "..."  podman's storage arguments for the podman-run workload, e.g.
+    #   "--storage-driver overlay --storage-opt overlay.mount_program=my-union"
 
 Template fields: {lowerdir} (top:base), {branches} (unionfs-fuse's form), {upper}, {work}, {mnt},
 {image} (run only), {pyunionfs} (this checkout's command)."""
@@ -33,6 +35,7 @@ class System:
     mount: str | None  # None: the plain directory (native)
     umount: str | None
     run: str | None = None  # a container start that mounts by itself
+    podman: str | None = None  # podman's storage arguments (podman-run); None: not podman's storage
 
     @property
     def is_union(self) -> bool:
@@ -46,14 +49,16 @@ class System:
         return PYUNIONFS if first == "{pyunionfs}" else first
 
 
+MOUNT_PROGRAM = "--storage-driver overlay --storage-opt overlay.mount_program="
 BUILTIN = {
-    "native": System("native", None, None),
+    "native": System("native", None, None, podman="--storage-driver vfs"),
     "overlay": System("overlay", "mount -t overlay overlay -o lowerdir={lowerdir},upperdir={upper},workdir={work} {mnt}",
-                      "umount {mnt}"),
+                      "umount {mnt}", podman="--storage-driver overlay"),
     "fuse-overlayfs": System("fuse-overlayfs", "fuse-overlayfs -o lowerdir={lowerdir},upperdir={upper},workdir={work} {mnt}",
-                             "fusermount3 -u {mnt}"),
+                             "fusermount3 -u {mnt}", podman=MOUNT_PROGRAM + "fuse-overlayfs"),
     "pyunionfs": System("pyunionfs", "{pyunionfs} {mnt} -o lowerdir={lowerdir},upperdir={upper},workdir={work}",
-                        "fusermount3 -u {mnt}", run="{pyunionfs} run --lower {image} --upper {upper} --workdir {work} -- /bin/true"),
+                        "fusermount3 -u {mnt}", run="{pyunionfs} run --lower {image} --upper {upper} --workdir {work} -- /bin/true",
+                        podman=MOUNT_PROGRAM + "{pyunionfs}"),
     # fuse-overlayfs does not sync copies; pyunionfs does (as the kernel), unless told not to.
     "pyunionfs-fsync0": System("pyunionfs-fsync0",
                                "{pyunionfs} {mnt} -o lowerdir={lowerdir},upperdir={upper},workdir={work},fsync=0",
@@ -80,7 +85,7 @@ def load(names: list[str], systems_file: str | None) -> list[System]:
         try:
             with open(systems_file, "rb") as f:
                 table = tomllib.load(f).get("systems", {})
-            known.update({name: System(name, entry["mount"], entry["umount"], entry.get("run"))
+            known.update({name: System(name, entry["mount"], entry["umount"], entry.get("run"), entry.get("podman"))
                           for name, entry in table.items()})
         except (OSError, tomllib.TOMLDecodeError, KeyError, AttributeError) as exc:
             raise BenchError(f"cannot read the systems file {systems_file}: {exc}") from None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from bench import podman
 from bench.dataset import BIG_FILE, GIT_REPO, Dataset
 
 CHUNK = 1 << 20
@@ -30,15 +31,16 @@ Step = Callable[[Context], None]
 class Workload:
     name: str
     description: str
-    run: Step | None  # None for container start-up, which the runner times (it mounts per start)
+    run: Step | None  # None for container start-ups, which the runner times (it mounts per start)
     cold: bool = False  # caches dropped before the timed run
     warm_up: bool = False  # one untimed run first
     prepare: Step | None = None  # untimed, after the mount
     undo: Step | None = None  # native only
+    starter: str | None = None  # container start-ups: "bwrap" (mount, bwrap, umount) or "podman"
 
     @property
     def starts_containers(self) -> bool:
-        return self.run is None
+        return self.starter is not None
 
 
 def _quiet(*argv: str | Path, cwd: Path | None = None) -> None:
@@ -210,6 +212,13 @@ WORKLOADS = [
     Workload("two-readers", "two tars at once over the two halves of the tree, caches dropped", _two_readers,
              cold=True),
     Workload("container-start", "start `true` in a container on a busybox image (median of several)",
-             None),
+             None, starter="bwrap"),
+    Workload("podman-run", "podman run --rm of `true` on a busybox image, the system as podman's storage "
+             "(median of several; when podman is installed)", None, starter="podman"),
 ]
 BY_NAME = {workload.name: workload for workload in WORKLOADS}
+
+
+def available(workload: Workload) -> bool:
+    """Can WORKLOAD run on this machine? podman-run needs podman."""
+    return workload.starter != "podman" or podman.available()

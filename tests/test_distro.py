@@ -1,5 +1,6 @@
 """The real-distribution tier (slow, needs the network): a debootstrap'ed Debian image, apt-get in
-containers on it. Run it with `scripts/test.sh -m slow`.
+containers on it, by `pyunionfs run` and by `podman build` with pyunionfs as its mount program.
+Run it with `scripts/test.sh -m slow`.
 
 The image is built once with `debootstrap --variant=minbase bookworm` into $PYUNIONFS_BOOKWORM
 (default /var/tmp/pyunionfs-bookworm) and kept there: it is only ever a lower layer."""
@@ -8,11 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
+from bench import podman
 from mounts import PYUNIONFS
 from trees import checksum
 
@@ -68,3 +71,23 @@ def test_two_containers_on_one_image(bookworm, tmp_path):
         assert results[name].returncode == 0, results[name].stderr
         assert results[name].stdout.split()[0] == name
         assert (tmp_path / name / "etc" / "owner").read_text() == f"{name}\n"
+
+
+@pytest.mark.skipif(not podman.available(), reason="podman and runc are not installed")
+def test_apt_get_in_podman_build_on_pyunionfs(bookworm):
+    """apt writes its lists through a file it has unlinked, and dpkg renames over open files."""
+    scratch = Path(tempfile.mkdtemp(prefix="pm."))  # podman wants a runroot of 50 characters at most
+    pm = podman.Podman(scratch / "p", podman.mount_program_storage(PYUNIONFS))
+    try:
+        subprocess.run(["tar", "-C", str(bookworm), "-cf", str(scratch / "bookworm.tar"), "."], check=True)
+        pm("import", str(scratch / "bookworm.tar"), "localhost/bookworm", timeout=600)
+        context = scratch / "context"
+        context.mkdir()
+        (context / "Containerfile").write_text("FROM localhost/bookworm\n"
+                                               "RUN apt-get update && apt-get install -y hello\n")
+        pm("build", "--pull=never", "--network=host", "-t", "localhost/hello", str(context), timeout=900)
+        said = pm.text("run", "--rm", "--pull=never", "--network=none", "localhost/hello", "hello")
+        assert said == "Hello, world!\n"
+    finally:
+        pm.close()
+        shutil.rmtree(scratch, ignore_errors=True)

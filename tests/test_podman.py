@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import podman
+from bench import podman
 from mounts import PYUNIONFS
 from test_run import ROOTLESS_USER, build_image
 
@@ -95,7 +95,7 @@ def run_tier(user: str | None) -> dict[str, dict[str, object]]:
         (context / "Containerfile").write_text(CONTAINERFILE)
         results = {}
         for name, program in (("pyunionfs", PYUNIONFS), ("fuse-overlayfs", "/usr/bin/fuse-overlayfs")):
-            pm = podman.Podman(scratch / name[0], program, user)
+            pm = podman.Podman(scratch / name[0], podman.mount_program_storage(program), user)
             try:
                 results[name] = flow(pm, image_tar, context)
             finally:

@@ -34,7 +34,7 @@ class Layer:
     path: str
     root_fd: int
     is_upper: bool
-    flags: int = 0  # for the C core (core.LAYER_*)
+    flags: int  # for the C core (core.LAYER_*)
 
 
 def overlay_xattr_namespace() -> bytes:
@@ -66,9 +66,10 @@ class LayerStack:
         self.upper_override = xattrs.OVERRIDE_BY_OPTION.get(xattr_permissions) if upper else None
         # With the option, override_stat xattrs are the union's metadata: users do not see them.
         self.hidden_xattrs = frozenset(xattrs.OVERRIDE_NAMES) if xattr_permissions else frozenset()
-        layers = [Layer(p, fd, bool(upper) and i == 0) for i, (p, fd) in enumerate(zip(paths, fds))]
-        self.layers = [Layer(layer.path, layer.root_fd, layer.is_upper, self._flags(layer, xattr_permissions))
-                       for layer in layers]
+        self.layers = []
+        for i, (path, fd) in enumerate(zip(paths, fds)):
+            is_upper = bool(upper) and i == 0
+            self.layers.append(Layer(path, fd, is_upper, self._flags(fd, is_upper, xattr_permissions)))
         self.c = core.LayerArray([(layer.root_fd, layer.flags) for layer in self.layers])
         self.all_layers_mask = (1 << len(self.layers)) - 1
         self._readable_roots: dict[int, int] = {}
@@ -76,16 +77,16 @@ class LayerStack:
         for layer in self.layers:
             self._fsid(os.fstat(layer.root_fd).st_dev)
 
-    def _flags(self, layer: Layer, xattr_permissions: int) -> int:
+    def _flags(self, root_fd: int, is_upper: bool, xattr_permissions: int) -> int:
         # Layers may carry OCI ".wh." whiteouts, the upper too (containers/storage stores its
         # layers so, and mounts one as the upper for `podman image diff`), as fuse-overlayfs
         # reads them; lower layers also xwhiteouts, as the kernel. The C core reads the upper's
         # origin and metacopy xattrs with each lookup.
         flags = core.LAYER_OCI
-        flags |= core.LAYER_UPPER[self.xattr_namespace] if layer.is_upper else core.LAYER_XWHITEOUT
+        flags |= core.LAYER_UPPER[self.xattr_namespace] if is_upper else core.LAYER_XWHITEOUT
         if xattr_permissions:
             # As fuse-overlayfs: a layer whose root carries an override_stat xattr has them all.
-            override = self.upper_override if layer.is_upper else _root_override(layer.root_fd)
+            override = self.upper_override if is_upper else _root_override(root_fd)
             if override is not None:
                 flags |= core.LAYER_OVERRIDE[override]
         return flags

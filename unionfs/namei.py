@@ -7,12 +7,15 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from unionfs import core, origin
 from unionfs.inodes import Node
 from unionfs.layers import ROOT_PATH, LayerStack, proc_path
 from unionfs.workdir import WorkDir
+
+if TYPE_CHECKING:
+    from unionfs.file import OpenFile
 
 UPPER = 0  # the upper layer, when there is one, is layer 0
 UPPER_BIT = 1 << UPPER
@@ -59,7 +62,7 @@ class Namei:
         return self.stack.at(node.layer, self.layer_path(node, node.layer))
 
     @contextlib.contextmanager
-    def object_path(self, node: Node, handle: Any = None) -> Iterator[bytes]:
+    def object_path(self, node: Node, handle: OpenFile | None = None) -> Iterator[bytes]:
         """A path that leads to NODE's object and nothing else, for the calls that take no fd
         (xattrs, chmod, ...): /proc/self/fd/N of an O_PATH fd opened by name without following a
         symlink (the magic link is followed to exactly that object), or, for a removed file that

@@ -1,7 +1,8 @@
-"""podman with a mount program, kept away from the host's storage: its own root, runroot, tmpdir
-and containers.conf in a scratch directory, as root or as an unprivileged user (rootless podman,
-in its own user namespace). Everything it made is removed afterwards, mounts and processes
-included."""
+"""podman kept away from the host's storage: its own root, runroot, tmpdir and containers.conf
+in a scratch directory (its runroot path may have 50 characters at most), with the storage driver
+asked for (overlay with a mount program, say), as root or as an unprivileged user (rootless
+podman, in its own user namespace). Everything it made is removed afterwards, mounts and
+processes included. Used by the podman test tier and the podman-run workload."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from mounts import force_unmount
 from unionfs.checks import mount_points
 
 # podman 4.3 on these hosts: crun refuses the hybrid cgroups, there is no CAP_SYS_RESOURCE for
@@ -28,8 +28,17 @@ runtime = "runc"
 FUSE_DEVICE_NUMBER = os.makedev(10, 229)
 
 
+class PodmanError(RuntimeError):
+    """A podman command failed; the message ends with what it said."""
+
+
 def available() -> bool:
     return all(shutil.which(tool) for tool in ("podman", "runc"))
+
+
+def mount_program_storage(program: str) -> list[str]:
+    """podman's storage arguments for the overlay driver with PROGRAM as its mount program."""
+    return ["--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"]
 
 
 def image_tarball(root: Path, tarball: Path) -> Path:
@@ -39,14 +48,21 @@ def image_tarball(root: Path, tarball: Path) -> Path:
     return tarball
 
 
-class Podman:
-    """`podman` on the storage in BASE with MOUNT_PROGRAM, run as USER when one is given: then in
-    a private mount namespace where /dev/fuse is usable by that user (these hosts have no udev,
-    so it is mode 0600; rootless podman mounts with the FUSE device in its user namespace)."""
+def with_absolute_paths(storage: list[str]) -> list[str]:
+    """STORAGE with its mount program found on PATH: containers/storage wants an absolute path."""
+    key = "overlay.mount_program="
+    return [key + (shutil.which(arg[len(key):]) or arg[len(key):]) if arg.startswith(key) else arg
+            for arg in storage]
 
-    def __init__(self, base: Path, mount_program: str, user: str | None = None):
+
+class Podman:
+    """`podman` on the storage in BASE with the STORAGE arguments, run as USER when one is given:
+    then in a private mount namespace where /dev/fuse is usable by that user (these hosts have no
+    udev, so it is mode 0600; rootless podman mounts with the FUSE device in its user namespace)."""
+
+    def __init__(self, base: Path, storage: list[str], user: str | None = None):
         self.base = base
-        self.mount_program = mount_program
+        self.storage = with_absolute_paths(storage)
         self.user = user
         for name in ("root", "runroot", "tmp", "home", "run"):
             (base / name).mkdir(parents=True, exist_ok=True)
@@ -60,8 +76,7 @@ class Podman:
 
     def command(self, *args: str) -> list[str]:
         podman = ["podman", "--root", str(self.base / "root"), "--runroot", str(self.base / "runroot"),
-                  "--tmpdir", str(self.base / "tmp"), "--storage-driver", "overlay",
-                  "--storage-opt", f"overlay.mount_program={self.mount_program}", *args]
+                  "--tmpdir", str(self.base / "tmp"), *self.storage, *args]
         if not self.user:
             return podman
         inner = 'mount --bind "$0" /dev/fuse && exec setpriv --reuid="$1" --regid="$1" --init-groups "${@:2}"'
@@ -72,13 +87,12 @@ class Podman:
         return {"PATH": os.environ["PATH"], "HOME": str(self.base / "home"),
                 "XDG_RUNTIME_DIR": str(self.base / "run"), "CONTAINERS_CONF": str(self.base / "containers.conf")}
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 300,
-                 input: bytes | None = None) -> subprocess.CompletedProcess:
+    def __call__(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         result = subprocess.run(self.command(*args), env=self.environment(), capture_output=True,
-                                timeout=timeout, cwd=self.base, input=input)
+                                timeout=timeout, cwd=self.base)
         if check and result.returncode != 0:
-            raise AssertionError(f"podman {' '.join(args)} exited with {result.returncode}: "
-                                 f"{result.stderr.decode(errors='replace')[-2000:]}")
+            raise PodmanError(f"podman {' '.join(args)} exited with {result.returncode}: "
+                              f"{result.stderr.decode(errors='replace')[-2000:]}")
         return result
 
     def text(self, *args: str) -> str:
@@ -95,7 +109,7 @@ class Podman:
             except (ValueError, ProcessLookupError):
                 pass
         base = str(self.base)
-        for point in sorted(mount_points(), reverse=True):
+        for point in sorted(mount_points(), reverse=True):  # containers/storage's own bind mount
             if point.startswith(base + "/"):
-                force_unmount(point)
+                subprocess.run(["umount", "-l", point], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
