@@ -54,6 +54,7 @@ def steps(d: Path, kind: str) -> list:
     names = {n: d / f"{kind}{n}" for n in range(1, 6)}
     out = [_attempt(lambda: os.unlink(names[1])), _seen(names[2])[:3]]
     out += [_attempt(lambda: os.chown(names[2], 7, 7, follow_symlinks=False)), _seen(names[3])[:3]]
+    out += [_attempt(lambda: os.chmod(names[3], 0o640)), _seen(names[2])[:3]]  # a symlink: its target
     out += [_attempt(lambda: os.rename(names[3], names[4])), _seen(names[2])[:3], _seen(names[4])[:3]]
     out += [_attempt(lambda: os.link(names[2], names[5], follow_symlinks=False)), _seen(names[4])[:3]]
     out.append(len({_seen(names[n])[3] for n in (2, 4, 5)}))
