@@ -9,6 +9,7 @@
  *    (it drops a cached listing when the directory changes through the mount),
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
  *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
+ *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
  * and wraps fuse_session_receive_buf(), so that requests it answers itself are served one after
  * the other without going back through pyfuse3's event loop (see fuse_session_receive_buf below).
  *
@@ -245,6 +246,22 @@ static int queue_forgets(const struct fuse_in_header *in, size_t arg_size)
     return 1;
 }
 
+/* How many asynchronous requests the kernel may have outstanding (its default is 12). RELEASE
+   is one: with 12, a daemon serving many busy clients heard of their closes long after they
+   happened and kept their files open meanwhile (tens of thousands of fds, then EMFILE). */
+#define MAX_BACKGROUND 1024
+
+typedef void (*init_fn)(void *userdata, struct fuse_conn_info *conn);
+static init_fn python_init;
+
+static void shim_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (python_init)
+        python_init(userdata, conn);
+    conn->max_background = MAX_BACKGROUND;
+    conn->congestion_threshold = MAX_BACKGROUND * 3 / 4;
+}
+
 static void (*real_process_buf)(struct fuse_session *, const struct fuse_buf *);
 
 /* Answer the request in BUF here if one of the handlers above would (the same tests they make,
@@ -347,6 +364,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         python_getxattr = ops.getxattr;
         ops.getxattr = shim_getxattr;
     }
+    python_init = ops.init;
+    ops.init = shim_init;
     queue_forgets_here = ops.forget && ops.forget_multi;
     /* pyfuse3 answers listings with readdirplus only. */
     if (ops.readdirplus && reply_err) {

@@ -378,6 +378,8 @@ int ufs_resolve(const struct ufs_layer *layers, int nlayers, const char *const *
     struct loc locs[UFS_MAX_LAYERS];
     if (strlen(name) > UFS_NAME_MAX)
         return -ENAMETOOLONG;
+    if (!*name || strchr(name, '/') || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+        return -EINVAL; /* one component, or a stat could leave the directory */
     int rc = locs_init(locs, layers, nlayers, dir_paths, O_PATH);
     if (rc < 0)
         return rc;

@@ -82,8 +82,9 @@ struct ufs_found {
  */
 
 /*
- * Resolve NAME in the union directory given by DIR_PATHS: stat it in each taking-part layer from
- * the top, stop at the first hit, skip whiteouts and merge directories.
+ * Resolve NAME (one path component: not empty, ".", ".." or with a '/', else -EINVAL) in the union
+ * directory given by DIR_PATHS: stat it in each taking-part layer from the top, stop at the first
+ * hit, skip whiteouts and merge directories.
  * Returns 0 and fills OUT, -ENOENT when the name is absent or whited out, or another -errno.
  */
 int ufs_resolve(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,

@@ -31,9 +31,19 @@ def _wait_for(condition, what: str) -> None:
         time.sleep(0.01)
 
 
+def open_workdir(tmp_path) -> WorkDir:
+    (tmp_path / "upper").mkdir(exist_ok=True)
+    upper_fd = os.open(tmp_path / "upper", os.O_PATH | os.O_DIRECTORY)
+    try:
+        return WorkDir(str(tmp_path / "work"), upper_fd, str(tmp_path / "upper"))
+    finally:
+        os.close(upper_fd)  # the lock is on an fd of its own
+
+
 def test_new_files_are_named_empty_and_private_and_come_from_spares(tmp_path):
-    workdir = WorkDir(str(tmp_path))
-    work = str(tmp_path / WORK_SUBDIR)
+    (tmp_path / "work").mkdir()
+    workdir = open_workdir(tmp_path)
+    work = str(tmp_path / "work" / os.fsdecode(WORK_SUBDIR))
     try:
         assert _spares_open(work) == 0, "spares are made only once files are wanted"
         names = [b"#%d" % i for i in range(2 * SPARE_FILES)]

@@ -9,37 +9,30 @@ from __future__ import annotations
 import os
 import stat
 
-from unionfs import core, origin, xattrs
-from unionfs.layers import proc_path
+from unionfs import core, origin, syscalls, xattrs
 from unionfs.workdir import WorkDir
 
 
 def read_xattrs(dir_fd: int, name: bytes) -> list[tuple[bytes, bytes]]:
     """The xattrs a copy takes along: all but overlay metadata."""
-    path = proc_path(dir_fd, name)
-    result = []
-    for key in os.listxattr(path, follow_symlinks=False):
-        key_b = os.fsencode(key)
-        if not xattrs.is_private(key_b):
-            result.append((key_b, os.getxattr(path, key_b, follow_symlinks=False)))
-    return result
+    return [(key, syscalls.getxattr(dir_fd, name, key)) for key in syscalls.listxattr(dir_fd, name)
+            if not xattrs.is_private(key)]
 
 
 def apply_metadata(dir_fd: int, name: bytes, st: os.stat_result) -> None:
     """Give object NAME in DIR_FD the owner, mode and times of ST, in that order: chown clears
     set-id bits."""
-    os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+    syscalls.chown(dir_fd, name, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
-        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
-    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        syscalls.chmod(dir_fd, name, stat.S_IMODE(st.st_mode))
+    syscalls.utime(dir_fd, name, (st.st_atime_ns, st.st_mtime_ns))
 
 
 def set_xattrs(dir_fd: int, name: bytes, extra: list[tuple[bytes, bytes]]) -> None:
     """Set EXTRA on NAME, after its owner (a chown clears security.capability). Setting an xattr
     moves only ctime, which no copy keeps anyway."""
-    path = proc_path(dir_fd, name)
     for key, value in extra:
-        os.setxattr(path, key, value, follow_symlinks=False)
+        syscalls.setxattr(dir_fd, name, key, value)
 
 
 def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: bytes, work: WorkDir,
@@ -49,7 +42,7 @@ def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: 
     a regular file (only its metadata when WITH_DATA is false, for a copy-up that truncates), a
     bare directory, or a symlink, fifo, socket or device, with an ORIGIN_XATTR naming the data
     source, as the kernel records it. With SYNC, the data is on disk before this returns."""
-    st = os.stat(meta_name, dir_fd=meta_dir_fd, follow_symlinks=False)
+    st = syscalls.lstat(meta_dir_fd, meta_name)
     kind = stat.S_IFMT(st.st_mode)
     work_fd = work.fd
     if kind == stat.S_IFREG:
@@ -59,11 +52,11 @@ def build_copy(meta_dir_fd: int, meta_name: bytes, data_dir_fd: int, data_name: 
         finally:
             os.close(fd)
     elif kind == stat.S_IFDIR:
-        os.mkdir(tmp, 0o700, dir_fd=work_fd)
+        syscalls.mkdir(work_fd, tmp, 0o700)
     elif kind == stat.S_IFLNK:
-        os.symlink(os.readlink(meta_name, dir_fd=meta_dir_fd), tmp, dir_fd=work_fd)
+        syscalls.symlink(syscalls.readlink(meta_dir_fd, meta_name), work_fd, tmp)
     else:
-        os.mknod(tmp, kind | 0o600, st.st_rdev, dir_fd=work_fd)
+        syscalls.mknod(work_fd, tmp, kind | 0o600, st.st_rdev)
     if kind != stat.S_IFREG:  # the C core gave the file its owner, mode and times
         apply_metadata(work_fd, tmp, st)
     extra = read_xattrs(meta_dir_fd, meta_name)
@@ -78,11 +71,13 @@ def fill_metacopy(data: tuple[int, bytes], target: tuple[int, bytes], size: int,
                   sync: bool) -> None:
     """Give a kernel metacopy file (TARGET: metadata only) its data from DATA, in place: it may
     have other links. The mark goes last, so until then a crash leaves it reading from DATA."""
-    src = os.open(proc_path(*data), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    dst = os.open(proc_path(*target), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    src = syscalls.open_beneath(*data, os.O_RDONLY)
     try:
-        core.copy_data(src, dst, size, sync)
+        dst = syscalls.open_beneath(*target, os.O_WRONLY)
+        try:
+            core.copy_data(src, dst, size, sync)
+        finally:
+            os.close(dst)
     finally:
         os.close(src)
-        os.close(dst)
-    os.removexattr(proc_path(*target), metacopy_xattr, follow_symlinks=False)
+    syscalls.removexattr(*target, metacopy_xattr)

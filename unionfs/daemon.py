@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,10 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
     process returns once the union is mounted, and a daemon child serves it; in the foreground,
     READY_FD (if given) hears "ok" once the mount is live, or why it failed."""
     os.umask(0)  # modes arrive with the caller's umask applied; the daemon's must not apply again
+    # Every file open through the union is a file open here: as many as the limit allows, as
+    # fuse-overlayfs does.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ready_w = ready_fd
     try:
         union = open_union(config)

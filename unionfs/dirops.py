@@ -8,12 +8,12 @@ import os
 import stat
 from typing import Callable, NamedTuple
 
-from unionfs import core
+from unionfs import syscalls
 from unionfs.inodes import Node
-from unionfs.layers import proc_path
 from unionfs.namei import REDIRECT, UPPER_BIT, fail
 from unionfs.union import Union
 from unionfs.whiteout import NAME_MAX, adopt_oci_whiteout, is_oci_marker, is_whiteout, make_whiteout, set_opaque
+from unionfs.syscalls import SELF
 from unionfs.xattrs import set_override
 
 RENAME_NOREPLACE = 1
@@ -28,31 +28,21 @@ class Caller(NamedTuple):
     gid: int
 
 
-def _stat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
 def _whiteout_at(dir_fd: int, name: bytes) -> bool:
-    st = _stat_at(dir_fd, name)
+    st = syscalls.lstat_or_none(dir_fd, name)
     return st is not None and is_whiteout(st)
 
 
 def _discard(dir_fd: int, name: bytes) -> None:
     with contextlib.suppress(OSError):
-        try:
-            os.unlink(name, dir_fd=dir_fd)
-        except IsADirectoryError:
-            os.rmdir(name, dir_fd=dir_fd)
+        syscalls.remove_tree(dir_fd, name)
 
 
 def _owner_and_mode(union: Union, parent_fd: int, caller: Caller, mode: int) -> tuple[int, int, int]:
     """Owner (as stored, see unionfs/idmap.py) and mode of a new object: a set-group-ID directory
     hands on its group (and, to a new directory, the set-group-ID bit), as the upper filesystem
     would for the caller itself."""
-    parent = os.fstat(parent_fd)
+    parent = syscalls.lstat(parent_fd, SELF)
     uid = union.view.uids.stored(caller.uid)
     if parent.st_mode & stat.S_ISGID:
         return uid, parent.st_gid, mode | (stat.S_ISGID if stat.S_ISDIR(mode) else 0)
@@ -65,15 +55,11 @@ def _build(union: Union, dir_fd: int, name: bytes, make: Callable[[int, bytes], 
     try:
         if union.override:
             # -o xattr_permissions: the owner and mode go to the override_stat xattr only.
-            fd = core.open_at(dir_fd, name, os.O_PATH)
-            try:
-                set_override(proc_path(fd), union.override, uid, gid, stat.S_IMODE(mode))
-            finally:
-                os.close(fd)
+            set_override(dir_fd, name, union.override, uid, gid, stat.S_IMODE(mode))
         else:
-            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            syscalls.chown(dir_fd, name, uid, gid)
             if not stat.S_ISLNK(mode):  # after chown, which clears set-ID bits
-                os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
+                syscalls.chmod(dir_fd, name, stat.S_IMODE(mode))
         if opaque_namespace:
             set_opaque(dir_fd, name, opaque_namespace)
     except BaseException:
@@ -109,7 +95,7 @@ def _place(union: Union, parent_fd: int, name: bytes, build: Callable[[int, byte
     tmp = work.temp_name()
     build(work.fd, tmp, True)
     try:
-        core.rename(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+        syscalls.rename(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
     finally:
         work.remove(tmp)  # the whiteout after the exchange, or the new object if it failed
 
@@ -140,19 +126,19 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
 
 def mkdir(union: Union, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
     return install(union, parent, name, caller, stat.S_IFDIR | mode,
-                   lambda dir_fd, n: os.mkdir(n, 0o700, dir_fd=dir_fd))
+                   lambda dir_fd, n: syscalls.mkdir(dir_fd, n, 0o700))
 
 
 def mknod(union: Union, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
     if stat.S_ISCHR(mode) and rdev == 0:
         raise fail(errno.EPERM)  # a whiteout is not something users make, as in the kernel
     return install(union, parent, name, caller, mode,
-                   lambda dir_fd, n: os.mknod(n, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dir_fd))
+                   lambda dir_fd, n: syscalls.mknod(dir_fd, n, stat.S_IFMT(mode) | 0o600, rdev))
 
 
 def symlink(union: Union, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
     return install(union, parent, name, caller, stat.S_IFLNK | 0o777,
-                   lambda dir_fd, n: os.symlink(target, n, dir_fd=dir_fd))
+                   lambda dir_fd, n: syscalls.symlink(target, dir_fd, n))
 
 
 def create(union: Union, parent: Node, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Node, int]:
@@ -161,7 +147,7 @@ def create(union: Union, parent: Node, name: bytes, mode: int, flags: int, calle
 
     def make(dir_fd: int, n: bytes) -> None:
         access = flags & os.O_ACCMODE
-        opened.append(os.open(n, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd))
+        opened.append(syscalls.create(dir_fd, n, access, 0o600))
 
     try:
         node = install(union, parent, name, caller, stat.S_IFREG | mode, make)
@@ -178,8 +164,8 @@ async def link(union: Union, node: Node, new_parent: Node, new_name: bytes) -> N
     await union.copy_up(node)
     union.ensure_upper_dir(new_parent)
     with union.upper_dir(node.parent) as src_fd, union.upper_dir(new_parent) as dst_fd:
-        _place(union, dst_fd, new_name, lambda dir_fd, link_name, _over_whiteout: os.link(
-            node.name, link_name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False))
+        _place(union, dst_fd, new_name, lambda dir_fd, link_name, _over_whiteout: syscalls.link(
+            src_fd, node.name, dir_fd, link_name))
     node.add_name(new_parent, new_name)
     union.refresh(node, xattrs_changed=False)  # a new link count
     return union.inodes.remember(node)
@@ -191,10 +177,10 @@ def _link_name_in_upper(union: Union, node: Node, parent: Node, name: bytes) -> 
     if node.is_dir:
         return
     with union.upper_dir(parent) as parent_fd:
-        if _stat_at(parent_fd, name) is not None:
+        if syscalls.lstat_or_none(parent_fd, name) is not None:
             return
         with union.upper_location(node) as (dir_fd, existing):
-            os.link(existing, name, src_dir_fd=dir_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
+            syscalls.link(dir_fd, existing, parent_fd, name)
 
 
 def _remove_from_upper(union: Union, parent: Node, name: bytes, parent_fd: int, needs_whiteout: bool) -> None:
@@ -202,16 +188,16 @@ def _remove_from_upper(union: Union, parent: Node, name: bytes, parent_fd: int, 
     name. An upper object is moved to the work directory in the same step (RENAME_WHITEOUT), so
     there is no moment in which the lower object shows through; a directory, which may still hold
     whiteouts, is then deleted there."""
-    st = _stat_at(parent_fd, name)
+    st = syscalls.lstat_or_none(parent_fd, name)
     if st is None or is_whiteout(st):
         if needs_whiteout and st is None:
             make_whiteout(parent_fd, name)
         return
     if not stat.S_ISDIR(st.st_mode) and not needs_whiteout:
-        os.unlink(name, dir_fd=parent_fd)
+        syscalls.unlink(parent_fd, name)
         return
     tmp = union.work.temp_name()
-    core.rename(parent_fd, name, union.work.fd, tmp, RENAME_WHITEOUT if needs_whiteout else 0)
+    syscalls.rename(parent_fd, name, union.work.fd, tmp, RENAME_WHITEOUT if needs_whiteout else 0)
     union.work.remove(tmp)
 
 
@@ -318,7 +304,7 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
         _prepare_moving_dir(union, src, old_fd, old_name, new_parent, samedir)
         if flags & RENAME_EXCHANGE:
             _prepare_moving_dir(union, dst, new_fd, new_name, old_parent, samedir)
-            core.rename(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
+            syscalls.rename(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
         else:
             _rename_into(union, old_fd, old_name, new_fd, new_name, src, src_has_lower)
     if dst is not None and not flags & RENAME_EXCHANGE:
@@ -342,29 +328,21 @@ def _prepare_moving_dir(union: Union, node: Node, dir_fd: int, name: bytes, new_
     directory, becomes opaque so that nothing of the lower layers joins it there."""
     if not node.is_dir:
         return
-    path = proc_path(dir_fd, name)
     redirect = union.xattr_namespace + REDIRECT
     if node.lower_paths:
-        existing = _xattr(path, redirect)
+        existing = syscalls.getxattr_or_none(dir_fd, name, redirect)
         if existing is not None and (samedir or existing.startswith(b"/")):
             return  # still names the lower copies from the new place
         top_lower = node.lower_paths[min(node.lower_paths)]
         value = name if samedir and existing is None else b"/" + top_lower
-        os.setxattr(path, redirect, value, follow_symlinks=False)
+        syscalls.setxattr(dir_fd, name, redirect, value)
     elif new_parent.dir_layers & ~UPPER_BIT:
         set_opaque(dir_fd, name, union.xattr_namespace)
 
 
-def _xattr(path: bytes, name: bytes) -> bytes | None:
-    try:
-        return os.getxattr(path, name, follow_symlinks=False)
-    except OSError:
-        return None
-
-
 def _rename_into(union: Union, old_fd: int, old_name: bytes, new_fd: int, new_name: bytes, src: Node,
                  src_has_lower: bool) -> None:
-    target = _stat_at(new_fd, new_name)
+    target = syscalls.lstat_or_none(new_fd, new_name)
     if src.is_dir:
         if target is not None and stat.S_ISDIR(target.st_mode):
             # The target is empty in the union, but its upper copy may hold whiteouts.
@@ -372,17 +350,19 @@ def _rename_into(union: Union, old_fd: int, old_name: bytes, new_fd: int, new_na
         elif target is not None and is_whiteout(target):
             # A directory cannot replace a whiteout by rename: swap them, then drop the whiteout
             # unless the old name needs one.
-            core.rename(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
+            syscalls.rename(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
             if not src_has_lower:
-                os.unlink(old_name, dir_fd=old_fd)
+                syscalls.unlink(old_fd, old_name)
             return
-    core.rename(old_fd, old_name, new_fd, new_name, RENAME_WHITEOUT if src_has_lower else 0)
+    syscalls.rename(old_fd, old_name, new_fd, new_name, RENAME_WHITEOUT if src_has_lower else 0)
 
 
 def _empty_upper_dir(union: Union, parent_fd: int, name: bytes) -> None:
-    fd = core.open_at(parent_fd, name, os.O_RDONLY | os.O_DIRECTORY)
+    """Remove what upper directory NAME holds: it is empty in the union, so only whiteouts and
+    their OCI forms."""
+    fd = syscalls.open_beneath(parent_fd, name, os.O_PATH | os.O_DIRECTORY)
     try:
-        for entry in os.listdir(fd):
-            os.unlink(entry, dir_fd=fd)  # only whiteouts: the directory is empty in the union
+        for entry in syscalls.listdir(fd):
+            syscalls.remove_tree(fd, entry)
     finally:
         os.close(fd)

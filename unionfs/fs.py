@@ -58,7 +58,7 @@ class UnionOperations(pyfuse3.Operations):
         self.enable_acl = acl  # -o noacl (fuse-overlayfs) turns it off
         self._handles: dict[int, OpenFile] = {}
         self._free_fhs: list[int] = []  # numbers of closed handles: reused, so they stay small
-        self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # directory node id -> entries
+        self._listings: dict[int, list[tuple[bytes, Node | pyfuse3.EntryAttributes]]] = {}  # dir node id -> entries
         self._next_fh: Iterator[int] = itertools.count(1)
 
     def _node(self, ino: int) -> Node:
@@ -162,12 +162,16 @@ class UnionOperations(pyfuse3.Operations):
         inodes = self.union.inodes
         for index in range(start_id, len(entries)):
             name, node = entries[index]
-            node = inodes.current(node)
-            if not pyfuse3.readdir_reply(token, name, self.union.entry(node), index + 1):
+            if isinstance(node, Node):
+                node = inodes.current(node)
+                entry = self.union.entry(node)
+            else:
+                entry = node  # listed, but its lookup fails: no node, no reference
+            if not pyfuse3.readdir_reply(token, name, entry, index + 1):
                 return
             # readdirplus hands the kernel a reference to each entry it accepts, except "." and
             # ".." (the first two), which the kernel does not count (fuse_direntplus_link).
-            if index >= DOT_ENTRIES:
+            if index >= DOT_ENTRIES and isinstance(node, Node):
                 inodes.remember(node)
         del self._listings[fh]  # the end of the pass
 

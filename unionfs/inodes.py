@@ -169,6 +169,17 @@ def make_entry(node_id: int, ino: int, found: Found, view: AttrView) -> pyfuse3.
     return entry
 
 
+def name_only_entry(ino: int, mode: int) -> pyfuse3.EntryAttributes:
+    """A readdirplus entry for a name the kernel lists but cannot look up: node id 0 (no
+    reference handed out), with st_ino and the type for the listing."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0
+    if _STAT_INO_OFFSET is not None:
+        ctypes.c_uint64.from_address(id(entry) + _STAT_INO_OFFSET).value = ino
+    entry.st_mode = mode
+    return entry
+
+
 def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
     """A reply to a lookup of an absent name that lets the kernel cache the absence."""
     entry = pyfuse3.EntryAttributes()

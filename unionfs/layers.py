@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from unionfs import core, xattrs
+from unionfs import core, syscalls, xattrs
+from unionfs.syscalls import SELF
 
 # st_ino = fsid << INO_SHIFT | inode number in that filesystem, as kernel overlayfs's xino does:
 # layers on the same filesystem share an fsid, so one object has one number; layers on different
@@ -17,16 +18,10 @@ INO_MASK = (1 << INO_SHIFT) - 1
 ROOT_PATH = b"."
 
 
-def proc_path(dir_fd: int, name: bytes = b"") -> bytes:
-    """A path naming NAME in DIR_FD (or DIR_FD itself) for calls that take no fd, such as the
-    xattr ones: the /proc link works for O_PATH fds too."""
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else b"/proc/self/fd/%d" % dir_fd
-
-
 def _root_override(root_fd: int) -> bytes | None:
     """The override_stat xattr a layer root carries, if any."""
-    names = os.listxattr(proc_path(root_fd))
-    return next((name for name in xattrs.OVERRIDE_NAMES if os.fsdecode(name) in names), None)
+    names = syscalls.listxattr(root_fd, SELF)
+    return next((name for name in xattrs.OVERRIDE_NAMES if name in names), None)
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class LayerStack:
         fds: list[int] = []
         try:
             for path in paths:
-                fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                fds.append(syscalls.open_root(path))
         except OSError:
             for fd in fds:
                 os.close(fd)
@@ -95,18 +90,16 @@ class LayerStack:
         """Give the upper root its override_stat xattr, which marks the layer (for this union,
         fuse-overlayfs and containers/storage) as keeping owners and modes there: a lower root's,
         else the root's own owner and mode."""
-        path = proc_path(self.top().root_fd)
-        try:
-            os.getxattr(path, self.upper_override)
+        root = self.top().root_fd
+        if syscalls.getxattr_or_none(root, SELF, self.upper_override) is not None:
             return
-        except OSError:
-            pass
         for layer in self.layers[1:]:
-            with contextlib.suppress(OSError):
-                os.setxattr(path, self.upper_override, os.getxattr(proc_path(layer.root_fd), self.upper_override))
+            value = syscalls.getxattr_or_none(layer.root_fd, SELF, self.upper_override)
+            if value is not None:
+                syscalls.setxattr(root, SELF, self.upper_override, value)
                 return
-        st = os.stat(path)
-        os.setxattr(path, self.upper_override, xattrs.override_value(st.st_uid, st.st_gid, st.st_mode))
+        st = syscalls.lstat(root, SELF)
+        syscalls.setxattr(root, SELF, self.upper_override, xattrs.override_value(st.st_uid, st.st_gid, st.st_mode))
 
     def _fsid(self, dev: int) -> int:
         # Numbered in layer order, so the same stack gives the same numbers at every mount.
@@ -124,8 +117,7 @@ class LayerStack:
     def readable_root(self, layer: int) -> int:
         """A readable fd of LAYER's root, opened on first use: open_by_handle_at() wants one."""
         if layer not in self._readable_roots:
-            self._readable_roots[layer] = os.open(proc_path(self.layers[layer].root_fd),
-                                                  os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._readable_roots[layer] = syscalls.reopen(self.layers[layer].root_fd, os.O_RDONLY | os.O_DIRECTORY)
         return self._readable_roots[layer]
 
     def close(self) -> None:
@@ -141,7 +133,7 @@ class LayerStack:
         if not parent:
             yield root_fd, path
             return
-        dir_fd = core.open_at(root_fd, parent, os.O_PATH | os.O_DIRECTORY)
+        dir_fd = syscalls.open_beneath(root_fd, parent, os.O_PATH | os.O_DIRECTORY)
         try:
             yield dir_fd, name
         finally:

@@ -9,9 +9,10 @@ import os
 import stat
 from typing import TYPE_CHECKING, Any, Iterator
 
-from unionfs import core, origin
+from unionfs import core, origin, syscalls
 from unionfs.inodes import Node
-from unionfs.layers import ROOT_PATH, LayerStack, proc_path
+from unionfs.layers import ROOT_PATH, LayerStack
+from unionfs.syscalls import SELF
 from unionfs.workdir import WorkDir
 
 if TYPE_CHECKING:
@@ -34,6 +35,29 @@ def layer_copies(dir_paths: list[bytes | None], name: bytes, found: core.Found) 
 
 def fail(code: int) -> OSError:
     return OSError(code, os.strerror(code))
+
+
+def parse_redirect(value: bytes) -> tuple[bytes | None, bytes]:
+    """(parent, name) of an overlay.redirect value: PARENT is the path from the layer roots of
+    an absolute redirect (ROOT_PATH for the root), None for a bare name in the same directory.
+    Validated as the kernel does (ovl_get_redirect_xattr, then its lookups), so that a crafted
+    value fails its own entry only and is never resolved outside the layer: an empty component
+    or a relative value with a slash is EINVAL, a "." or ".." component EACCES."""
+    if b"\0" in value:
+        raise fail(errno.EINVAL)
+    if value.startswith(b"/"):
+        components = value[1:].split(b"/")
+        if b"" in components:
+            raise fail(errno.EINVAL)
+    elif b"/" in value:
+        raise fail(errno.EINVAL)
+    else:
+        components = [value]
+    if any(component in (b"", b".", b"..") for component in components):
+        raise fail(errno.EACCES)
+    if not value.startswith(b"/"):
+        return None, value
+    return b"/".join(components[:-1]) or ROOT_PATH, components[-1]
 
 
 class Namei:
@@ -62,23 +86,18 @@ class Namei:
         return self.stack.at(node.layer, self.layer_path(node, node.layer))
 
     @contextlib.contextmanager
-    def object_path(self, node: Node, handle: OpenFile | None = None) -> Iterator[bytes]:
-        """A path that leads to NODE's object and nothing else, for the calls that take no fd
-        (xattrs, chmod, ...): /proc/self/fd/N of an O_PATH fd opened by name without following a
-        symlink (the magic link is followed to exactly that object), or, for a removed file that
-        is still open, of one of its open files (HANDLE first, then those open for writing)."""
+    def object_at(self, node: Node, handle: OpenFile | None = None) -> Iterator[tuple[int, bytes]]:
+        """(dir_fd, name) of NODE's object for the calls in unionfs/syscalls.py; for a removed
+        file that is still open, (fd, SELF) of one of its open files (HANDLE first, then those
+        open for writing)."""
         if node.name is None and node.parent is not None:
             handles = ([handle] if handle else []) + sorted(node.open_files, key=lambda h: h.flags == os.O_RDONLY)
             if not handles:
                 raise fail(errno.ENOENT)
-            yield proc_path(handles[0].fd)
+            yield handles[0].fd, SELF
             return
-        with self._at(node) as (dir_fd, name):
-            fd = core.open_at(dir_fd, name, os.O_PATH)
-        try:
-            yield proc_path(fd)
-        finally:
-            os.close(fd)
+        with self._at(node) as at:
+            yield at
 
     def _data_at(self, node: Node):
         """(dir_fd, name) of NODE's data: a kernel metacopy file's data is in a lower layer, and
@@ -91,12 +110,8 @@ class Namei:
         return self._at(node)
 
     def _index_is_metacopy(self, node: Node) -> bool:
-        try:
-            os.getxattr(proc_path(self.work.index_fd, node.index_name),
-                        self.xattr_namespace + METACOPY)
-        except OSError:
-            return False
-        return True
+        return syscalls.getxattr_or_none(self.work.index_fd, node.index_name, self.xattr_namespace + METACOPY) \
+            is not None
 
     def _dir_paths(self, node: Node, with_upper: bool = True) -> list[bytes | None]:
         """Directory NODE's path in each layer, None where the layer takes no part."""
@@ -118,15 +133,14 @@ class Namei:
         the redirect names (kernel overlayfs's redirect_dir), adding the layers found to WHERE."""
         while found.redirect_layer >= 0:
             layer = found.redirect_layer
-            target = self._read_redirect(layer, where[layer])
-            if target is None:
+            value = self._read_redirect(layer, where[layer])
+            if value is None:
                 break
+            parent, name = parse_redirect(value)
             below = range(layer + 1, self.stack.c.count)
-            if target.startswith(b"/"):  # from the layer roots
-                parent, _, name = target.strip(b"/").rpartition(b"/")
-                paths = [(parent or ROOT_PATH) if i in below else None for i in range(self.stack.c.count)]
+            if parent is not None:  # from the layer roots
+                paths = [parent if i in below else None for i in range(self.stack.c.count)]
             else:  # another name in the same parent directory
-                name = target
                 paths = [dir_paths[i] if i in below else None for i in range(self.stack.c.count)]
             more = self.stack.c.resolve(self.stack.c.dir_paths(paths), name)
             if more is None or not stat.S_ISDIR(more.attr.mode):
@@ -139,10 +153,10 @@ class Namei:
 
     def _read_redirect(self, layer: int, path: bytes) -> bytes | None:
         with self.stack.at(layer, path) as (dir_fd, rel):
-            proc = proc_path(dir_fd, rel)
             for namespace in (b"trusted.", b"user."):
-                with contextlib.suppress(OSError):
-                    return os.getxattr(proc, namespace + REDIRECT, follow_symlinks=False)
+                value = syscalls.getxattr_or_none(dir_fd, rel, namespace + REDIRECT)
+                if value is not None:
+                    return value
         return None
 
     def _resolve_in(self, dir_paths: list[bytes | None], name: bytes, found: core.Found | None = None,
@@ -164,19 +178,15 @@ class Namei:
 
     def _metacopy_data(self, upper_path: bytes, name: bytes, dir_paths: list[bytes | None]) -> dict[int, bytes]:
         """For an upper file that kernel overlayfs copied up with metacopy=on (overlay.metacopy:
-        metadata only), where its data is: at its overlay.redirect, else at the same name below."""
-        proc = proc_path(self.stack.top().root_fd, upper_path)
-        try:
-            target = os.getxattr(proc, self.xattr_namespace + REDIRECT, follow_symlinks=False)
-        except OSError:
-            target = name
-        lower = [None] + dir_paths[1:]
-        if target.startswith(b"/"):
-            parent, _, target = target.strip(b"/").rpartition(b"/")
-            lower = [None] + [parent or ROOT_PATH] * (len(dir_paths) - 1)
+        metadata only), where its data is: at its overlay.redirect, else at the same name below.
+        Without it the file cannot be read: EIO, as in the kernel (not the upper's sparse zeros)."""
+        with self.stack.at(UPPER, upper_path) as (dir_fd, rel):
+            value = syscalls.getxattr_or_none(dir_fd, rel, self.xattr_namespace + REDIRECT)
+        parent, target = parse_redirect(value) if value is not None else (None, name)
+        lower = [None] + (dir_paths[1:] if parent is None else [parent] * (len(dir_paths) - 1))
         data = self.stack.c.resolve(self.stack.c.dir_paths(lower), target)
         if data is None or not stat.S_ISREG(data.attr.mode):
-            return {}
+            raise fail(errno.EIO)
         return layer_copies(lower, target, data)
 
     def _origin_ino(self, value: bytes, path: bytes) -> int | None:
@@ -234,9 +244,7 @@ class Namei:
                 or stat.S_ISDIR(found.attr.mode):
             return None
         name = self._index_name(found.layer, lower_paths[found.layer])
-        try:
-            os.stat(name, dir_fd=self.work.index_fd, follow_symlinks=False)
-        except OSError:
+        if syscalls.lstat_or_none(self.work.index_fd, name) is None:
             return None
         return name
 
@@ -269,11 +277,7 @@ class Namei:
         in_index = dir_fd == self.work.index_fd if self.work else False
         if stat.S_ISDIR(attr.mode) or (attr.nlink < 2 and not in_index):
             return attr
-        try:
-            value = os.getxattr(proc_path(dir_fd, name), self.xattr_namespace + NLINK,
-                                follow_symlinks=False)
-        except OSError:
-            return attr
-        if value[:1] != b"U":
+        value = syscalls.getxattr_or_none(dir_fd, name, self.xattr_namespace + NLINK)
+        if value is None or value[:1] != b"U":
             return attr
         return attr._replace(nlink=attr.nlink + int(value[1:]))

@@ -12,11 +12,12 @@ from typing import Iterator
 import pyfuse3
 import trio
 
-from unionfs import core, shim, xattrs
+from unionfs import core, shim, syscalls, xattrs
 from unionfs.copy_up import build_copy, fill_metacopy
-from unionfs.inodes import AttrView, InodeTable, Node
-from unionfs.layers import ROOT_PATH, LayerStack, proc_path
+from unionfs.inodes import AttrView, InodeTable, Node, name_only_entry
+from unionfs.layers import ROOT_PATH, LayerStack
 from unionfs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
+from unionfs.syscalls import SELF
 from unionfs.workdir import WorkDir
 
 
@@ -35,7 +36,8 @@ class Union(Namei):
                  redirect_dirs: bool = True, sync: bool = True, xattrs: bool = True):
         # Writable with an upper layer and a work directory; without them, read-only.
         self.writable = stack.top().is_upper and workdir is not None
-        super().__init__(stack, WorkDir(workdir) if self.writable else None)
+        upper = stack.top()
+        super().__init__(stack, WorkDir(workdir, upper.root_fd, upper.path) if self.writable else None)
         self.view = view
         # -o noxattrs=1 (fuse-overlayfs): no extended attributes through the mount.
         self.xattrs = xattrs
@@ -108,15 +110,22 @@ class Union(Namei):
             raise fail(errno.ENOENT)
         return self.inodes.current(self._node_for(parent, name, resolved))
 
-    def listdir(self, node: Node) -> list[tuple[bytes, Node]]:
+    def listdir(self, node: Node) -> list[tuple[bytes, Node | pyfuse3.EntryAttributes]]:
         """The entries of directory NODE: "." and "..", then the merged names. Their nodes are not
-        counted: the caller calls inodes.remember() for each merged name it hands to the kernel."""
+        counted: the caller calls inodes.remember() for each merged name it hands to the kernel.
+        A name whose lookup fails (a crafted redirect, a metacopy file without its data) is still
+        listed, as the kernel lists it, with attributes but no node: looking it up gives the
+        error."""
         path = node.path
         dir_paths, c_dir = self._dir_view(node)
-        entries = self.stack.c.list(c_dir, path)
-        dots = [(b".", node), (b"..", node.parent or node)]
-        return dots + [(name, self._node_for(node, name, self._resolve_in(dir_paths, name, found), path))
-                       for name, found in entries]
+        listing: list[tuple[bytes, Node | pyfuse3.EntryAttributes]] = [(b".", node), (b"..", node.parent or node)]
+        for name, found in self.stack.c.list(c_dir, path):
+            try:
+                listing.append((name, self._node_for(node, name, self._resolve_in(dir_paths, name, found), path)))
+            except OSError:
+                ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
+                listing.append((name, name_only_entry(ino, found.attr.mode)))
+        return listing
 
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable:
@@ -133,22 +142,21 @@ class Union(Namei):
 
     def readlink(self, node: Node) -> bytes:
         with self._at(node) as (dir_fd, name):
-            return os.readlink(name, dir_fd=dir_fd)
+            return syscalls.readlink(dir_fd, name)
 
     def open_file(self, node: Node, flags: int) -> int:
         if node.name is None and node.parent is not None and node.open_files:
             # Removed but still open (and opened again through /proc/PID/fd): as the kernel
             # does, the object its open files reach.
-            with self.object_path(node) as path:
-                return os.open(path, flags | os.O_CLOEXEC)
+            with self.object_at(node) as (fd, _):
+                return syscalls.reopen(fd, flags)
         with self._data_at(node) as (dir_fd, name):
-            return core.open_at(dir_fd, name, flags)
+            return syscalls.open_beneath(dir_fd, name, flags)
 
     def xattr_names(self, node: Node) -> frozenset[bytes]:
         if node.xattr_names is None:
-            with self.object_path(node) as path:
-                names = os.listxattr(path)
-            node.xattr_names = frozenset(os.fsencode(name) for name in names)
+            with self.object_at(node) as at:
+                node.xattr_names = frozenset(syscalls.listxattr(*at))
             if self.xattrs and not xattrs.visible(list(node.xattr_names), self.stack.hidden_xattrs):
                 shim.mark_no_xattrs(node.id, True)
         return node.xattr_names
@@ -163,15 +171,15 @@ class Union(Namei):
         name = xattrs.to_stored(name)
         if name not in self.xattr_names(node) or name in self.stack.hidden_xattrs:
             raise fail(errno.ENODATA)
-        with self.object_path(node) as path:
-            return os.getxattr(path, name)
+        with self.object_at(node) as at:
+            return syscalls.getxattr(*at, name)
 
     def listxattr(self, node: Node) -> list[bytes]:
         return xattrs.visible(sorted(self.xattr_names(node)), self.stack.hidden_xattrs)
 
     def statfs(self) -> pyfuse3.StatvfsData:
         """The filesystem of the top layer: the upper when there is one, as in kernel overlayfs."""
-        st = os.statvfs(proc_path(self.stack.top().root_fd))
+        st = syscalls.statvfs(self.stack.top().root_fd)
         data = pyfuse3.StatvfsData()
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
                       "f_favail", "f_namemax"):
@@ -192,7 +200,7 @@ class Union(Namei):
         if path == ROOT_PATH:
             yield root_fd
             return
-        fd = core.open_at(root_fd, path, os.O_PATH | os.O_DIRECTORY)
+        fd = syscalls.open_beneath(root_fd, path, os.O_PATH | os.O_DIRECTORY)
         try:
             yield fd
         finally:
@@ -210,12 +218,9 @@ class Union(Namei):
     def _mark_impure(self, dir_fd: int) -> None:
         """Mark an upper directory as holding copied-up entries (overlay.impure), as the kernel
         does: its readdir then reports those entries' origin inode numbers."""
-        path = proc_path(dir_fd)
         name = self.xattr_namespace + b"overlay.impure"
-        try:
-            os.getxattr(path, name)
-        except OSError:
-            os.setxattr(path, name, b"y")
+        if syscalls.getxattr_or_none(dir_fd, SELF, name) is None:
+            syscalls.setxattr(dir_fd, SELF, name, b"y")
 
     def refresh(self, node: Node, xattrs_changed: bool = True) -> core.Attr:
         """Re-read NODE's attributes from its upper object, and its xattr names when they may
@@ -251,14 +256,10 @@ class Union(Namei):
         else:
             return  # all its names are below: the lower count is right
         with where as (dir_fd, name):
-            path = proc_path(dir_fd, name)
-            try:
-                os.getxattr(path, self.xattr_namespace + NLINK, follow_symlinks=False)
-            except OSError:
+            if syscalls.getxattr_or_none(dir_fd, name, self.xattr_namespace + NLINK) is None:
                 return
-            upper_nlink = os.stat(path, follow_symlinks=False).st_nlink
-            os.setxattr(path, self.xattr_namespace + NLINK, b"U%+d" % (nlink - upper_nlink),
-                        follow_symlinks=False)
+            upper_nlink = syscalls.lstat(dir_fd, name).st_nlink
+            syscalls.setxattr(dir_fd, name, self.xattr_namespace + NLINK, b"U%+d" % (nlink - upper_nlink))
 
     def ensure_upper_dir(self, node: Node) -> None:
         """Copy directory NODE, and the directories above it, up to the upper layer (metadata
@@ -328,10 +329,8 @@ class Union(Namei):
                     # The copy's links (the index, and the name if it goes to the upper layer)
                     # stand for all the lower ones (kernel overlay.nlink).
                     nlink = b"U%+d" % (node.entry.st_nlink - (2 if into_upper else 1))
-                    os.setxattr(proc_path(self.work.fd, tmp),
-                                self.xattr_namespace + NLINK, nlink, follow_symlinks=False)
-                    os.link(tmp, index_name, src_dir_fd=self.work.fd, dst_dir_fd=self.work.index_fd,
-                            follow_symlinks=False)  # a copy of a symlink is linked, not its target
+                    syscalls.setxattr(self.work.fd, tmp, self.xattr_namespace + NLINK, nlink)
+                    syscalls.link(self.work.fd, tmp, self.work.index_fd, index_name)
             except BaseException:
                 with contextlib.suppress(OSError):
                     self.work.remove(tmp)
@@ -353,8 +352,7 @@ class Union(Namei):
                               self.xattr_namespace + METACOPY, self.sync)
         with self.upper_dir(node.parent) as parent_fd:
             self._mark_impure(parent_fd)
-            os.link(node.index_name, node.name, src_dir_fd=self.work.index_fd, dst_dir_fd=parent_fd,
-                    follow_symlinks=False)
+            syscalls.link(self.work.index_fd, node.index_name, parent_fd, node.name)
         node.index_name = None
         self._now_in_upper(node)
         self.set_union_nlink(node, count)  # one more upper link, but the same names
@@ -363,7 +361,7 @@ class Union(Namei):
     def _put_copy_in_place(self, node: Node, tmp: bytes) -> None:
         with self.upper_dir(node.parent) as parent_fd:
             self._mark_impure(parent_fd)
-            os.rename(tmp, node.name, src_dir_fd=self.work.fd, dst_dir_fd=parent_fd)
+            syscalls.rename(self.work.fd, tmp, parent_fd, node.name)
         self._now_in_upper(node)
 
     def _now_in_upper(self, node: Node) -> None:

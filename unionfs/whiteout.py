@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from unionfs.layers import proc_path
+from unionfs import syscalls
 
 WHITEOUT_DEV = os.makedev(0, 0)
 OCI_PREFIX = b".wh."  # an OCI/AUFS whiteout marker: ".wh.NAME" hides NAME
@@ -18,13 +18,12 @@ def is_whiteout(st: os.stat_result) -> bool:
 
 def make_whiteout(dir_fd: int, name: bytes) -> None:
     """A character device 0:0, mode 0, as the kernel makes it."""
-    os.mknod(name, stat.S_IFCHR | 0o000, WHITEOUT_DEV, dir_fd=dir_fd)
+    syscalls.mknod(dir_fd, name, stat.S_IFCHR | 0o000, WHITEOUT_DEV)
 
 
 def set_opaque(dir_fd: int, name: bytes, xattr_namespace: bytes) -> None:
     """Mark directory NAME opaque: the layers below no longer take part in it."""
-    os.setxattr(proc_path(dir_fd, name), xattr_namespace + b"overlay.opaque", b"y",
-                follow_symlinks=False)
+    syscalls.setxattr(dir_fd, name, xattr_namespace + b"overlay.opaque", b"y")
 
 
 def is_oci_marker(name: bytes) -> bool:
@@ -41,12 +40,10 @@ def adopt_oci_whiteout(dir_fd: int, name: bytes) -> None:
     marker = OCI_PREFIX + name
     if len(marker) > NAME_MAX:
         return
-    try:
-        os.stat(marker, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
+    if syscalls.lstat_or_none(dir_fd, marker) is None:
         return
     try:
         make_whiteout(dir_fd, name)
     except FileExistsError:
         pass  # a whiteout (or an object) is there already
-    os.unlink(marker, dir_fd=dir_fd)
+    syscalls.remove_tree(dir_fd, marker)

@@ -4,15 +4,17 @@ own (WORKDIR/work), so either can mount the other's upper and workdir."""
 from __future__ import annotations
 
 import collections
+import fcntl
 import itertools
 import os
-import shutil
+import stat
 import threading
 
-from unionfs.layers import proc_path
+from unionfs import syscalls
+from unionfs.options import ConfigError
 
-WORK_SUBDIR = "work"
-INDEX_SUBDIR = "index"  # upper copies of lower hard links, by origin (kernel's index=on format)
+WORK_SUBDIR = b"work"
+INDEX_SUBDIR = b"index"  # upper copies of lower hard links, by origin (kernel's index=on format)
 # Unnamed files made ahead of need. Allocating an inode can take ext4 half a millisecond of CPU
 # (it skips recently freed inodes one by one): a thread makes them while the loop serves.
 SPARE_FILES = 4
@@ -48,7 +50,7 @@ class SpareFiles:
                 if self._closed:
                     return
             try:
-                fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+                fd = syscalls.open_unnamed(self._dir_fd)
             except OSError:  # no O_TMPFILE here (or another error, which a named create reports)
                 with self._wanted:
                     self._closed = True
@@ -69,30 +71,56 @@ class SpareFiles:
             os.close(self._ready.popleft())
 
 
+def _lock(fd: int, role: str, path: str) -> int:
+    """An fd of directory FD with an exclusive flock on it, held for the mount's life (the fd is
+    inherited by the daemon): a second mount of the same upper or work directory is refused, as
+    kernel overlayfs refuses one with index=on (and warns "upperdir is in use" without)."""
+    locked = syscalls.reopen(fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(locked, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(locked)
+        raise ConfigError(f"{role} is in use by another mount: {path}") from None
+    return locked
+
+
 class WorkDir:
-    def __init__(self, workdir: str):
-        # Mode 0 as the kernel makes them; an unprivileged owner (no user namespace, so no
-        # CAP_DAC_OVERRIDE) needs to reach into them itself, as fuse-overlayfs's 0700.
-        mode = 0o000 if os.geteuid() == 0 else 0o700
-        path = os.path.join(workdir, WORK_SUBDIR)
-        os.makedirs(path, mode=mode, exist_ok=True)
-        self._clean(path)
-        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        index = os.path.join(workdir, INDEX_SUBDIR)
-        os.makedirs(index, mode=mode, exist_ok=True)
-        self.index_fd = os.open(index, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    """WORKDIR/work, where new upper objects are built, and WORKDIR/index; made, or cleaned of
+    what a crashed mount left, through fds that follow no symlink."""
+
+    def __init__(self, workdir: str, upper_fd: int, upper: str):
+        root = syscalls.open_root(workdir)
+        self._locks: list[int] = []
+        try:
+            self._locks = [_lock(upper_fd, "upper directory", upper), _lock(root, "workdir", workdir)]
+            # Mode 0 as the kernel makes them; an unprivileged owner (no user namespace, so no
+            # CAP_DAC_OVERRIDE) needs to reach into them itself, as fuse-overlayfs's 0700.
+            mode = 0o000 if os.geteuid() == 0 else 0o700
+            # Whatever is at WORKDIR/work (a symlink too) is replaced, as the kernel does; a
+            # symlink at WORKDIR/index is refused, as the kernel refuses it (ENOTDIR).
+            existing = syscalls.lstat_or_none(root, WORK_SUBDIR)
+            if existing is not None and not stat.S_ISDIR(existing.st_mode):
+                syscalls.remove_tree(root, WORK_SUBDIR)
+            self.fd = syscalls.ensure_dir(root, WORK_SUBDIR, mode)
+            for name in syscalls.listdir(self.fd):  # half-built copies: never in the upper
+                syscalls.remove_tree(self.fd, name)
+            self.index_fd = syscalls.ensure_dir(root, INDEX_SUBDIR, mode)
+        except OSError as exc:
+            self._release()
+            raise ConfigError(f"cannot use {os.path.join(workdir, os.fsdecode(exc.filename or ''))}: "
+                              f"{exc.strerror}") from None
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            os.close(root)
         self._names = itertools.count(1)
         self._spares = SpareFiles(self.fd)
 
-    @staticmethod
-    def _clean(path: str) -> None:
-        """Remove what a crashed mount left behind: half-built copies are never in the upper."""
-        for name in os.listdir(path):
-            victim = os.path.join(path, name)
-            if os.path.isdir(victim) and not os.path.islink(victim):
-                shutil.rmtree(victim)
-            else:
-                os.unlink(victim)
+    def _release(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
 
     def temp_name(self) -> bytes:
         """A fresh name in the work directory, in the kernel's style (#hex)."""
@@ -103,9 +131,9 @@ class WorkDir:
         0600; returns an fd open for reading and writing."""
         fd = self._spares.take()
         if fd is None:
-            return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+            return syscalls.create(self.fd, name, os.O_RDWR, 0o600)
         try:
-            os.link(proc_path(fd), name, dst_dir_fd=self.fd)  # follows the /proc link: AT_SYMLINK_FOLLOW
+            syscalls.link_open_file(fd, self.fd, name)
         except BaseException:
             os.close(fd)
             raise
@@ -113,12 +141,10 @@ class WorkDir:
 
     def remove(self, name: bytes) -> None:
         """Remove a temporary object, whatever its type."""
-        try:
-            os.unlink(name, dir_fd=self.fd)
-        except IsADirectoryError:
-            shutil.rmtree(os.fsdecode(name), dir_fd=self.fd)
+        syscalls.remove_tree(self.fd, name)
 
     def close(self) -> None:
         self._spares.close()
         os.close(self.fd)
         os.close(self.index_fd)
+        self._release()

@@ -4,8 +4,9 @@ stored: as kernel overlayfs does, a user's `trusted.overlay.X` is stored escaped
 from __future__ import annotations
 
 import errno
-import os
 import stat
+
+from unionfs import syscalls
 
 # trusted.* is the kernel's namespace for a privileged mount, user.* for an unprivileged one
 # (userxattr); layers can carry either, and neither is the user's data.
@@ -62,23 +63,20 @@ def parse_override(value: bytes) -> tuple[int, int, int] | None:
         return None
 
 
-def set_override(path: bytes, xattr: bytes, uid: int = -1, gid: int = -1, mode: int | None = None) -> None:
-    """Record a new owner (-1: unchanged) or mode (None: unchanged) of an object in its
-    override_stat XATTR, starting from the recorded one, else from the object's own. PATH is
-    /proc/self/fd/N of an fd of the object (followed: the magic link leads to exactly it). A
+def set_override(dir_fd: int, name: bytes, xattr: bytes, uid: int = -1, gid: int = -1,
+                 mode: int | None = None) -> None:
+    """Record a new owner (-1: unchanged) or mode (None: unchanged) of object (DIR_FD, NAME) in
+    its override_stat XATTR, starting from the recorded one, else from the object's own. A
     symlink cannot carry user.* xattrs: as fuse-overlayfs, it is left as it is."""
-    current = None
-    try:
-        current = parse_override(os.getxattr(path, xattr))
-    except OSError:
-        pass
+    recorded = syscalls.getxattr_or_none(dir_fd, name, xattr)
+    current = parse_override(recorded) if recorded is not None else None
     if current is None:
-        st = os.stat(path)
+        st = syscalls.lstat(dir_fd, name)
         current = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
     value = override_value(current[0] if uid == -1 else uid, current[1] if gid == -1 else gid,
                            current[2] if mode is None else mode)
     try:
-        os.setxattr(path, xattr, value)
+        syscalls.setxattr(dir_fd, name, xattr, value)
     except OSError as exc:
         if exc.errno != errno.EPERM or not xattr.startswith(b"user."):
             raise

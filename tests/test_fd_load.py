@@ -1,0 +1,92 @@
+"""Many clients at once: the daemon keeps only the files that are open, and never runs out of
+file descriptors. The kernel sends RELEASE as an asynchronous request, 12 at a time by default;
+behind a queue of 200 busy clients' requests the daemon heard of their closes so late that it
+held 15,000 and more files open, then failed them with EMFILE."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from mounts import PYUNIONFS, daemons_for, force_unmount, overlay_options
+
+CLIENTS = 200
+OPS_PER_CLIENT = 30
+FD_LIMIT = 4096  # the daemon's limit in this test (lowered, as a busy host's would be reached)
+
+
+def make_tree(lower: Path) -> None:
+    for d in range(20):
+        (lower / f"d{d}").mkdir(parents=True)
+        for f in range(50):
+            (lower / f"d{d}" / f"f{f}").write_text("x" * 1000)
+
+
+def load(mnt: Path, daemon: int) -> tuple[int, dict[str, int]]:
+    """CLIENTS threads opening, reading, appending, creating and removing files at once: the
+    daemon's peak fd count, and the errors the clients saw."""
+    errors: dict[str, int] = {}
+    peak, done = [0], threading.Event()
+
+    def client(seed: int) -> None:
+        rnd = random.Random(seed)
+        for k in range(OPS_PER_CLIENT):
+            directory = mnt / f"d{rnd.randrange(20)}"
+            try:
+                fds = [os.open(directory / f"f{rnd.randrange(50)}", os.O_RDONLY) for _ in range(8)]
+                for fd in fds:
+                    os.read(fd, 100)
+                    os.close(fd)
+                with open(directory / f"f{rnd.randrange(50)}", "a") as appended:
+                    appended.write("y")
+                made = directory / f"new-{seed}-{k}"
+                made.write_text("z")
+                made.unlink()
+            except OSError as exc:
+                errors[errno.errorcode[exc.errno]] = errors.get(errno.errorcode[exc.errno], 0) + 1
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], len(os.listdir(f"/proc/{daemon}/fd")))
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    done.set()
+    watcher.join()
+    return peak[0], errors
+
+
+def test_200_clients_get_no_emfile_and_the_daemon_holds_few_fds(tmp_path):
+    lower = tmp_path / "lower"
+    make_tree(lower)
+    results = {}
+    for program in (PYUNIONFS, "fuse-overlayfs"):
+        name = os.path.basename(program)
+        upper, work, mnt = (tmp_path / f"{name}-{part}" for part in ("upper", "work", "mnt"))
+        for path in (upper, work, mnt):
+            path.mkdir()
+        options = overlay_options([lower], upper, work)
+        subprocess.run(["prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", program, "-o", options, str(mnt)],
+                       check=True, capture_output=True)
+        try:
+            daemon = daemons_for(mnt, program)[0]
+            results[name] = load(mnt, daemon)
+        finally:
+            force_unmount(mnt)
+    (ours, our_errors), (theirs, their_errors) = results["pyunionfs"], results["fuse-overlayfs"]
+    print(f"peak fds: pyunionfs {ours}, fuse-overlayfs {theirs}")
+    assert our_errors == {} and their_errors == {}
+    assert ours <= 2 * theirs, f"the daemon held {ours} fds at most, fuse-overlayfs {theirs}"
