@@ -1,5 +1,6 @@
 """cffi builder for unionfs._sys: the namespace and mount system calls the launcher needs, which
-Python 3.11's os module lacks (unshare, setns, mount, umount2, pivot_root, sethostname, prctl)."""
+Python 3.11's os module lacks (unshare, setns, mount, umount2, pivot_root, sethostname, prctl,
+openat2, mount_setattr)."""
 import cffi
 
 ffibuilder = cffi.FFI()
@@ -13,20 +14,38 @@ ffibuilder.cdef("""
     int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
               unsigned long arg5);
     int ufs_pivot_root(const char *new_root, const char *put_old);
+    int ufs_openat2(int dirfd, const char *path, int flags, unsigned long long resolve);
+    int ufs_mount_setattr(int dirfd, const char *path, unsigned int flags, unsigned long long attr_set);
 """)
 ffibuilder.set_source(
     "unionfs._sys",
     """
     #define _GNU_SOURCE
     #include <sched.h>
-    #include <sys/mount.h>
+    #include <fcntl.h>
+    #include <linux/mount.h>
+    #include <linux/openat2.h>
+    #include <stdint.h>
     #include <sys/prctl.h>
     #include <sys/syscall.h>
     #include <unistd.h>
-    /* glibc has no pivot_root() wrapper. */
+    /* <sys/mount.h> clashes with <linux/mount.h>, which has struct mount_attr. */
+    int mount(const char *, const char *, const char *, unsigned long, const void *);
+    int umount2(const char *, int);
+    /* glibc 2.36 has wrappers for none of these. */
     static int ufs_pivot_root(const char *new_root, const char *put_old)
     {
         return (int)syscall(SYS_pivot_root, new_root, put_old);
+    }
+    static int ufs_openat2(int dirfd, const char *path, int flags, unsigned long long resolve)
+    {
+        struct open_how how = {.flags = (uint64_t)(flags | O_CLOEXEC), .resolve = resolve};
+        return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+    }
+    static int ufs_mount_setattr(int dirfd, const char *path, unsigned int flags, unsigned long long attr_set)
+    {
+        struct mount_attr attr = {.attr_set = attr_set};
+        return (int)syscall(SYS_mount_setattr, dirfd, path, flags, &attr, sizeof(attr));
     }
     """,
     extra_compile_args=["-O2", "-Wall"],

@@ -3,17 +3,20 @@ small PID 1 that reaps and forwards signals. Runs in a fresh process of the laun
 started threads (after fork), in new mount, PID, UTS and IPC namespaces."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
+from typing import Iterator
 
-from unionfs import sysns
-from unionfs.sysns import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT
+from unionfs import seccomp, sysns
+from unionfs.sysns import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC
 
 HOST_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
@@ -24,8 +27,9 @@ MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/pro
                 "/sys/firmware", "/sys/devices/virtual/powercap")
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 # podman's default capability set (containers.conf); every other one leaves the bounding set.
-KEPT_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31}  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID
-# SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT SETFCAP
+KEPT_CAPS = {0: "CAP_CHOWN", 1: "CAP_DAC_OVERRIDE", 3: "CAP_FOWNER", 4: "CAP_FSETID", 5: "CAP_KILL",
+             6: "CAP_SETGID", 7: "CAP_SETUID", 8: "CAP_SETPCAP", 10: "CAP_NET_BIND_SERVICE",
+             18: "CAP_SYS_CHROOT", 31: "CAP_SETFCAP"}
 LAST_CAP = 40
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                      signal.SIGUSR2, signal.SIGWINCH)
@@ -54,64 +58,150 @@ class ContainerSpec:
     net_none: bool = False
     init: bool = True
     etc_files: dict[str, str] = field(default_factory=dict)  # container path -> host file, bound ro
+    preserve_fds: int = 0  # fds 3 to 3+N-1 of the caller go to the command, as podman's --preserve-fds
+    seccomp: seccomp.Profile | None = field(default_factory=seccomp.default)  # None: unconfined
 
 
-def _inside(spec: ContainerSpec, path: str) -> str:
-    return os.path.join(spec.root, path.lstrip("/"))
+MAX_SYMLINKS = 40  # as the kernel allows on one path
 
 
-def _ensure(path: str, is_dir: bool) -> None:
-    """Make a mount target that the image lacks (in the upper layer, as other runtimes do)."""
-    if os.path.lexists(path):
-        return
-    os.makedirs(path if is_dir else os.path.dirname(path), exist_ok=True)
-    if not is_dir:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+class Root:
+    """The container's root (the union), as an fd. Every mount target in it is resolved inside
+    it, as runc does with securejoin: symlinks in the image are followed as the container would
+    follow them, but never out of it (an absolute one starts again at this root, ".." stops
+    there); a missing target is made there, following no symlink; and the mount goes onto the
+    target's fd (/proc/self/fd/N). Nothing in the image can send a mount, or a file the launcher
+    makes, anywhere else."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def _open(self, components: list[str], flags: int) -> int:
+        """Open COMPONENTS, which _resolve() made free of symlinks."""
+        return sysns.open_in_root(self.fd, "/".join(components) or ".", flags, sysns.RESOLVE_NO_SYMLINKS)
+
+    def _resolve(self, path: str) -> list[str]:
+        """PATH as components below the root, with the symlinks on the way resolved inside it."""
+        todo = [part for part in path.split("/") if part not in ("", ".")]
+        done: list[str] = []
+        links = 0
+        while todo:
+            name = todo.pop(0)
+            if name == "..":
+                if done:
+                    done.pop()
+                continue
+            parent = self._open(done, os.O_PATH | os.O_DIRECTORY)
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                link = os.readlink(name, dir_fd=parent) if stat.S_ISLNK(st.st_mode) else None
+            except FileNotFoundError:  # made later, with what follows it: no symlink below
+                done.append(name)
+                for rest in todo:
+                    done = done[:-1] if rest == ".." else [*done, rest]
+                return done
+            finally:
+                os.close(parent)
+            if link is None:
+                done.append(name)
+                continue
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            if link.startswith("/"):
+                done = []
+            todo = [part for part in link.split("/") if part not in ("", ".")] + todo
+        return done
+
+    @contextlib.contextmanager
+    def opened(self, path: str) -> Iterator[str]:
+        """A path for mount(2) that leads to PATH in the root (crossing mounts on the way)."""
+        fd = self._open(self._resolve(path), os.O_PATH)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+
+    def kind(self, path: str) -> int | None:
+        """The file type of PATH in the root (stat.S_IFMT), or None when there is none."""
+        try:
+            with self.opened(path) as target:
+                return stat.S_IFMT(os.stat(target).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    @contextlib.contextmanager
+    def target(self, path: str, is_dir: bool) -> Iterator[str]:
+        """opened(PATH), made first if absent (in the upper layer, as other runtimes do): a
+        directory, or an empty file."""
+        components = self._resolve(path)
+        for i, name in enumerate(components):
+            parent = self._open(components[:i], os.O_PATH | os.O_DIRECTORY)
+            try:
+                if i == len(components) - 1 and not is_dir:
+                    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o644, dir_fd=parent))
+                else:
+                    os.mkdir(name, 0o755, dir_fd=parent)
+            except FileExistsError:
+                pass
+            finally:
+                os.close(parent)
+        with self.opened(path) as target:
+            yield target
 
 
-# Flags a user namespace may not drop from a mount it did not make: a read-only remount repeats them.
-LOCKED_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, sysns.MS_NOEXEC),
-                (os.ST_NOATIME, sysns.MS_NOATIME), (os.ST_NODIRATIME, sysns.MS_NODIRATIME),
-                (os.ST_RELATIME, sysns.MS_RELATIME))
+def _bind(root: Root, source: str, path: str, is_dir: bool, read_only: bool) -> None:
+    """Bind SOURCE (a host path, or /proc/self/fd/N) at PATH in ROOT, with the mounts below it;
+    READ_ONLY makes all of them read-only, as bwrap's --ro-bind and podman's :ro do."""
+    with root.target(path, is_dir) as target:
+        sysns.mount(source, target, None, MS_BIND | MS_REC)
+    if read_only:
+        with root.opened(path) as mounted:  # now the root of the new mount
+            fd = os.open(mounted, os.O_PATH | os.O_CLOEXEC)
+            try:
+                sysns.make_read_only(fd)
+            finally:
+                os.close(fd)
 
 
-def _bind(source: str, target: str, read_only: bool) -> None:
-    sysns.mount(source, target, None, MS_BIND | MS_REC)
-    if read_only:  # a second call: MS_RDONLY is ignored on the first bind
-        current = os.statvfs(target).f_flag
-        kept = sum(flag for st_flag, flag in LOCKED_FLAGS if current & st_flag)
-        sysns.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | kept)
-
-
-def _setup_dev(spec: ContainerSpec) -> None:
-    dev = _inside(spec, "/dev")
-    _ensure(dev, True)
-    sysns.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k")
+def _setup_dev(root: Root) -> None:
+    with root.target("/dev", True) as dev:
+        sysns.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k")
     for name in HOST_DEVICES:  # bound, not made: the union is nodev, and mknod is for root only
         if os.path.exists(f"/dev/{name}"):
-            _ensure(os.path.join(dev, name), False)
-            _bind(f"/dev/{name}", os.path.join(dev, name), False)
-    for name, target in DEV_LINKS.items():
-        os.symlink(target, os.path.join(dev, name))
-    os.mkdir(os.path.join(dev, "pts"))
-    sysns.mount("devpts", os.path.join(dev, "pts"), "devpts", MS_NOSUID | MS_NOEXEC,
-                "newinstance,ptmxmode=0666,mode=620")
-    os.mkdir(os.path.join(dev, "shm"))
-    sysns.mount("shm", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                "mode=1777,size=65536k")
+            _bind(root, f"/dev/{name}", f"/dev/{name}", False, False)
+    with root.opened("/dev") as dev:
+        dev_fd = os.open(dev, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name, target in DEV_LINKS.items():
+            os.symlink(target, name, dir_fd=dev_fd)
+        for name in ("pts", "shm"):
+            os.mkdir(name, 0o755, dir_fd=dev_fd)
+    finally:
+        os.close(dev_fd)
+    with root.opened("/dev/pts") as pts:
+        sysns.mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    with root.opened("/dev/shm") as shm:
+        sysns.mount("shm", shm, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
 
 
-def _mask(spec: ContainerSpec) -> None:
+def _mask(root: Root) -> None:
     for path in MASKED_PATHS:
-        target = _inside(spec, path)
-        if os.path.isdir(target):
-            sysns.mount("tmpfs", target, "tmpfs", MS_RDONLY)
-        elif os.path.exists(target):
-            _bind(_inside(spec, "/dev/null"), target, False)
+        kind = root.kind(path)
+        if kind == stat.S_IFDIR:
+            with root.opened(path) as target:
+                sysns.mount("tmpfs", target, "tmpfs", MS_RDONLY)
+        elif kind is not None:
+            _bind(root, "/dev/null", path, False, False)
     for path in READONLY_PATHS:
-        target = _inside(spec, path)
-        if os.path.exists(target):
-            _bind(target, target, True)
+        if root.kind(path) is not None:
+            with root.opened(path) as target:
+                _bind(root, target, path, True, True)
 
 
 def _loopback_up() -> None:
@@ -123,24 +213,26 @@ def _loopback_up() -> None:
 def setup_root(spec: ContainerSpec) -> None:
     """Mount /proc, /dev, /sys, /tmp, volumes and generated files on the union, then make it /."""
     sysns.mount(None, "/", None, MS_REC | sysns.MS_PRIVATE)
-    _ensure(_inside(spec, "/proc"), True)
-    sysns.mount("proc", _inside(spec, "/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _setup_dev(spec)
-    _ensure(_inside(spec, "/sys"), True)
+    root = Root(spec.root)
     try:
-        sysns.mount("sysfs", _inside(spec, "/sys"), "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    except PermissionError:  # rootless without a network namespace of its own: the host's, read-only
-        _bind("/sys", _inside(spec, "/sys"), True)
-    for path in ["/tmp", *spec.tmpfs]:
-        _ensure(_inside(spec, path), True)
-        sysns.mount("tmpfs", _inside(spec, path), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    for path, host_file in spec.etc_files.items():
-        _ensure(_inside(spec, path), False)
-        _bind(host_file, _inside(spec, path), True)
-    for volume in spec.volumes:
-        _ensure(_inside(spec, volume.target), os.path.isdir(volume.source))
-        _bind(volume.source, _inside(spec, volume.target), volume.read_only)
-    _mask(spec)
+        with root.target("/proc", True) as proc:
+            sysns.mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        _setup_dev(root)
+        try:
+            with root.target("/sys", True) as sys_dir:
+                sysns.mount("sysfs", sys_dir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except PermissionError:  # rootless without a network namespace of its own: the host's, read-only
+            _bind(root, "/sys", "/sys", True, True)
+        for path in ["/tmp", *spec.tmpfs]:
+            with root.target(path, True) as target:
+                sysns.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        for path, host_file in spec.etc_files.items():
+            _bind(root, host_file, path, False, True)
+        for volume in spec.volumes:
+            _bind(root, volume.source, volume.target, os.path.isdir(volume.source), volume.read_only)
+        _mask(root)
+    finally:
+        root.close()
     sysns.sethostname(spec.hostname)
     if spec.net_none:
         _loopback_up()
@@ -152,8 +244,9 @@ def setup_root(spec: ContainerSpec) -> None:
     os.chdir("/")
 
 
-def _exec_command(spec: ContainerSpec) -> None:
-    """Become the command: new session, no new privileges, podman's capabilities, the user."""
+def _exec_command(spec: ContainerSpec, syscall_filter: seccomp.Filter | None) -> None:
+    """Become the command: new session, no new privileges, podman's capabilities, the user, the
+    seccomp filter."""
     os.setsid()
     sysns.prctl(sysns.PR_SET_NO_NEW_PRIVS, 1)
     for cap in range(LAST_CAP + 1):
@@ -173,6 +266,8 @@ def _exec_command(spec: ContainerSpec) -> None:
     os.chdir(spec.cwd)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
+    if syscall_filter is not None:  # last: it applies to every call after it
+        syscall_filter.load()
     try:
         os.execvpe(spec.command[0], spec.command, spec.env)
     except FileNotFoundError:
@@ -203,16 +298,21 @@ def run_in_container(spec: ContainerSpec) -> None:
     """The container's first process (PID 1 of its PID namespace); never returns."""
     code = EXIT_LAUNCHER_ERROR
     try:
+        # The caller's open files, and the launcher's, stay out (as runc closes them): only 0-2
+        # and the fds asked for with --preserve-fds reach the container.
+        os.closerange(3 + spec.preserve_fds, os.sysconf("SC_OPEN_MAX"))
+        # Compiled while libseccomp is still in reach: the host's files are gone after setup.
+        syscall_filter = seccomp.compile_profile(spec.seccomp, set(KEPT_CAPS.values())) if spec.seccomp else None
         sysns.unshare(sysns.CLONE_NEWNS | sysns.CLONE_NEWUTS | sysns.CLONE_NEWIPC |
                       (sysns.CLONE_NEWNET if spec.net_none else 0))
         setup_root(spec)
         if not spec.init:
-            _exec_command(spec)
+            _exec_command(spec, syscall_filter)
         main_pid = os.fork()
         if main_pid == 0:
-            _exec_command(spec)
+            _exec_command(spec, syscall_filter)
         code = supervise(main_pid)[1]
-    except OSError as exc:
+    except Exception as exc:  # one line on the container's terminal, never a traceback
         print(f"pyunionfs: setting up the container failed: {exc}", file=sys.stderr)
     finally:
         os._exit(code)

@@ -25,6 +25,13 @@ MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 MNT_DETACH = 2
 
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_IN_ROOT = 0x10
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -65,3 +72,18 @@ def sethostname(name: str) -> None:
 
 def prctl(option: int, arg: int = 0) -> None:
     _check(lib.prctl(option, arg, 0, 0, 0), f"prctl {option}")
+
+
+def open_in_root(root_fd: int, path: str, flags: int, resolve: int = 0) -> int:
+    """openat2(2) of PATH with ROOT_FD as its root (RESOLVE_IN_ROOT): absolute symlinks and ".."
+    stay inside it, as they would for a process chrooted there; magic links are not followed."""
+    code = lib.ufs_openat2(root_fd, os.fsencode(path), flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | resolve)
+    if code < 0:
+        err = ffi.errno
+        raise OSError(err, os.strerror(err), path)
+    return code
+
+
+def make_read_only(fd: int) -> None:
+    """The mount FD is the root of, and every mount below it, read-only (mount_setattr(2))."""
+    _check(lib.ufs_mount_setattr(fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, MOUNT_ATTR_RDONLY), "mount_setattr")
