@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc uidmap
+packages=(fuse3 libfuse3-dev pkg-config gcc libc6-dev uidmap
           python3-dev python3-venv  # Debian's python: other users can run it (rootless tier)
           fuse-overlayfs busybox-static attr bubblewrap  # test oracles, fixtures, bench peers
-          podman runc)  # the podman tier: pyunionfs as containers/storage's mount program
+          podman runc  # the podman tier: pyunionfs as containers/storage's mount program
+          libseccomp2)  # the containers' seccomp filter
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

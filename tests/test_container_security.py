@@ -16,6 +16,7 @@ import pytest
 from mounts import PYUNIONFS
 from test_run import Launcher, chown_tree, launcher  # noqa: F401 (the fixture, for both tiers)
 from trees import checksum
+from unionfs.container import KEPT_CAPS
 
 PROBE_SOURCE = r"""
 #define _GNU_SOURCE
@@ -202,3 +203,16 @@ def test_profiles_are_checked_when_read():
                 '"args": [{"index": 9, "value": 0, "op": "SCMP_CMP_EQ"}]}]}'):
         with pytest.raises(ConfigError):
             seccomp.parse(bad, "bad.json")
+
+
+def test_capabilities_no_new_privs_and_a_read_only_sys(launcher):
+    """podman's default capability set is the bounding set, no_new_privs is on, /sys is
+    read-only and /proc's sensitive parts are masked or read-only."""
+    result = run_on(launcher, [], "--", "sh", "-c",
+                    "grep -E '^(CapBnd|NoNewPrivs):' /proc/self/status; touch /sys/x 2>&1; "
+                    "sh -c 'echo 1 > /proc/sys/vm/drop_caches' 2>&1; cat /proc/kcore | wc -c")
+    lines = result.stdout.splitlines()
+    kept = sum(1 << cap for cap in KEPT_CAPS)
+    assert lines[0] == f"CapBnd:\t{kept:016x}" and lines[1] == "NoNewPrivs:\t1"
+    assert "Read-only file system" in lines[2] and "Read-only file system" in lines[3]
+    assert lines[4].strip() == "0"

@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from mounts import PYUNIONFS, force_unmount, kernel_overlay, pyunionfs
+from mounts import PYUNIONFS, force_unmount, kernel_overlay, pyunionfs, tmpfs
 from trees import checksum
 
 
@@ -46,6 +46,9 @@ SWAP_STEPS = {
     "open O_TRUNC": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_TRUNC)),
     "append": lambda p: (lambda fd: (os.write(fd, b"x"), os.close(fd)))(os.open(p, os.O_WRONLY | os.O_APPEND)),
     "getxattr": lambda p: os.getxattr(p, "user.kept"),
+    "link": lambda p: os.link(p, p.with_name("linked")),
+    "rename": lambda p: os.rename(p, p.with_name("renamed")),
+    "unlink": lambda p: os.unlink(p),
 }
 
 
@@ -149,3 +152,21 @@ def test_a_metacopy_file_without_its_data_gives_eio_as_in_the_kernel(tmp_path, m
     with pyunionfs([lower], mnt, upper=upper, workdir=work):
         results["pyunionfs"] = _attempt(lambda: (mnt / "f").read_bytes())
     assert results == {"kernel": "EIO", "pyunionfs": "EIO"}
+
+
+def test_enospc_during_copy_up_leaves_no_half_file(tmp_path, mnt):
+    """A copy-up that runs out of space fails whole: the lower file is untouched, and neither the
+    upper nor the work directory keeps a part of the copy."""
+    lower, space = tmp_path / "lower", tmp_path / "space"
+    lower.mkdir()
+    (lower / "big").write_bytes(os.urandom(4 << 20))
+    before = checksum(lower)
+    with tmpfs(space):
+        subprocess.run(["mount", "-o", "remount,size=2m", str(space)], check=True)
+        (space / "upper").mkdir()
+        (space / "work").mkdir()
+        with pyunionfs([lower], mnt, upper=space / "upper", workdir=space / "work"):
+            assert _attempt(lambda: (mnt / "big").open("ab").close()) == "ENOSPC"
+            assert (mnt / "big").read_bytes()[:16] == (lower / "big").read_bytes()[:16]
+        assert os.listdir(space / "upper") == [] and os.listdir(space / "work" / "work") == []
+    assert checksum(lower) == before
