@@ -13,7 +13,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from unionfs.checks import mount_points
+from unionfs.fs.checks import mount_points
 
 # podman 4.3 on these hosts: crun refuses the hybrid cgroups, there is no CAP_SYS_RESOURCE for
 # podman's default rlimits, and no journald (see shared/reference/podman-and-containers-storage.md).

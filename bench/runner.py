@@ -17,7 +17,7 @@ from bench import podman
 from bench.dataset import Dataset
 from bench.systems import BWRAP_TRUE, BenchError, System, fill
 from bench.workloads import Context, Workload
-from unionfs.checks import mount_points
+from unionfs.fs.checks import mount_points
 
 MOUNT_TIMEOUT = 30.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

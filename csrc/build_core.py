@@ -1,4 +1,4 @@
-"""cffi builder for the C core (out-of-line API mode): `pip install .` compiles `unionfs._core`.
+"""cffi builder for the C core (out-of-line API mode): `pip install .` compiles `unionfs.fs._core`.
 
 The declarations come from csrc/unionfs_core.h itself, so the header stays the one contract.
 """
@@ -21,7 +21,7 @@ def header_declarations() -> str:
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(header_declarations())
 ffibuilder.set_source(
-    "unionfs._core",
+    "unionfs.fs._core",
     '#include "unionfs_core.h"',
     sources=[str((CSRC / name).relative_to(CSRC.parent)) for name in ("unionfs_core.c", "copy_up.c")],
     include_dirs=[str(CSRC.relative_to(CSRC.parent))],

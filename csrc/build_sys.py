@@ -1,4 +1,4 @@
-"""cffi builder for unionfs._sys: the namespace and mount system calls the launcher needs, which
+"""cffi builder for unionfs.runtime._sys: the namespace and mount system calls the launcher needs, which
 Python 3.11's os module lacks (unshare, setns, mount, umount2, pivot_root, sethostname, prctl,
 openat2, mount_setattr)."""
 import cffi
@@ -18,7 +18,7 @@ ffibuilder.cdef("""
     int ufs_mount_setattr(int dirfd, const char *path, unsigned int flags, unsigned long long attr_set);
 """)
 ffibuilder.set_source(
-    "unionfs._sys",
+    "unionfs.runtime._sys",
     """
     #define _GNU_SOURCE
     #include <sched.h>

@@ -1,6 +1,6 @@
 /*
  * fuse_shim.c: loaded into the pyunionfs daemon (RTLD_GLOBAL, before pyfuse3, so that pyfuse3's
- * calls to these functions bind here; see unionfs/shim.py) for what pyfuse3 cannot express or
+ * calls to these functions bind here; see unionfs/fs/shim.py) for what pyfuse3 cannot express or
  * what costs a Python round trip for nothing. It wraps fuse_session_new(), through which pyfuse3
  * registers its handlers, to
  *  - add a fallocate handler (pyfuse3 has none),
@@ -61,7 +61,7 @@ static int grow_zeroed(void **table, size_t *count, size_t index, size_t size)
     return 0;
 }
 
-/* The layer file behind each open file handle, as unionfs/file.py publishes it (handles are
+/* The layer file behind each open file handle, as unionfs/fs/file.py publishes it (handles are
    small numbers, reused): reads and writes are served here, and fallocate needs it. */
 struct open_file {
     int open; /* 0: no layer file (a zeroed entry), or closed */
@@ -157,7 +157,7 @@ static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     reply_err(req, ENOSYS);
 }
 
-/* Without OPENDIR a listing arrives with handle 0: hand unionfs/fs.py the node id instead, which
+/* Without OPENDIR a listing arrives with handle 0: hand unionfs/fs/ops.py the node id instead, which
    is what its own opendir returns as the handle. */
 static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                              struct fuse_file_info *fi)
@@ -167,7 +167,7 @@ static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t 
     python_readdirplus(req, ino, size, off, &with_handle);
 }
 
-/* A bit per node id whose object has no extended attribute a user can see, as unionfs/union.py
+/* A bit per node id whose object has no extended attribute a user can see, as unionfs/fs/union.py
    found it: GETXATTR for those (ls -l asks for ACLs and security labels of every file) is
    answered ENODATA here, without a round trip into Python. Python sets and clears the bits, from
    the thread that also runs the handlers. Node ids are never reused. */

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from launchers import ROOTLESS_USER, Launcher, build_image, unprivileged_launcher
 from mounts import daemons_for, force_unmount, is_mounted
 
 
@@ -44,3 +45,20 @@ def shared_tmp() -> Path:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["root", "rootless"])
+def launcher(request, tmp_path_factory) -> Launcher:
+    """`pyunionfs run` on a busybox image, as root and (the rootless tier) as the unprivileged user."""
+    if request.param == "root":
+        scratch = tmp_path_factory.mktemp("run")
+        yield Launcher(build_image(scratch / "image"), scratch)
+        return
+    user = os.environ.get(ROOTLESS_USER)
+    if not user:
+        pytest.skip(f"the rootless tier needs an unprivileged user with subuid ranges in ${ROOTLESS_USER} "
+                    "(scripts/test.sh creates one)")
+    # Under /tmp, not pytest's 0700 base directory, which the user could not enter.
+    scratch = Path(tempfile.mkdtemp(prefix="pyunionfs-rootless-test."))
+    yield unprivileged_launcher(user, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Iterator, Sequence
 
 from bench.runner import command_lines
-from unionfs.checks import mount_points
+from unionfs.fs.checks import mount_points
 
 PYUNIONFS = str(Path(sys.executable).with_name("pyunionfs"))
 

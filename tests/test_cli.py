@@ -11,7 +11,7 @@ import pytest
 
 from mounts import PYUNIONFS, daemons_for, force_unmount, is_mounted, pyunionfs, stop, tmpfs
 from trees import checksum
-from unionfs.options import MountConfig, apply_option_string
+from unionfs.fs.options import MountConfig, apply_option_string
 
 
 @pytest.fixture

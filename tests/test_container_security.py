@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from mounts import PYUNIONFS
-from test_run import Launcher, chown_tree, launcher  # noqa: F401 (the fixture, for both tiers)
+from launchers import Launcher, chown_tree
 from trees import checksum
-from unionfs.container import KEPT_CAPS
+from unionfs.runtime.container import KEPT_CAPS
 
 PROBE_SOURCE = r"""
 #define _GNU_SOURCE
@@ -190,8 +190,8 @@ def test_bad_run_options_are_one_line_before_anything_is_made(launcher, options)
 
 
 def test_profiles_are_checked_when_read():
-    from unionfs import seccomp
-    from unionfs.options import ConfigError
+    from unionfs.runtime import seccomp
+    from unionfs.errors import ConfigError
 
     good = seccomp.parse('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], '
                          '"action": "SCMP_ACT_ALLOW", "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]}]}',

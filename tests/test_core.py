@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from trees import make_opaque, make_whiteout, make_xwhiteout
-from unionfs import core
-from unionfs.layers import ROOT_PATH, LayerStack
+from unionfs.fs import core
+from unionfs.fs.layers import ROOT_PATH, LayerStack
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import pytest
 
 from mounts import PYUNIONFS, helper_mount, overlay_options
 from trees import ACL_ACCESS, as_user, grant_to_nobody, reads_as_nobody
-from unionfs.options import ConfigError, MountConfig, apply_option_string
+from unionfs.errors import ConfigError
+from unionfs.fs.options import MountConfig, apply_option_string
 
 FUSE_OVERLAYFS = "fuse-overlayfs"
 

@@ -15,7 +15,7 @@ import pytest
 
 from bench import podman
 from mounts import PYUNIONFS
-from test_run import ROOTLESS_USER, build_image
+from launchers import ROOTLESS_USER, build_image
 
 pytestmark = pytest.mark.skipif(not podman.available(), reason="podman and runc are not installed")
 

@@ -157,7 +157,7 @@ def test_paths_near_path_max(tmp_path, mnt):
 
 
 def test_node_ids_are_kept_apart_from_st_ino(tmp_path, mnt):
-    from unionfs.inodes import SEPARATE_NODE_IDS
+    from unionfs.fs.inodes import SEPARATE_NODE_IDS
 
     assert SEPARATE_NODE_IDS, "pyfuse3's EntryAttributes layout changed: node id and st_ino are one"
     (layer,) = layer_dirs(tmp_path, 1)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mounts import PYUNIONFS, daemons_for
-from test_run import ROOTLESS_USER as ROOTLESS_USER_VARIABLE
+from launchers import ROOTLESS_USER as ROOTLESS_USER_VARIABLE
 
 USER_STEPS = r'''
 import hashlib, json, os, stat, sys

@@ -1,7 +1,7 @@
 """The rootless launcher's id maps, without a namespace: /etc/subuid parsing and map arguments."""
 from __future__ import annotations
 
-from unionfs.userns import IdRange, id_map, subordinate_range
+from unionfs.runtime.userns import IdRange, id_map, subordinate_range
 
 
 def test_subordinate_range_by_name_or_id(tmp_path):

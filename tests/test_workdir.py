@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from unionfs.workdir import SPARE_FILES, WORK_SUBDIR, SpareFiles, WorkDir
+from unionfs.fs.workdir import SPARE_FILES, WORK_SUBDIR, SpareFiles, WorkDir
 
 
 def _spares_open(work: str) -> int:

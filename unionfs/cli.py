@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import logging
 import os
 import sys
 from typing import NoReturn, Sequence
 
 from unionfs import __version__
-from unionfs.container import EXIT_LAUNCHER_ERROR
-from unionfs.options import ConfigError, MountConfig, apply_option_string
+from unionfs.runtime.container import EXIT_LAUNCHER_ERROR
+from unionfs.errors import ConfigError
+from unionfs.fs import serve
+from unionfs.fs.options import MountConfig, apply_option_string
 
 
 
@@ -29,8 +30,6 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-d", "--debug", dest="debug", action="store_true",
                         help="log debug output (implies -f; also -o debug)")
-    # For `pyunionfs run`: an inherited pipe on which the server says "ok" once the mount is live.
-    parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
 
 
 def _mount_parser() -> argparse.ArgumentParser:
@@ -89,8 +88,8 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace):
-    from unionfs.container import ContainerSpec, Volume
-    from unionfs.launcher import RunConfig
+    from unionfs.runtime.container import ContainerSpec, Volume
+    from unionfs.runtime.launcher import RunConfig
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -156,7 +155,7 @@ def _check_destination(what: str, target: str) -> None:
 
 def _seccomp_profile(options: list[str]):
     """The seccomp profile --security-opt asks for: pyunionfs's default, a file, or none."""
-    from unionfs import seccomp
+    from unionfs.runtime import seccomp
 
     profile = seccomp.default()
     for option in options:
@@ -204,15 +203,11 @@ def run(argv: Sequence[str]) -> int:
     if argv and argv[0] == "run":
         # The launcher never imports pyfuse3 or trio: it makes namespaces, which a process
         # with threads cannot enter, and runs the filesystem server as a process of its own.
-        from unionfs import launcher
+        from unionfs.runtime import launcher
 
         return launcher.run(_run_config(_run_parser().parse_args(argv[1:])))
-    # Imported only here, so that `--help` and bad input do not pay for pyfuse3 and trio, and
-    # after the shim is loaded, which must come before pyfuse3.
     if argv and argv[0] == "umount":
-        from unionfs import daemon
-
-        daemon.unmount(_umount_parser().parse_args(argv[1:]).mountpoint)
+        serve.unmount(_umount_parser().parse_args(argv[1:]).mountpoint)
         return 0
     if argv and argv[0] == "mount":
         args = _mount_parser().parse_args(argv[1:])
@@ -222,15 +217,7 @@ def run(argv: Sequence[str]) -> int:
         if len(args.paths) > 2:
             raise ConfigError("expected [SOURCE] MOUNTPOINT")
         config = _config_from(args, args.paths[-1], *args.paths[:-1])
-    from unionfs import shim
-
-    shim.load()
-    from unionfs import daemon
-
-    debug = args.debug or config.debug
-    if debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
-    return daemon.serve(config, foreground=args.foreground or debug, debug=debug, ready_fd=args.ready_fd)
+    return serve.serve(config, foreground=args.foreground, debug=args.debug or config.debug)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from unionfs import syscalls
+from unionfs.fs import syscalls
 
 WHITEOUT_DEV = os.makedev(0, 0)
 OCI_PREFIX = b".wh."  # an OCI/AUFS whiteout marker: ".wh.NAME" hides NAME

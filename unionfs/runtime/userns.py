@@ -14,8 +14,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from unionfs import sysns
-from unionfs.options import ConfigError
+from unionfs.runtime import sysns
+from unionfs.errors import ConfigError
 
 SUBUID_FILE = "/etc/subuid"
 SUBGID_FILE = "/etc/subgid"

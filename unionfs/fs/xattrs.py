@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import stat
 
-from unionfs import syscalls
+from unionfs.fs import syscalls
 
 # trusted.* is the kernel's namespace for a privileged mount, user.* for an unprivileged one
 # (userxattr); layers can carry either, and neither is the user's data.

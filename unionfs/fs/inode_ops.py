@@ -7,11 +7,11 @@ import os
 
 import pyfuse3
 
-from unionfs import syscalls, xattrs
-from unionfs.file import OpenFile
-from unionfs.inodes import Node
-from unionfs.namei import fail
-from unionfs.union import Union
+from unionfs.fs import syscalls, xattrs
+from unionfs.fs.file import OpenFile
+from unionfs.fs.inodes import Node
+from unionfs.fs.namei import fail
+from unionfs.fs.union import Union
 
 
 async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

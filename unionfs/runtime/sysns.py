@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from unionfs._sys import ffi, lib
+from unionfs.runtime._sys import ffi, lib
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from unionfs import core
+from unionfs.fs import core
 
 ORIGIN = b"overlay.origin"
 FB_VERSION, FB_MAGIC = 0, 0xFB

@@ -10,11 +10,11 @@ from typing import Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import pyfuse3
 
-from unionfs import dirops, inode_ops, shim
-from unionfs.dirops import Caller
-from unionfs.file import OpenFile, open_file
-from unionfs.inodes import Node, negative_entry
-from unionfs.union import Union
+from unionfs.fs import dirops, inode_ops, shim
+from unionfs.fs.dirops import Caller
+from unionfs.fs.file import OpenFile, open_file
+from unionfs.fs.inodes import Node, negative_entry
+from unionfs.fs.union import Union
 
 log = logging.getLogger("pyunionfs")
 T = TypeVar("T")

@@ -10,8 +10,8 @@ import os
 import stat
 import threading
 
-from unionfs import syscalls
-from unionfs.options import ConfigError
+from unionfs.fs import syscalls
+from unionfs.errors import ConfigError
 
 WORK_SUBDIR = b"work"
 INDEX_SUBDIR = b"index"  # upper copies of lower hard links, by origin (kernel's index=on format)

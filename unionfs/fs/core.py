@@ -5,7 +5,7 @@ import errno
 import os
 from typing import Any, NamedTuple, Sequence
 
-from unionfs._core import ffi, lib
+from unionfs.fs._core import ffi, lib
 
 MAX_LAYERS: int = lib.UFS_MAX_LAYERS
 LAYER_OCI: int = lib.UFS_LAYER_OCI

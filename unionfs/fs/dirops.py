@@ -8,13 +8,13 @@ import os
 import stat
 from typing import Callable, NamedTuple
 
-from unionfs import syscalls
-from unionfs.inodes import Node
-from unionfs.namei import REDIRECT, UPPER_BIT, fail
-from unionfs.union import Union
-from unionfs.whiteout import NAME_MAX, adopt_oci_whiteout, is_oci_marker, is_whiteout, make_whiteout, set_opaque
-from unionfs.syscalls import SELF
-from unionfs.xattrs import set_override
+from unionfs.fs import syscalls
+from unionfs.fs.inodes import Node
+from unionfs.fs.namei import REDIRECT, UPPER_BIT, fail
+from unionfs.fs.union import Union
+from unionfs.fs.whiteout import NAME_MAX, adopt_oci_whiteout, is_oci_marker, is_whiteout, make_whiteout, set_opaque
+from unionfs.fs.syscalls import SELF
+from unionfs.fs.xattrs import set_override
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2

@@ -15,9 +15,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from unionfs import checks, sysns, userns
-from unionfs.container import EXIT_LAUNCHER_ERROR, ContainerSpec, run_in_container, supervise
-from unionfs.options import ConfigError
+from unionfs.errors import ConfigError
+from unionfs.fs import checks, serve
+from unionfs.fs.options import MountConfig
+from unionfs.runtime import sysns, userns
+from unionfs.runtime.container import EXIT_LAUNCHER_ERROR, ContainerSpec, run_in_container, supervise
 
 MOUNT_TIMEOUT = 30.0
 
@@ -57,8 +59,7 @@ def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) 
     pipe it reports on. A fork, not a new interpreter: what the launcher imported is not imported
     again, and only the child imports pyfuse3 and trio."""
     ready_r, ready_w = os.pipe()
-    argv = ["mount", *[f"--lower={d}" for d in lowers], f"--upper={upper}", f"--workdir={workdir}",
-            mountpoint, "-f", f"--ready-fd={ready_w}"]
+    config = MountConfig(lowers=lowers, mountpoint=mountpoint, upper=upper, workdir=workdir)
     sys.stdout.flush()  # the child must not write out the launcher's buffered output again
     sys.stderr.flush()
     pid = _fork_dying_with_launcher()
@@ -68,11 +69,7 @@ def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) 
             os.close(ready_r)
             with open("/proc/self/comm", "w") as comm:  # a fork shares the launcher's command line
                 comm.write(SERVER_NAME)
-            from unionfs import cli
-
-            code = cli.main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else EXIT_LAUNCHER_ERROR
+            code = serve.serve(config, foreground=True, ready_fd=ready_w)
         except BaseException as exc:  # a bug: one line on the container's terminal, no traceback
             print(f"pyunionfs: the filesystem server failed: {exc!r}", file=sys.stderr)
         finally:

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from unionfs import core, syscalls, xattrs
-from unionfs.syscalls import SELF
+from unionfs.fs import core, syscalls, xattrs
+from unionfs.fs.syscalls import SELF
 
 # st_ino = fsid << INO_SHIFT | inode number in that filesystem, as kernel overlayfs's xino does:
 # layers on the same filesystem share an fsid, so one object has one number; layers on different

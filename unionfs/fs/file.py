@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from unionfs import shim
-from unionfs.inodes import Node
-from unionfs.union import Union
+from unionfs.fs import shim
+from unionfs.fs.inodes import Node
+from unionfs.fs.union import Union
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 

@@ -5,8 +5,9 @@ import errno
 import os
 import stat
 
-from unionfs.core import MAX_LAYERS
-from unionfs.options import ConfigError, MountConfig
+from unionfs.fs.core import MAX_LAYERS
+from unionfs.errors import ConfigError
+from unionfs.fs.options import MountConfig
 
 FUSE_DEVICE = "/dev/fuse"
 FUSE_DEVICE_NUMBER = os.makedev(10, 229)

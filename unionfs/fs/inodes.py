@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from unionfs.core import Attr, Found
-from unionfs.idmap import IdMap
-from unionfs.layers import ROOT_PATH
-from unionfs.options import DEFAULT_TIMEOUT
+from unionfs.fs.core import Attr, Found
+from unionfs.fs.idmap import IdMap
+from unionfs.fs.layers import ROOT_PATH
+from unionfs.fs.options import DEFAULT_TIMEOUT
 
 ROOT_ID: int = pyfuse3.ROOT_INODE
 

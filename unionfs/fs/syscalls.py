@@ -16,7 +16,7 @@ import os
 import shutil
 from typing import Iterator
 
-from unionfs import core
+from unionfs.fs import core
 
 SELF = b""  # the NAME that stands for DIR_FD's own object
 

@@ -16,7 +16,7 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
-from unionfs.options import ConfigError
+from unionfs.errors import ConfigError
 
 EPERM, ENOSYS, EINVAL = errno.EPERM, errno.ENOSYS, errno.EINVAL
 CLONE_NAMESPACE_FLAGS = {"CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
@@ -173,7 +173,7 @@ class Filter:
 
 def compile_profile(profile: Profile, caps: set[str]) -> Filter:
     """PROFILE compiled for a process with capabilities CAPS."""
-    from unionfs._seccomp_lib import NR_SCMP_ERROR, open_library
+    from unionfs.runtime._seccomp_lib import NR_SCMP_ERROR, open_library
 
     ffi, lib = open_library()
     data = profile.data

@@ -9,14 +9,14 @@ import os
 import stat
 from typing import TYPE_CHECKING, Any, Iterator
 
-from unionfs import core, origin, syscalls
-from unionfs.inodes import Node
-from unionfs.layers import ROOT_PATH, LayerStack
-from unionfs.syscalls import SELF
-from unionfs.workdir import WorkDir
+from unionfs.fs import core, origin, syscalls
+from unionfs.fs.inodes import Node
+from unionfs.fs.layers import ROOT_PATH, LayerStack
+from unionfs.fs.syscalls import SELF
+from unionfs.fs.workdir import WorkDir
 
 if TYPE_CHECKING:
-    from unionfs.file import OpenFile
+    from unionfs.fs.file import OpenFile
 
 UPPER = 0  # the upper layer, when there is one, is layer 0
 UPPER_BIT = 1 << UPPER
@@ -87,7 +87,7 @@ class Namei:
 
     @contextlib.contextmanager
     def object_at(self, node: Node, handle: OpenFile | None = None) -> Iterator[tuple[int, bytes]]:
-        """(dir_fd, name) of NODE's object for the calls in unionfs/syscalls.py; for a removed
+        """(dir_fd, name) of NODE's object for the calls in unionfs/fs/syscalls.py; for a removed
         file that is still open, (fd, SELF) of one of its open files (HANDLE first, then those
         open for writing)."""
         if node.name is None and node.parent is not None:

@@ -29,7 +29,7 @@ def load() -> bool:
     global _loaded
     if "pyfuse3" in sys.modules or os.environ.get(DISABLE):
         return False
-    spec = importlib.util.find_spec("unionfs._fuse_shim")
+    spec = importlib.util.find_spec("unionfs.fs._fuse_shim")
     if spec is None or not spec.origin:
         return False
     _loaded = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)

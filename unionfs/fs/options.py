@@ -4,11 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from unionfs.idmap import MAX_ID, IdMap, MappedRange, overflow_id, parse_ranges
-
-
-class ConfigError(Exception):
-    """Bad input from the user: reported as one line, with a non-zero exit."""
+from unionfs.errors import ConfigError
+from unionfs.fs.idmap import MAX_ID, IdMap, MappedRange, overflow_id, parse_ranges
 
 
 # Options the kernel or libfuse understands: passed on to the FUSE mount.

@@ -4,20 +4,19 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import shutil
 import signal
-import subprocess
 import sys
 
 import pyfuse3
 import trio
 
-from unionfs import checks
-from unionfs.fs import UnionOperations
-from unionfs.inodes import AttrView
-from unionfs.layers import LayerStack
-from unionfs.options import ConfigError, MountConfig
-from unionfs.union import Union
+from unionfs.fs import checks
+from unionfs.fs.ops import UnionOperations
+from unionfs.fs.inodes import AttrView
+from unionfs.fs.layers import LayerStack
+from unionfs.errors import ConfigError
+from unionfs.fs.options import MountConfig
+from unionfs.fs.union import Union
 
 log = logging.getLogger("pyunionfs")
 
@@ -131,16 +130,3 @@ def _detach_stdio() -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-
-
-def unmount(mountpoint: str) -> None:
-    """Unmount a union (the daemon then exits by itself)."""
-    path = os.path.abspath(mountpoint)
-    if path not in checks.mount_points():
-        raise ConfigError(f"not mounted: {path}")
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", path] if tool else ["umount", path]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        detail = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
-        raise ConfigError(f"unmounting {path} failed: {detail}")

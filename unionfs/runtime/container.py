@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from unionfs import seccomp, sysns
-from unionfs.sysns import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC
+from unionfs.runtime import seccomp, sysns
+from unionfs.runtime.sysns import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC
 
 HOST_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",

@@ -12,13 +12,13 @@ from typing import Iterator
 import pyfuse3
 import trio
 
-from unionfs import core, shim, syscalls, xattrs
-from unionfs.copy_up import build_copy, fill_metacopy
-from unionfs.inodes import AttrView, InodeTable, Node, name_only_entry
-from unionfs.layers import ROOT_PATH, LayerStack
-from unionfs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
-from unionfs.syscalls import SELF
-from unionfs.workdir import WorkDir
+from unionfs.fs import core, shim, syscalls, xattrs
+from unionfs.fs.copy_up import build_copy, fill_metacopy
+from unionfs.fs.inodes import AttrView, InodeTable, Node, name_only_entry
+from unionfs.fs.layers import ROOT_PATH, LayerStack
+from unionfs.fs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
+from unionfs.fs.syscalls import SELF
+from unionfs.fs.workdir import WorkDir
 
 
 def node_found(node: Node, attr: core.Attr) -> core.Found:

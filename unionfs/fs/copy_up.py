@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import stat
 
-from unionfs import core, origin, syscalls, xattrs
-from unionfs.workdir import WorkDir
+from unionfs.fs import core, origin, syscalls, xattrs
+from unionfs.fs.workdir import WorkDir
 
 
 def read_xattrs(dir_fd: int, name: bytes) -> list[tuple[bytes, bytes]]:
