@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from unionfs.errors import EXIT_LAUNCHER_ERROR, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND
 from unionfs.runtime import seccomp, sysns
 from unionfs.runtime.sysns import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC
 
@@ -33,8 +34,6 @@ KEPT_CAPS = {0: "CAP_CHOWN", 1: "CAP_DAC_OVERRIDE", 3: "CAP_FOWNER", 4: "CAP_FSE
 LAST_CAP = 40
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                      signal.SIGUSR2, signal.SIGWINCH)
-# Exit statuses of `pyunionfs run` that are not the command's own, as in podman.
-EXIT_LAUNCHER_ERROR, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 125, 126, 127
 
 
 @dataclass

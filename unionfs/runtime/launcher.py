@@ -15,11 +15,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from unionfs.errors import ConfigError
+from unionfs.errors import EXIT_LAUNCHER_ERROR, ConfigError
 from unionfs.fs import checks, serve
 from unionfs.fs.options import MountConfig
 from unionfs.runtime import sysns, userns
-from unionfs.runtime.container import EXIT_LAUNCHER_ERROR, ContainerSpec, run_in_container, supervise
+from unionfs.runtime.container import ContainerSpec, run_in_container, supervise
 
 MOUNT_TIMEOUT = 30.0
 
