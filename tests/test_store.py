@@ -3,6 +3,7 @@ kernel's format from crafted, hostile tarballs: nothing is ever written outside 
 archive that cannot be stored leaves nothing stored."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from launchers import build_image
 from mounts import PYUNIONFS, kernel_overlay
@@ -25,15 +27,20 @@ def pyunionfs(root: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=120, **kwargs)
 
 
-def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+def one_line_error(result: subprocess.CompletedProcess, *words: str, code: int = 1) -> None:
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("pyunionfs: "), result.stderr
+    assert result.returncode == code and len(lines) == 1 and lines[0].startswith("pyunionfs: "), result.stderr
     for word in words:
         assert word in lines[0], lines[0]
 
 
 def stored_layers(root: Path) -> list[str]:
     return sorted(name for name in os.listdir(root / "layers") if name != ".staging")
+
+
+def layer_tree(root: Path, layer: str) -> Path:
+    """A stored layer's tree, as overlay mounts take it."""
+    return root / "layers" / layer.removeprefix("sha256:") / "diff"
 
 
 def tarball(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], fmt=tarfile.PAX_FORMAT) -> Path:
@@ -78,7 +85,7 @@ def test_import_images_tag_inspect_rmi(image_tar, tmp_path):
     assert inspected["Id"] == image_id and inspected["RepoTags"] == ["localhost/busybox:latest", "localhost/other:1"]
     (layer,) = stored_layers(root)
     assert "sha256:" + layer == inspected["RootFS"]["diff_ids"][0]
-    assert (root / "layers" / layer / "bin" / "busybox").is_file()
+    assert (layer_tree(root, layer) / "bin" / "busybox").is_file()
     removed = pyunionfs(root, "rmi", "other:1")
     assert removed.stdout == "Untagged: localhost/other:1\n" and stored_layers(root) == [layer]
     removed = pyunionfs(root, "rmi", "busybox")
@@ -117,7 +124,7 @@ def test_whiteouts_and_metadata_in_the_kernels_format(tmp_path, mnt):
     ])
     root = tmp_path / "store"
     assert pyunionfs(root, "import", str(archive)).returncode == 0
-    layer = root / "layers" / stored_layers(root)[0]
+    layer = layer_tree(root, stored_layers(root)[0])
     st = os.stat(layer / "d")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o2775)
     assert stat.S_IMODE(os.stat(layer / "d" / "suid").st_mode) == 0o4755
@@ -180,14 +187,17 @@ def test_truncated_and_absurd_archives_store_nothing(image_tar, tmp_path):
     absurd.write_bytes(huge.tobuf(tarfile.PAX_FORMAT) + b"x" * 1024)
     one_line_error(pyunionfs(root, "import", str(absurd)))
     one_line_error(pyunionfs(root, "import", str(tmp_path / "missing.tar")), "cannot read")
+    for name, compress in (("corrupt.tar.gz", gzip.compress), ("corrupt.tar.zst", zstandard.ZstdCompressor().compress)):
+        packed = bytearray(compress(data))
+        packed[len(packed) // 2: len(packed) // 2 + 64] = bytes(64)  # a run of the stream zeroed
+        (tmp_path / name).write_bytes(bytes(packed))
+        one_line_error(pyunionfs(root, "import", str(tmp_path / name)), "corrupt")
     assert stored_layers(root) == [] and os.listdir(root / "layers" / ".staging") == []
 
 
 def test_gzip_and_zstd_layers(image_tar, tmp_path):
     root = tmp_path / "store"
     subprocess.run(["gzip", "-k", str(image_tar)], check=True)
-    import zstandard
-
     (tmp_path / "busybox.tar.zst").write_bytes(zstandard.ZstdCompressor().compress(image_tar.read_bytes()))
     ids = {pyunionfs(root, "import", str(path)).stdout.strip()
            for path in (image_tar, tmp_path / "busybox.tar.gz", tmp_path / "busybox.tar.zst")}

@@ -5,18 +5,23 @@ containers/storage use (`pyunionfs [SOURCE] MOUNTPOINT -o lowerdir=...`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, NoReturn, Sequence
 
 from unionfs import __version__, present
 from unionfs.errors import EXIT_LAUNCHER_ERROR, ConfigError
 from unionfs.fs import serve
 from unionfs.fs.options import MountConfig, apply_option_string
+
+if TYPE_CHECKING:
+    from unionfs.store.store import Store
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -82,32 +87,285 @@ def umount(argv: list[str], root: str | None) -> int:
 
 # ---- containers ----
 
+def _container_parser(command: str, description: str, usage: str) -> OneLineParser:
+    from unionfs.runtime import runopts
+
+    parser = _parser(command, description, usage)
+    parser.add_argument("--name", help="the container's name (default: a made-up one)")
+    parser.add_argument("--entrypoint", help="instead of the image's: a command, or a JSON list")
+    runopts.add_run_options(parser)
+    return parser
+
+
+def _entrypoint(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return [text]
+    return parsed if isinstance(parsed, list) and all(isinstance(part, str) for part in parsed) else [text]
+
+
+def _image_and_command(rest: list[str]) -> tuple[str, list[str]]:
+    if not rest:
+        raise ConfigError("no image given")
+    image, command = rest[0], rest[1:]
+    return image, command[1:] if command[:1] == ["--"] else command
+
+
 def run(argv: list[str], root: str | None) -> int:
     # The launcher never imports pyfuse3 or trio: it makes namespaces, which a process with
     # threads cannot enter, and runs the filesystem server as a process of its own.
-    from unionfs.runtime import launcher, runopts
+    from unionfs.runtime import containers, launcher, runopts
 
-    parser = _parser("run", "Run a command in new namespaces with the union as its root.",
-                     "pyunionfs run --lower DIR [--lower DIR ...] [options] -- CMD [ARGS...]")
-    parser.add_argument("--lower", action="append", required=True, metavar="DIR", help="image layer, top first")
-    parser.add_argument("--upper", metavar="DIR", help="the container's writable layer (default: a temporary one)")
-    parser.add_argument("--workdir", metavar="DIR", help="the overlay work directory for --upper")
-    runopts.add_run_options(parser)
-    parser.add_argument("command", nargs=argparse.REMAINDER)
+    parser = _container_parser(
+        "run", "Run a command in a new container of an image, or on layers given by hand.",
+        "pyunionfs run [options] IMAGE [CMD...]\n"
+        "       pyunionfs run --lower DIR [--lower DIR ...] [--upper U --workdir W] [options] -- CMD...")
+    parser.add_argument("-d", "--detach", action="store_true", help="run in the background; print its ID")
+    parser.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    parser.add_argument("--lower", action="append", metavar="DIR", help="a layer given by hand, top first")
+    parser.add_argument("--upper", metavar="DIR", help="with --lower: the writable layer (default: a temporary one)")
+    parser.add_argument("--workdir", metavar="DIR", help="with --lower: the overlay work directory for --upper")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [CMD...]")
     args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise ConfigError("no command given (pyunionfs run ... -- CMD)")
-    spec = runopts.container_spec(args, command)
-    return launcher.run(launcher.RunConfig(
-        lowers=[os.path.abspath(d) for d in args.lower], command=command,
-        upper=args.upper and os.path.abspath(args.upper), workdir=args.workdir and os.path.abspath(args.workdir),
-        rootless=args.rootless, spec=spec))
+    if args.lower:
+        command = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        if not command:
+            raise ConfigError("no command given (pyunionfs run --lower DIR ... -- CMD)")
+        spec = runopts.container_spec(args, command)
+        return launcher.run(launcher.RunConfig(
+            lowers=[os.path.abspath(d) for d in args.lower], command=command,
+            upper=args.upper and os.path.abspath(args.upper),
+            workdir=args.workdir and os.path.abspath(args.workdir), rootless=args.rootless, spec=spec))
+    image, command = _image_and_command(args.rest)
+    store = _store(root)
+    container_id = containers.create(store, image, args.name, _run_options(args), _entrypoint(args.entrypoint),
+                                     command)
+    if args.detach:
+        containers.start(store, container_id, attach=False, remove=args.rm)
+        print(container_id)
+        return 0
+    return containers.start(store, container_id, attach=True, remove=args.rm)
+
+
+def _run_options(args: argparse.Namespace) -> argparse.Namespace:
+    """The options a container keeps for its starts: those of add_run_options()."""
+    from unionfs.runtime import runopts
+
+    reference = argparse.ArgumentParser(add_help=False)
+    runopts.add_run_options(reference)
+    return argparse.Namespace(**{action.dest: getattr(args, action.dest) for action in reference._actions})
+
+
+def create(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _container_parser("create", "Create a container of an image (state Created); print its ID.",
+                               "pyunionfs create [options] IMAGE [CMD...]")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [CMD...]")
+    args = parser.parse_args(argv)
+    image, command = _image_and_command(args.rest)
+    print(containers.create(_store(root), image, args.name, _run_options(args), _entrypoint(args.entrypoint),
+                            command))
+    return 0
+
+
+def start(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("start", "Start containers (in the background unless -a).")
+    parser.add_argument("-a", "--attach", action="store_true", help="in the foreground; exit with its exit code")
+    parser.add_argument("containers", nargs="+", metavar="CONTAINER")
+    args = parser.parse_args(argv)
+    if args.attach:
+        if len(args.containers) > 1:
+            raise ConfigError("start -a takes one container")
+        store = _store(root)
+        return containers.start(store, store.resolve_container(args.containers[0]), attach=True)
+    return _for_each(root, args.containers,
+                     lambda store, container_id: containers.start(store, container_id, attach=False))
+
+
+def ps(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+    from unionfs.store.store import SHORT_ID
+
+    parser = _parser("ps", "List running containers (all of them with -a).")
+    parser.add_argument("-a", "--all", action="store_true", help="also created and exited ones")
+    parser.add_argument("-q", "--quiet", action="store_true", help="container IDs only")
+    args = parser.parse_args(argv)
+    store = _store(root)
+    rows = []
+    for container in store.containers():
+        container = containers.state(store, container["id"])
+        if not args.all and container["state"] != "running":
+            continue
+        if args.quiet:
+            rows.append([container["id"][:SHORT_ID]])
+            continue
+        image = store.image(container["image"])
+        command = " ".join(container["config"]["command"])
+        rows.append([container["id"][:SHORT_ID], (image["names"] or [image["id"][:SHORT_ID]])[0],
+                     command if len(command) <= 20 else command[:17] + "...",
+                     present.human_ago(container["created"]), _status(container), container["name"]])
+    if args.quiet:
+        print("\n".join(row[0] for row in rows))
+    else:
+        present.table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"], rows)
+    return 0
+
+
+def _status(container: dict) -> str:
+    """podman's STATUS: Created, Up 5 seconds, Exited (0) 3 minutes ago."""
+    if container["state"] == "running":
+        return f"Up {present.human_duration(container['started'])}"
+    if container["state"] == "exited":
+        return f"Exited ({container['exit_code']}) {present.human_ago(container['finished'])}"
+    return "Created"
+
+
+def _for_each(root: str | None, references: list[str], action: Callable[[Store, str], object],
+              print_id: bool = False) -> int:
+    """ACTION on each container named, printing its name as given (or its ID), as podman does."""
+    store = _store(root)
+    for reference in references:
+        container_id = store.resolve_container(reference)
+        action(store, container_id)
+        print(container_id if print_id else reference)
+    return 0
+
+
+def stop(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("stop", "Stop containers: their stop signal, then SIGKILL after a timeout.")
+    parser.add_argument("-t", "--time", type=int, default=containers.DEFAULT_STOP_TIMEOUT, metavar="SECONDS")
+    parser.add_argument("containers", nargs="+", metavar="CONTAINER")
+    args = parser.parse_args(argv)
+    return _for_each(root, args.containers,
+                     lambda store, container_id: containers.stop(store, container_id, args.time))
+
+
+def kill(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("kill", "Send a signal to containers' commands.")
+    parser.add_argument("-s", "--signal", default="KILL", metavar="SIGNAL")
+    parser.add_argument("containers", nargs="+", metavar="CONTAINER")
+    args = parser.parse_args(argv)
+    signum = containers.signal_number(args.signal)
+    return _for_each(root, args.containers,
+                     lambda store, container_id: containers.kill(store, container_id, signum))
+
+
+def rm(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("rm", "Remove containers, with what they wrote.")
+    parser.add_argument("-f", "--force", action="store_true", help="kill running ones first")
+    parser.add_argument("containers", nargs="+", metavar="CONTAINER")
+    args = parser.parse_args(argv)
+    return _for_each(root, args.containers,
+                     lambda store, container_id: containers.remove(store, container_id, args.force), print_id=True)
+
+
+def logs(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("logs", "Print what a detached container wrote to stdout and stderr.")
+    parser.add_argument("-f", "--follow", action="store_true", help="and go on while it runs")
+    parser.add_argument("container")
+    args = parser.parse_args(argv)
+    store = _store(root)
+    containers.follow_log(store, store.resolve_container(args.container), args.follow)
+    return 0
+
+
+def inspect(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("inspect", "Describe containers.")
+    parser.add_argument("containers", nargs="+", metavar="CONTAINER")
+    args = parser.parse_args(argv)
+    store = _store(root)
+    described = [containers.describe(store, containers.state(store, store.resolve_container(reference)))
+                 for reference in args.containers]
+    print(json.dumps(described, indent=4))
+    return 0
+
+
+def diff(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("diff", "List what a container added (A), changed (C) and deleted (D).")
+    parser.add_argument("container")
+    args = parser.parse_args(argv)
+    store = _store(root)
+    for change in containers.diff(store, store.resolve_container(args.container)):
+        print(f"{change.kind} {change.path}")
+    return 0
+
+
+def commit(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("commit", "Make an image of a container: its image and one more layer, what it changed.")
+    parser.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                        help="a Dockerfile instruction for the new image's config: CMD, ENTRYPOINT, ENV, USER, "
+                             "WORKDIR, STOPSIGNAL, LABEL")
+    parser.add_argument("-m", "--message", help="a comment for the new layer's history entry")
+    parser.add_argument("container")
+    parser.add_argument("image", nargs="?", help="a name for the new image")
+    args = parser.parse_args(argv)
+    store = _store(root)
+    print(containers.commit(store, store.resolve_container(args.container), [args.image] if args.image else [],
+                            args.change, args.message))
+    return 0
+
+
+@contextlib.contextmanager
+def _archive_output(path: str | None) -> Iterator[BinaryIO]:
+    """PATH, written whole or not at all (a temporary file beside it, renamed into place); with
+    no PATH, standard output, unless that is a terminal."""
+    if path is None:
+        if sys.stdout.isatty():
+            raise ConfigError("refusing to write an archive to a terminal: use -o FILE or redirect")
+        yield sys.stdout.buffer
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".pyunionfs-")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.chmod(temporary, 0o644)
+        os.rename(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def export(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+
+    parser = _parser("export", "Write a container's root filesystem as a tar archive.")
+    parser.add_argument("-o", "--output", metavar="FILE", help="(default: standard output, not a terminal)")
+    parser.add_argument("container")
+    args = parser.parse_args(argv)
+    store = _store(root)
+    container_id = store.resolve_container(args.container)
+    with _archive_output(args.output) as out:
+        containers.export(store, container_id, out)
+    return 0
 
 
 # ---- images ----
 
-def _store(root: str | None):
+def _store(root: str | None) -> Store:
     from unionfs.store.store import Store, default_root
 
     return Store(root or default_root())
@@ -117,19 +375,53 @@ def import_image(argv: list[str], root: str | None) -> int:
     from unionfs.store import archives
 
     parser = _parser("import", "Make a one-layer image of a root filesystem tarball, as podman import.")
+    parser.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                        help="a Dockerfile instruction for the image's config: CMD, ENTRYPOINT, ENV, USER, "
+                             "WORKDIR, STOPSIGNAL, LABEL")
     parser.add_argument("tarball")
     parser.add_argument("name", nargs="?")
     args = parser.parse_args(argv)
-    print(archives.import_tarball(_store(root), args.tarball, args.name))
+    print(archives.import_tarball(_store(root), args.tarball, args.name, args.change))
+    return 0
+
+
+def load(argv: list[str], root: str | None) -> int:
+    from unionfs.store import archives
+
+    parser = _parser("load", "Load images from a docker-archive or oci-archive file or an OCI image layout.")
+    parser.add_argument("-i", "--input", required=True, metavar="FILE|DIR",
+                        help="`podman save`/`docker save` output (either format, compressed or not), or an "
+                             "OCI image layout directory")
+    args = parser.parse_args(argv)
+    with present.Progress() as progress:
+        loaded = archives.load(_store(root), args.input, progress)
+    for image_id, names in loaded:
+        for name in names or [f"sha256:{image_id}"]:
+            print(f"Loaded image: {name}")
+        print(image_id)
+    return 0
+
+
+def save(argv: list[str], root: str | None) -> int:
+    from unionfs.store import archives
+
+    parser = _parser("save", "Write images as a docker-archive or oci-archive, for podman load or docker load.")
+    parser.add_argument("-o", "--output", metavar="FILE", help="(default: standard output, not a terminal)")
+    parser.add_argument("--format", choices=archives.FORMATS, default="docker-archive")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    args = parser.parse_args(argv)
+    store = _store(root)
+    with _archive_output(args.output) as out:
+        archives.save(store, args.images, args.format, out)
     return 0
 
 
 def images(argv: list[str], root: str | None) -> int:
+    from unionfs.store.store import SHORT_ID
+
     parser = _parser("images", "List the images in the store.")
     parser.add_argument("-q", "--quiet", action="store_true", help="image IDs only")
     args = parser.parse_args(argv)
-    from unionfs.store.store import SHORT_ID
-
     rows = []
     for image in _store(root).images():
         short = image["id"][:SHORT_ID]
@@ -159,16 +451,26 @@ def tag(argv: list[str], root: str | None) -> int:
 
 
 def rmi(argv: list[str], root: str | None) -> int:
+    from unionfs.runtime import containers
+    from unionfs.store.store import ImageInUse
+
     parser = _parser("rmi", "Remove images (a name, or the image when it has no other).")
     parser.add_argument("-f", "--force", action="store_true", help="also remove the containers that use them")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     args = parser.parse_args(argv)
     store = _store(root)
     for reference in args.images:
-        image_id, names = store.remove_image(reference)
+        try:
+            image_id, names = store.remove_image(reference)
+        except ImageInUse as in_use:
+            if not args.force:
+                raise
+            for container_id in in_use.containers:
+                containers.remove(store, container_id, force=True)
+            image_id, names = store.remove_image(reference)
         for name in names:
             print(f"Untagged: {name}")
-        if not store.db.row("SELECT 1 FROM images WHERE id = ?", image_id):
+        if not store.has_image(image_id):
             print(f"Deleted: {image_id}")
     return 0
 
@@ -201,7 +503,21 @@ class Command:
 
 
 COMMANDS = {
-    "run": Command("run a command in a container on layers given by hand", run, EXIT_LAUNCHER_ERROR),
+    "run": Command("run a command in a new container of an image (or on layers given by hand)", run,
+                   EXIT_LAUNCHER_ERROR),
+    "create": Command("create a container of an image", create, EXIT_LAUNCHER_ERROR),
+    "start": Command("start containers", start, EXIT_LAUNCHER_ERROR),
+    "ps": Command("list containers", ps),
+    "stop": Command("stop containers", stop),
+    "kill": Command("send a signal to containers", kill),
+    "rm": Command("remove containers", rm),
+    "logs": Command("print a container's output", logs),
+    "inspect": Command("describe containers", inspect),
+    "diff": Command("list what a container changed", diff),
+    "commit": Command("make an image of a container", commit),
+    "export": Command("write a container's root filesystem as a tar archive", export),
+    "load": Command("load images from a docker-archive, an oci-archive or an OCI layout", load),
+    "save": Command("write images as a docker-archive or oci-archive", save),
     "import": Command("make an image of a root filesystem tarball", import_image),
     "images": Command("list images", images),
     "tag": Command("give an image another name", tag),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import sys
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 def human_size(size: int) -> str:
@@ -45,3 +45,33 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     for row in rows:
         grid.add_row(*row)
     Console(file=sys.stdout, width=10_000, highlight=False, soft_wrap=True).print(grid)
+
+
+class Progress:
+    """Progress bars on standard error when it is a terminal (none otherwise): one per task, with
+    its bytes done, the total and the rate."""
+
+    def __init__(self, verb: str = "Copying blob"):
+        self.verb = verb
+        self._bars = None
+
+    def __enter__(self) -> Progress:
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress as Bars, TextColumn, TransferSpeedColumn
+
+            self._bars = Bars(TextColumn(f"{self.verb} {{task.description}}"), BarColumn(), DownloadColumn(),
+                              TransferSpeedColumn(), console=Console(file=sys.stderr))
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+
+    def task(self, description: str, total: int) -> Callable[[int], None]:
+        """A new bar; the function to call with the bytes done since the last call."""
+        if self._bars is None:
+            return lambda done: None
+        task_id = self._bars.add_task(description, total=total)
+        return lambda done: self._bars.advance(task_id, done)

@@ -19,6 +19,10 @@ from unionfs.errors import EXIT_LAUNCHER_ERROR, EXIT_NOT_EXECUTABLE, EXIT_NOT_FO
 from unionfs.runtime import seccomp, sysns
 from unionfs.runtime.sysns import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC
 
+# Mount targets setup_root() makes in the union where the image has none; with the launcher's
+# generated /etc files, they are the runtime's, not the container's changes (diff, commit).
+RUNTIME_MOUNTS = ("/proc", "/dev", "/sys", "/tmp")
+GENERATED_ETC = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 HOST_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx", "core": "/proc/kcore"}
@@ -50,8 +54,7 @@ class ContainerSpec:
     env: dict[str, str]
     cwd: str = "/"
     hostname: str = "pyunionfs"
-    uid: int = 0
-    gid: int = 0
+    user: str = ""  # USER[:GROUP], names or ids, resolved in the container; "" is root
     volumes: list[Volume] = field(default_factory=list)
     tmpfs: list[str] = field(default_factory=list)
     net_none: bool = False
@@ -255,13 +258,14 @@ def _exec_command(spec: ContainerSpec, syscall_filter: seccomp.Filter | None) ->
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # a capability this kernel does not know
                     raise
-    if (spec.uid, spec.gid) != (0, 0):
+    uid, gid, groups = resolve_user(spec.user)
+    if (uid, gid, groups) != (0, 0, []):
         try:
-            os.setgroups([])
+            os.setgroups(groups)
         except PermissionError:
             pass  # a user namespace with setgroups denied has no supplementary groups to drop
-        os.setgid(spec.gid)
-        os.setuid(spec.uid)
+        os.setgid(gid)
+        os.setuid(uid)
     os.chdir(spec.cwd)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
@@ -275,6 +279,42 @@ def _exec_command(spec: ContainerSpec, syscall_filter: seccomp.Filter | None) ->
     except OSError as exc:
         print(f"pyunionfs: {spec.command[0]}: {exc.strerror}", file=sys.stderr)
         os._exit(EXIT_NOT_EXECUTABLE)
+
+
+def _entries(path: str) -> list[list[str]]:
+    """The colon-separated lines of the container's PATH (/etc/passwd, /etc/group), if any."""
+    try:
+        with open(path, errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f if line.count(":") >= 3]
+    except OSError:
+        return []
+
+
+def resolve_user(user: str) -> tuple[int, int, list[int]]:
+    """USER[:GROUP] (names or ids) as uid, gid and supplementary groups, from the container's
+    own /etc/passwd and /etc/group, as runc does: a user without a group takes its passwd entry's;
+    an id not in passwd is taken as it is, with group 0."""
+    if not user:
+        return 0, 0, []
+    name, _, group = user.partition(":")
+    passwd = _entries("/etc/passwd")
+    entry = next((e for e in passwd if (e[2] if name.isdigit() else e[0]) == name), None)
+    if entry is None and not name.isdigit():
+        raise OSError(errno.ENOENT, f"unable to find user {name}: no matching entry in /etc/passwd")
+    uid = int(name) if name.isdigit() else int(entry[2])
+    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+    groups = _entries("/etc/group")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            match = next((g for g in groups if g[0] == group), None)
+            if match is None:
+                raise OSError(errno.ENOENT, f"unable to find group {group}: no matching entry in /etc/group")
+            gid = int(match[2])
+    login = entry[0] if entry is not None else None
+    supplementary = sorted({int(g[2]) for g in groups if login and login in g[3].split(",") and g[2].isdigit()})
+    return uid, gid, supplementary
 
 
 def exit_code(status: int) -> int:

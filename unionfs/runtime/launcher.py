@@ -19,7 +19,7 @@ from unionfs.errors import EXIT_LAUNCHER_ERROR, ConfigError
 from unionfs.fs import checks, serve
 from unionfs.fs.options import MountConfig
 from unionfs.runtime import sysns, userns
-from unionfs.runtime.container import ContainerSpec, run_in_container, supervise
+from unionfs.runtime.container import GENERATED_ETC, ContainerSpec, run_in_container, supervise
 
 MOUNT_TIMEOUT = 30.0
 
@@ -94,15 +94,16 @@ def _wait_for_mount(ready_r: int) -> None:
 
 def _generated_etc(scratch: str, hostname: str) -> dict[str, str]:
     """/etc/hostname and /etc/hosts for the container, and the host's resolv.conf."""
+    hostname_path, hosts_path, resolv_path = GENERATED_ETC
     files = {}
-    for name, text in (("hostname", f"{hostname}\n"),
-                       ("hosts", f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n")):
-        path = os.path.join(scratch, name)
+    for target, text in ((hostname_path, f"{hostname}\n"),
+                         (hosts_path, f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n")):
+        path = os.path.join(scratch, os.path.basename(target))
         with open(path, "w") as f:
             f.write(text)
-        files[f"/etc/{name}"] = path
-    if os.path.exists("/etc/resolv.conf"):
-        files["/etc/resolv.conf"] = os.path.realpath("/etc/resolv.conf")
+        files[target] = path
+    if os.path.exists(resolv_path):
+        files[resolv_path] = os.path.realpath(resolv_path)
     return files
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from unionfs.errors import ConfigError
 from unionfs.runtime import seccomp
@@ -13,11 +14,13 @@ from unionfs.runtime.container import ContainerSpec, Volume
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options of `run` and `create` that shape the container, named as in podman."""
-    parser.add_argument("--hostname", default="pyunionfs")
+    parser.add_argument("--hostname", help="(default: the container's short ID, or pyunionfs)")
     parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
     parser.add_argument("--env-file", action="append", default=[], metavar="FILE")
-    parser.add_argument("-w", "--chdir", default="/", metavar="DIR", help="working directory in the container")
-    parser.add_argument("--user", metavar="UID[:GID]")
+    parser.add_argument("-w", "--chdir", dest="chdir", metavar="DIR",
+                        help="working directory in the container (default: the image's, or /)")
+    parser.add_argument("-u", "--user", metavar="USER[:GROUP]",
+                        help="names (from the image's /etc/passwd and /etc/group) or ids")
     parser.add_argument("-v", "--volume", action="append", default=[], metavar="SRC:DST[:ro]")
     parser.add_argument("--tmpfs", action="append", default=[], metavar="DST")
     parser.add_argument("--net", choices=("host", "none"), default="host")
@@ -29,17 +32,20 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rootless", action="store_true", help="(default when not root)")
 
 
-def container_spec(args: argparse.Namespace, command: list[str]) -> ContainerSpec:
-    """The container add_run_options() described, checked before anything is made."""
+def container_spec(args: argparse.Namespace, command: list[str], image: dict | None = None) -> ContainerSpec:
+    """The container add_run_options() described, on an image whose OCI config section (Env,
+    WorkingDir, User) is IMAGE; the options override it. Checked before anything is made."""
+    image = image or {}
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
            "TERM": os.environ.get("TERM", "xterm"), "container": "pyunionfs"}
-    lines = [line for path in args.env_file for line in _read_lines(path)] + args.env
+    lines = (image.get("Env") or []) + [line for path in args.env_file for line in _read_lines(path)] + args.env
     for line in lines:
         key, has_value, value = line.partition("=")
         if not key or not has_value:
             raise ConfigError(f"environment entries are K=V: {line}")
         env[key] = value
-    uid, gid = _user(args.user) if args.user else (0, 0)
+    user = args.user if args.user is not None else image.get("User") or ""
+    _check_user(user)
     volumes = []
     for text in args.volume:
         source, _, rest = text.partition(":")
@@ -59,25 +65,25 @@ def container_spec(args: argparse.Namespace, command: list[str]) -> ContainerSpe
             os.fstat(fd)
         except OSError:
             raise ConfigError(f"--preserve-fds {args.preserve_fds}: fd {fd} is not open") from None
-    return ContainerSpec(root="", command=command, env=env, cwd=args.chdir, hostname=args.hostname,
-                         uid=uid, gid=gid, volumes=volumes, tmpfs=args.tmpfs, net_none=args.net == "none",
+    return ContainerSpec(root="", command=command, env=env, cwd=args.chdir or image.get("WorkingDir") or "/",
+                         hostname=args.hostname or "pyunionfs", user=user, volumes=volumes, tmpfs=args.tmpfs,
+                         net_none=args.net == "none",
                          init=not args.no_init, preserve_fds=args.preserve_fds,
                          seccomp=_seccomp_profile(args.security_opt))
 
 
 MAX_USER_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to the kernel
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
 
 
-def _user(text: str) -> tuple[int, int]:
-    """--user UID[:GID], numeric, as ids the kernel takes."""
-    uid_text, _, gid_text = text.partition(":")
-    try:
-        uid, gid = int(uid_text), int(gid_text or uid_text)
-    except ValueError:
-        raise ConfigError(f"--user takes numeric UID[:GID]: {text}") from None
-    if not (0 <= uid <= MAX_USER_ID and 0 <= gid <= MAX_USER_ID):
-        raise ConfigError(f"--user takes ids from 0 to {MAX_USER_ID}: {text}")
-    return uid, gid
+def _check_user(text: str) -> None:
+    """USER[:GROUP]: names (resolved in the container) or ids the kernel takes."""
+    for part in text.split(":", 1) if text else []:
+        if part.lstrip("-").isdigit():
+            if not 0 <= int(part) <= MAX_USER_ID:
+                raise ConfigError(f"--user takes ids from 0 to {MAX_USER_ID}: {text}")
+        elif not NAME.fullmatch(part):
+            raise ConfigError(f"--user takes USER[:GROUP], names or ids: {text}")
 
 
 def _check_destination(what: str, target: str) -> None:

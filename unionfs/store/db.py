@@ -15,7 +15,7 @@ CREATE TABLE IF NOT EXISTS layers (
 );
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY,           -- HEX of the sha256 of its config, as podman's image ID
-    config TEXT NOT NULL,          -- the OCI image config, as stored (JSON)
+    config BLOB NOT NULL,          -- the OCI image config, its bytes as given (its sha256 is the ID)
     layers TEXT NOT NULL,          -- JSON list of diff_ids, bottom first
     created TEXT NOT NULL,         -- when it was made, RFC 3339
     size INTEGER NOT NULL

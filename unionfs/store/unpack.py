@@ -15,13 +15,17 @@ import hashlib
 import os
 import stat
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
+
+import zstandard
 
 from unionfs.errors import ConfigError
 from unionfs.fs import syscalls
 from unionfs.fs.syscalls import SELF
 from unionfs.fs.whiteout import OCI_PREFIX, make_whiteout, set_opaque
+from unionfs.store import tarsplit
 
 OCI_OPAQUE = ".wh..wh..opq"
 AUFS_META_PREFIX = ".wh..wh."  # AUFS's own bookkeeping (.wh..wh..plnk, ...): not content
@@ -36,16 +40,18 @@ class LayerError(ConfigError):
 
 
 class _Hashing:
-    """A read-only stream that hashes what is read from it."""
+    """A read-only stream that hashes what is read from it, and hands it to a tar-split recorder."""
 
-    def __init__(self, raw: BinaryIO):
+    def __init__(self, raw: BinaryIO, recorder: tarsplit.Recorder):
         self.raw = raw
         self.digest = hashlib.sha256()
         self.size = 0
+        self.recorder = recorder
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
         self.digest.update(data)
+        self.recorder.feed(self.size, data)
         self.size += len(data)
         return data
 
@@ -60,8 +66,6 @@ def decompressed(raw: BinaryIO) -> BinaryIO:
     if magic.startswith(GZIP_MAGIC):
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if magic.startswith(ZSTD_MAGIC):
-        import zstandard
-
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     return raw
 
@@ -72,17 +76,23 @@ class Unpacked:
     size: int  # its bytes
 
 
-def unpack(raw: BinaryIO, dest_fd: int, xattr_namespace: bytes, privileged: bool) -> Unpacked:
-    """Unpack the layer in RAW into the empty directory DEST_FD. XATTR_NAMESPACE is where the
-    opaque marks go (b"trusted." or b"user."); without PRIVILEGED, device nodes are skipped."""
-    stream = _Hashing(decompressed(raw))
+def unpack(raw: BinaryIO, dest_fd: int, split: BinaryIO, xattr_namespace: bytes, privileged: bool) -> Unpacked:
+    """Unpack the layer in RAW into the empty directory DEST_FD, and its tar-split into SPLIT.
+    XATTR_NAMESPACE is where the opaque marks go (b"trusted." or b"user."); without PRIVILEGED,
+    device nodes are skipped."""
+    recorder = tarsplit.Recorder(split)
+    stream = _Hashing(decompressed(raw), recorder)
     layer = _Layer(dest_fd, xattr_namespace, privileged)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                layer.add(tar, member)
+                parts = _parts(member.name)
+                if parts and not parts[-1].startswith(OCI_PREFIX.decode()):  # kept as a file at its path
+                    recorder.member(member, "/".join(parts))
+                layer.add(tar, member, parts)
         stream.drain()  # the end-of-archive padding counts in the diff_id
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        recorder.finish()
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, zstandard.ZstdError) as exc:
         if isinstance(exc, LayerError):
             raise
         raise LayerError(f"the layer archive is corrupt or truncated: {exc}") from None
@@ -122,8 +132,7 @@ class _Layer:
             raise
         return fd
 
-    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        parts = _parts(member.name)
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str]) -> None:
         if not parts:  # the layer root itself
             if member.isdir():
                 self.directories.append((parts, member))

@@ -1,0 +1,58 @@
+"""Dockerfile instructions applied to an image's config, as `podman import --change` and
+`podman commit --change` take them: CMD, ENTRYPOINT, ENV, USER, WORKDIR, STOPSIGNAL, LABEL."""
+from __future__ import annotations
+
+import json
+import shlex
+
+from unionfs.errors import ConfigError
+
+INSTRUCTIONS = ("CMD", "ENTRYPOINT", "ENV", "USER", "WORKDIR", "STOPSIGNAL", "LABEL")
+
+
+def _command(value: str) -> list[str]:
+    """The exec form (a JSON list) as given; the shell form run by /bin/sh -c, as Dockerfiles do."""
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, list) and all(isinstance(part, str) for part in parsed):
+            return parsed
+    return ["/bin/sh", "-c", value]
+
+
+def _pairs(value: str, instruction: str) -> list[tuple[str, str]]:
+    """KEY=VALUE ... (quotes as in a shell), or the old single `KEY VALUE` form."""
+    words = shlex.split(value)
+    if words and "=" not in words[0]:
+        key, _, rest = value.partition(" ")
+        return [(key, rest.strip())]
+    pairs = []
+    for word in words:
+        key, equals, item = word.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"{instruction} wants KEY=VALUE: {word}")
+        pairs.append((key, item))
+    return pairs
+
+
+def apply(config: dict, change: str) -> None:
+    """Apply one instruction (e.g. `CMD ["sh"]`, `ENV A=1`) to CONFIG, an OCI image config's
+    "config" part."""
+    instruction, _, value = change.strip().partition(" ")
+    instruction, value = instruction.upper(), value.strip()
+    if instruction not in INSTRUCTIONS:
+        raise ConfigError(f"--change takes {', '.join(INSTRUCTIONS)}: {change}")
+    if not value:
+        raise ConfigError(f"{instruction} needs a value: {change}")
+    if instruction in ("CMD", "ENTRYPOINT"):
+        config["Cmd" if instruction == "CMD" else "Entrypoint"] = _command(value)
+    elif instruction == "ENV":
+        env = dict(item.partition("=")[::2] for item in config.get("Env") or [])
+        env.update(_pairs(value, instruction))
+        config["Env"] = [f"{key}={item}" for key, item in env.items()]
+    elif instruction == "LABEL":
+        config.setdefault("Labels", {}).update(_pairs(value, instruction))
+    else:
+        config[{"USER": "User", "WORKDIR": "WorkingDir", "STOPSIGNAL": "StopSignal"}[instruction]] = value
