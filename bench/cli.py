@@ -43,18 +43,33 @@ def chosen_workloads(spec: str) -> list[workloads.Workload]:
     return [workloads.BY_NAME[name] for name in names]
 
 
-def progress(measurement: runner.Measurement, done: int, total: int) -> None:
-    """A bar on a terminal; a line per measurement otherwise (logs)."""
-    result = f"{measurement.seconds:.3f} s" if measurement.seconds is not None else "FAILED"
-    text = (f"round {measurement.round + 1} {measurement.workload:<16} {measurement.system:<15} {result}")
-    if sys.stderr.isatty():
-        filled = done * 30 // total
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {text:<60}")
-        if done == total:
-            sys.stderr.write("\n")
-    else:
-        sys.stderr.write(f"[{done}/{total}] {text}\n")
-    sys.stderr.flush()
+class Progress:
+    """Each measurement as it is made: a bar (rich) on a terminal, a line otherwise (logs)."""
+
+    def __enter__(self) -> Progress:
+        self.bar = self.task = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+            self.bar = Bar(BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+                           console=Console(stderr=True))
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, measurement: runner.Measurement, done: int, total: int) -> None:
+        result = f"{measurement.seconds:.3f} s" if measurement.seconds is not None else "FAILED"
+        text = f"round {measurement.round + 1} {measurement.workload:<16} {measurement.system:<15} {result}"
+        if self.bar is None:
+            print(f"[{done}/{total}] {text}", file=sys.stderr, flush=True)
+            return
+        if self.task is None:
+            self.task = self.bar.add_task(text, total=total)
+        self.bar.update(self.task, completed=done, description=text)
 
 
 def run_command(prog: str, action: Callable[[], int]) -> int:
@@ -98,7 +113,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="pyunionfs-bench.", dir=args.data) as scratch:
         mounts = runner.Mounts(Path(scratch), data)
         try:
-            measurements = runner.run_all(chosen, todo, rounds, mounts, progress)
+            with Progress() as progress:
+                measurements = runner.run_all(chosen, todo, rounds, mounts, progress)
         finally:
             mounts.close()
     names = [system.name for system in chosen]

@@ -1,6 +1,7 @@
 """The data every system is measured on: two lower layers of a generated source-like tree (with
 a 1 GiB file and a git checkout), the same tree merged into one plain directory for `native`, a
-tarball of small files to unpack, and a busybox image for container start-up.
+tarball of small files to unpack, a busybox image for container start-up, and (made when the
+image-load workload first wants it) a podman-saved image archive.
 
 Generated from a fixed seed, so every run and every machine gets the same tree; it is built once
 per scale and kept (a marker file says it is complete)."""
@@ -12,8 +13,12 @@ import random
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench import podman
+from bench.systems import BenchError
 
 VERSION = 2  # bump when the generated content changes
 SEED = 20261128
@@ -187,3 +192,34 @@ def prepare(data_dir: Path, scale: Scale, log=print) -> Dataset:
     _merge(dataset.lowers, dataset.native)
     marker.touch()
     return dataset
+
+
+def saved_image(dataset: Dataset, log=print) -> Path:
+    """A podman-saved image archive (docker-archive) for the image-load workload, made once: a
+    debootstrap minbase Debian at full scale (through the Debian mirror), the busybox image at
+    quick scale."""
+    archive = dataset.root / "saved-image.tar"
+    if archive.exists():
+        return archive
+    scratch = Path(tempfile.mkdtemp(prefix="pm."))  # podman wants a runroot of 50 characters at most
+    try:
+        rootfs = dataset.image
+        if dataset.scale.name != QUICK.name:
+            rootfs = scratch / "minbase"
+            log("bench: debootstrap --variant=minbase bookworm for the image-load workload (once)")
+            if not shutil.which("debootstrap"):
+                raise BenchError("the image-load workload needs debootstrap (apt-get install debootstrap)")
+            result = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs)],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise BenchError(f"debootstrap failed: {result.stderr.strip().splitlines()[-1:]}")
+        store = podman.Podman(scratch / "podman", podman.mount_program_storage("fuse-overlayfs"))
+        try:
+            store("import", str(podman.image_tarball(rootfs, scratch / "rootfs.tar")), "localhost/bench-image")
+            store("save", "-o", str(scratch / "saved.tar"), "localhost/bench-image")
+        finally:
+            store.close()
+        shutil.move(scratch / "saved.tar", archive)
+        return archive
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

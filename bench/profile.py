@@ -64,7 +64,7 @@ def profile(args: argparse.Namespace) -> str:
         raise BenchError("py-spy is not installed (pip install py-spy)")
     (workload,) = chosen_workloads(args.workload)
     (system,) = systems.load([args.system], None)
-    if not system.is_union or workload.starts_containers:
+    if not system.is_union or workload.timed_by_runner:
         raise BenchError("profile one mounted FUSE system on a filesystem workload")
     data = dataset.prepare(args.data, dataset.QUICK if args.quick else dataset.FULL,
                            log=lambda text: print(text, file=sys.stderr))

@@ -3,17 +3,19 @@ daemon's CPU time and peak RSS next to the wall-clock time."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import statistics
 import subprocess
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from bench import podman
+from bench import dataset, podman
 from bench.dataset import Dataset
 from bench.systems import BWRAP_TRUE, BenchError, System, fill
 from bench.workloads import Context, Workload
@@ -92,6 +94,7 @@ class Mounts:
         self.scratch = scratch
         self.dataset = dataset
         self._stores: dict[str, podman.Podman] = {}
+        self._engines: dict[str, list[str]] = {}
 
     def podman_store(self, system: System) -> podman.Podman:
         if not system.podman:
@@ -104,10 +107,22 @@ class Mounts:
                   "localhost/busybox")
         return self._stores[system.name]
 
+    def engine_store(self, system: System) -> list[str]:
+        """SYSTEM's own engine command on a store of its own with the busybox image, made at its
+        first use and kept until close()."""
+        if system.name not in self._engines:
+            store = Path(tempfile.mkdtemp(prefix="engine.", dir=self.scratch)) / "store"
+            engine = fill(system.engine, store=store)
+            image_tar = podman.image_tarball(self.dataset.image, store.parent / "image.tar")
+            subprocess.run([*engine, "import", str(image_tar), "localhost/busybox"], check=True, capture_output=True)
+            self._engines[system.name] = engine
+        return self._engines[system.name]
+
     def close(self) -> None:
         for store in self._stores.values():
             store.close()
         self._stores.clear()
+        self._engines.clear()  # their stores are below SCRATCH, removed with it
 
     def fresh_dirs(self, system: System) -> dict[str, Path]:
         base = self.scratch / system.name
@@ -150,7 +165,7 @@ class Mounts:
 def measure(system: System, workload: Workload, round_: int, mounts: Mounts) -> Measurement:
     result = Measurement(round_, workload.name, system.name, None)
     try:
-        if workload.starts_containers:
+        if workload.timed_by_runner:
             result.seconds = STARTERS[workload.starter](system, mounts)
         elif system.is_union:
             with mounts.mounted(system) as mnt:
@@ -231,7 +246,68 @@ def _podman_runs(system: System, mounts: Mounts) -> float:
     return statistics.median(times)
 
 
-STARTERS = {"bwrap": _container_starts, "podman": _podman_runs}
+def _engine_runs(system: System, mounts: Mounts) -> float:
+    """The median time of `run --rm` of `true` on the busybox image by SYSTEM's own container
+    engine (its store made once, like podman's); for a system without one, podman's."""
+    if not system.engine:
+        return _podman_runs(system, mounts)
+    engine = mounts.engine_store(system)
+    times = []
+    for _ in range(mounts.dataset.scale.startup_runs):
+        start = time.perf_counter()
+        subprocess.run([*engine, "run", "--rm", "--net", "none", "localhost/busybox", "/bin/true"], check=True,
+                       capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _image_loads(system: System, mounts: Mounts) -> float:
+    """The time to load the saved image into an empty store: SYSTEM's own engine, else podman
+    load with SYSTEM as its storage; native: tar -x of the image's layers, one directory each."""
+    archive = dataset.saved_image(mounts.dataset)
+    scratch = Path(tempfile.mkdtemp(prefix="load.", dir=mounts.scratch))
+    os.sync()  # what the last measurement wrote is not written out on this one's clock
+    try:
+        if system.engine:
+            engine = fill(system.engine, store=scratch / "store")
+            start = time.perf_counter()
+            subprocess.run([*engine, "load", "-i", str(archive)], check=True, capture_output=True)
+            return time.perf_counter() - start
+        if system.is_union:
+            if not system.podman:
+                raise BenchError(f"{system.name} has no podman storage arguments (podman = ... in a systems file)")
+            store = podman.Podman(Path(tempfile.mkdtemp(prefix="pm.")), fill(system.podman))
+            try:
+                start = time.perf_counter()
+                store("load", "-i", str(archive))
+                return time.perf_counter() - start
+            finally:
+                store.close()
+        layers = _layer_files(archive, scratch)
+        os.sync()
+        start = time.perf_counter()
+        for i, layer in enumerate(layers):
+            (scratch / f"layer{i}").mkdir()
+            subprocess.run(["tar", "--xattrs", "-xf", str(layer), "-C", str(scratch / f"layer{i}")], check=True)
+        return time.perf_counter() - start
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _layer_files(archive: Path, scratch: Path) -> list[Path]:
+    """The layer tars of a docker-archive, copied out of it (untimed)."""
+    with tarfile.open(archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+        layers = []
+        for i, name in enumerate(manifest[0]["Layers"]):
+            path = scratch / f"layer{i}.tar"
+            with tar.extractfile(name) as source, open(path, "wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+            layers.append(path)
+    return layers
+
+
+STARTERS = {"bwrap": _container_starts, "podman": _podman_runs, "engine": _engine_runs, "load": _image_loads}
 
 
 def run_all(systems: list[System], workloads: list[Workload], rounds: int, mounts: Mounts,

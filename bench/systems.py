@@ -7,9 +7,11 @@ union can be added with a TOML file:
     # run = "..."  how to start `true` in a container on {image}; default: mount, bwrap, umount
     # podman = "..."  podman's storage arguments for the podman-run workload, e.g.
     #   "--storage-driver overlay --storage-opt overlay.mount_program=my-union"
+    # engine = "..."  a container engine of its own taking podman's load and run, {store} its
+    #   storage directory, for image-load and run-true; default: podman on the podman storage
 
 Template fields: {lowerdir} (top:base), {branches} (unionfs-fuse's form), {upper}, {work}, {mnt},
-{image} (run only), {pyunionfs} (this checkout's command)."""
+{image} (run only), {store} (engine only), {pyunionfs} (this checkout's command)."""
 from __future__ import annotations
 
 import os
@@ -36,6 +38,9 @@ class System:
     umount: str | None
     run: str | None = None  # a container start that mounts by itself
     podman: str | None = None  # podman's storage arguments (podman-run); None: not podman's storage
+    # A container engine of its own, with podman's load and run: its command, {store} its
+    # storage directory (image-load, run-true); None: podman on the system's storage does those.
+    engine: str | None = None
 
     @property
     def is_union(self) -> bool:
@@ -58,7 +63,7 @@ BUILTIN = {
                              "fusermount3 -u {mnt}", podman=MOUNT_PROGRAM + "fuse-overlayfs"),
     "pyunionfs": System("pyunionfs", "{pyunionfs} {mnt} -o lowerdir={lowerdir},upperdir={upper},workdir={work}",
                         "fusermount3 -u {mnt}", run="{pyunionfs} run --lower {image} --upper {upper} --workdir {work} -- /bin/true",
-                        podman=MOUNT_PROGRAM + "{pyunionfs}"),
+                        podman=MOUNT_PROGRAM + "{pyunionfs}", engine="{pyunionfs} --root {store}"),
     # fuse-overlayfs does not sync copies; pyunionfs does (as the kernel), unless told not to.
     "pyunionfs-fsync0": System("pyunionfs-fsync0",
                                "{pyunionfs} {mnt} -o lowerdir={lowerdir},upperdir={upper},workdir={work},fsync=0",
@@ -85,8 +90,8 @@ def load(names: list[str], systems_file: str | None) -> list[System]:
         try:
             with open(systems_file, "rb") as f:
                 table = tomllib.load(f).get("systems", {})
-            known.update({name: System(name, entry["mount"], entry["umount"], entry.get("run"), entry.get("podman"))
-                          for name, entry in table.items()})
+            known.update({name: System(name, entry["mount"], entry["umount"], entry.get("run"), entry.get("podman"),
+                                       entry.get("engine")) for name, entry in table.items()})
         except (OSError, tomllib.TOMLDecodeError, KeyError, AttributeError) as exc:
             raise BenchError(f"cannot read the systems file {systems_file}: {exc}") from None
     chosen = []

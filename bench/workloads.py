@@ -31,15 +31,17 @@ Step = Callable[[Context], None]
 class Workload:
     name: str
     description: str
-    run: Step | None  # None for container start-ups, which the runner times (it mounts per start)
+    run: Step | None  # None for what the runner times itself (see starter)
     cold: bool = False  # caches dropped before the timed run
     warm_up: bool = False  # one untimed run first
     prepare: Step | None = None  # untimed, after the mount
     undo: Step | None = None  # native only
-    starter: str | None = None  # container start-ups: "bwrap" (mount, bwrap, umount) or "podman"
+    # Timed by the runner, per system: "bwrap" (mount, bwrap, umount), "podman" (podman run on
+    # the system's storage), "engine" (the system's own run, else podman's), "load" (image load).
+    starter: str | None = None
 
     @property
-    def starts_containers(self) -> bool:
+    def timed_by_runner(self) -> bool:
         return self.starter is not None
 
 
@@ -215,10 +217,16 @@ WORKLOADS = [
              None, starter="bwrap"),
     Workload("podman-run", "podman run --rm of `true` on a busybox image, the system as podman's storage "
              "(median of several; when podman is installed)", None, starter="podman"),
+    Workload("run-true", "run --rm of `true` on a busybox image by the system's own engine (pyunionfs run), "
+             "else podman with the system as its storage (median of several; when podman is installed)",
+             None, starter="engine"),
+    Workload("image-load", "load of a podman-saved image (debootstrap minbase; busybox at --quick) into an "
+             "empty store: the system's own engine (pyunionfs load), else podman load with the system as its "
+             "storage; native: tar -x of the image's layers (when podman is installed)", None, starter="load"),
 ]
 BY_NAME = {workload.name: workload for workload in WORKLOADS}
 
 
 def available(workload: Workload) -> bool:
-    """Can WORKLOAD run on this machine? podman-run needs podman."""
-    return workload.starter != "podman" or podman.available()
+    """Can WORKLOAD run on this machine? Those that use podman need it."""
+    return workload.starter in (None, "bwrap") or podman.available()

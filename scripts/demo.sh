@@ -1,49 +1,55 @@
 #!/usr/bin/env bash
-# Set up, then show the main job: a tiny image of three layers built from Debian's busybox-static
-# (a busybox base, a layer that deletes and replaces files with a kernel and an OCI whiteout, and
-# a config layer), run as a container on a pyunionfs union: the command writes and deletes, the
-# changes land in the upper directory, and the image is untouched.
+# Set up, then show the main job, the model of containers on a pyunionfs union: a busybox image
+# (from Debian's busybox-static) is imported; a container is created (Created), started (Up),
+# exits with its own code (Exited (3)); what it wrote is in its own layer, listed by diff; commit
+# makes an image of it, in which a new container sees the change; rm and rmi clean up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 pyunionfs=$PWD/.venv/bin/pyunionfs
 
 demo=$(mktemp -d /tmp/pyunionfs-demo.XXXXXX)
-trap 'rm -rf "$demo"' EXIT
-mkdir -p "$demo"/{base,app,config,upper,work}
+store="$demo/store"  # a store of its own: the machine's /var/lib/pyunionfs is left alone
+trap '"$pyunionfs" --root "$store" rm -f $("$pyunionfs" --root "$store" ps -aq) >/dev/null 2>&1 || true; rm -rf "$demo"' EXIT
+p() { echo "\$ pyunionfs $*" >&2; "$pyunionfs" --root "$store" "$@"; }
 
-# base: busybox and its applets, like a minimal image
-mkdir -p "$demo"/base/{bin,etc}
-cp /bin/busybox "$demo/base/bin/busybox"
+# A root filesystem: busybox and its applets, /etc/passwd, a motd.
+mkdir -p "$demo"/rootfs/{bin,etc}
+cp /bin/busybox "$demo/rootfs/bin/busybox"
 for applet in $(/bin/busybox --list); do
-    [ "$applet" = busybox ] || ln -s busybox "$demo/base/bin/$applet"
+    [ "$applet" = busybox ] || ln -s busybox "$demo/rootfs/bin/$applet"
 done
-printf 'root:x:0:0:root:/root:/bin/sh\n' > "$demo/base/etc/passwd"
-printf 'welcome to the base layer\n' > "$demo/base/etc/motd"
-printf 'NAME=demo\n' > "$demo/base/etc/os-release"
-# app: deletes vi (kernel whiteout) and os-release (OCI whiteout), replaces the motd
-mkdir -p "$demo"/app/{bin,etc}
-mknod "$demo/app/bin/vi" c 0 0
-touch "$demo/app/etc/.wh.os-release"
-printf 'welcome to the app layer\n' > "$demo/app/etc/motd"
-# config: the top layer
-mkdir -p "$demo/config/etc"
-printf 'from the config layer\n' > "$demo/config/etc/app.conf"
+printf 'root:x:0:0:root:/root:/bin/sh\n' > "$demo/rootfs/etc/passwd"
+printf 'welcome to the busybox image\n' > "$demo/rootfs/etc/motd"
+tar -C "$demo/rootfs" -cf "$demo/busybox.tar" .
 
-echo "== pyunionfs run: a container on the union of config, app and base"
-code=0
-"$pyunionfs" run --lower "$demo/config" --lower "$demo/app" --lower "$demo/base" \
-    --upper "$demo/upper" --workdir "$demo/work" --hostname demo -- sh -c '
-        echo "hostname $(hostname), my PID $$, $(ls /bin | wc -l) programs in /bin"
-        cat /etc/motd /etc/app.conf
-        ls /bin/vi /etc/os-release 2>&1 | sed "s/^/deleted by a whiteout: /"
-        echo "changed in the container" >> /etc/motd
-        rm /bin/cat
-        echo new > /etc/new
-        exit 7' || code=$?
-echo "== the container exited with $code, its own exit code"
-echo "== the upper directory holds the changes (a copy, a char 0:0 whiteout, a new file):"
-(cd "$demo/upper" && find bin/cat etc -maxdepth 1 | sort | xargs ls -ld)
-echo "== the image is untouched:"
-cat "$demo/app/etc/motd"
-ls -l "$demo/base/bin/cat"
+echo "== an image: one read-only layer, unpacked once into the store"
+p import --change 'CMD ["sh"]' "$demo/busybox.tar" busybox >/dev/null
+p images
+echo
+echo "== a container: the image plus one read-write layer of its own"
+id=$(p create --name demo busybox sh -c 'cat /etc/motd; echo hello > /hello.txt; rm /bin/vi; sleep 2; exit 3')
+echo "$id"
+p ps --all
+p start demo
+sleep 1
+p ps
+echo "(waiting for it to exit)"
+while [ "$("$pyunionfs" --root "$store" ps -q)" ]; do sleep 0.2; done
+p ps --all
+p logs demo
+echo
+echo "== what it changed, in its own layer on the host (the image is untouched)"
+p diff demo
+ls -l "$store/containers/$id/upper"
+echo
+echo "== commit: a new image of the image's layer and the container's"
+p commit demo busybox-hello >/dev/null
+p images
+p run --rm busybox-hello cat /hello.txt
+echo
+echo "== rm and rmi leave nothing behind"
+p rm demo
+p rmi busybox-hello busybox
+p ps --all
+p images

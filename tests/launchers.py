@@ -75,20 +75,25 @@ def chown_tree(root: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(parent, name), uid, gid, follow_symlinks=False)
 
 
-def unprivileged_launcher(user: str, scratch: Path) -> Launcher:
-    """The rootless tier: USER (with subordinate ids), a user-owned image and a usable FUSE node
-    of its own, since this machine's /dev/fuse is 0600 root."""
+def unprivileged_prefix(user: str, scratch: Path) -> tuple[list[str], tuple[int, int]]:
+    """What runs a command as USER (with subordinate ids), in a clean environment with SCRATCH as
+    home, and a usable FUSE node of its own in SCRATCH, since this machine's /dev/fuse is 0600
+    root; and USER's uid and gid."""
     account = pwd.getpwnam(user)
     uid, gid = account.pw_uid, account.pw_gid
     scratch.chmod(0o755)
-    image = build_image(scratch / "image")
-    chown_tree(image, uid, gid)
     fuse = scratch / "fuse"
     os.mknod(fuse, 0o600 | stat.S_IFCHR, os.makedev(10, 229))
     os.chown(fuse, uid, gid)
     prefix = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
               "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", f"HOME={scratch}",
               f"PYUNIONFS_FUSE_DEVICE={fuse}"]
-    return Launcher(image, scratch, prefix, (uid, gid))
+    return prefix, (uid, gid)
 
 
+def unprivileged_launcher(user: str, scratch: Path) -> Launcher:
+    """The rootless tier: a user-owned image, run by USER (see unprivileged_prefix)."""
+    prefix, owner = unprivileged_prefix(user, scratch)
+    image = build_image(scratch / "image")
+    chown_tree(image, *owner)
+    return Launcher(image, scratch, prefix, owner)

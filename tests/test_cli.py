@@ -180,9 +180,18 @@ def test_no_usable_fuse_device(dirs, tmp_path, mnt, hide, words):
     assert_one_line_error(result, "/dev/fuse", words)
 
 
-def test_help_and_version_of_usage(dirs):
+COMMANDS = ("run", "create", "start", "ps", "stop", "kill", "rm", "logs", "inspect", "diff", "commit", "export",
+            "load", "save", "import", "images", "tag", "rmi", "image", "mount", "umount")
+
+
+def test_help_lists_every_command_and_each_has_its_own(dirs):
     result = run("--help")
     assert result.returncode == 0 and "lowerdir" in result.stdout
+    listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].splitlines() if line.startswith("  ")]
+    assert set(COMMANDS) <= set(listed), listed
+    for command in COMMANDS:
+        own = run(command, "--help")
+        assert own.returncode == 0 and own.stdout.startswith(f"usage: pyunionfs {command}"), (command, own.stderr)
 
 
 def test_fsync_option_follows_fuse_overlayfs():

@@ -126,6 +126,10 @@ def broken_archives(saved: dict[str, Path], tmp_path: Path) -> dict[str, tuple[P
     def variant(name: str, **changes: bytes) -> Path:
         return write_tar(tmp_path / f"{name}.tar", {**docker, **changes})
 
+    config = json.loads(docker[manifest["Config"]])
+    config["config"]["Cmd"] = "rm -rf /"  # a string where a list must be
+    hostile_config = json.dumps(config).encode()
+    hostile_name = sha256(hostile_config).removeprefix("sha256:") + ".json"
     oci = members(saved["oci-archive"])
     blob = next(name for name, data in oci.items() if len(data) > 10000)
     oci_bad = write_tar(tmp_path / "oci-bad.tar", {**oci, blob: bytes(oci[blob][:-1]) + b"x"})
@@ -137,6 +141,8 @@ def broken_archives(saved: dict[str, Path], tmp_path: Path) -> dict[str, tuple[P
         "a manifest that is not a list": (variant("manifest", **{"manifest.json": b"{}"}), "not a list"),
         "a manifest naming a layer outside": (variant("outside", **{"manifest.json": json.dumps(
             [{**manifest, "Layers": ["../../etc/passwd"]}]).encode()}), "outside it"),
+        "a config of the wrong shape": (variant("shape", **{hostile_name: hostile_config, "manifest.json": json.dumps(
+            [{**manifest, "Config": hostile_name}]).encode()}), "Cmd is not a list of strings"),
         "a truncated archive": (_truncated(saved["docker-archive"], tmp_path), "not an image archive"),
         "not an archive": (saved["rootfs"], "not a docker-archive"),
     }

@@ -7,17 +7,20 @@ import gzip
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from launchers import build_image
+from launchers import ROOTLESS_USER, build_image, unprivileged_prefix
 from mounts import PYUNIONFS, kernel_overlay
 from trees import checksum
+from unionfs.runtime.userns import SUBGID_FILE, SUBUID_FILE, subordinate_range
 
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service+ep
 
@@ -150,6 +153,9 @@ HOSTILE = {
     "dot-dot inside": ([(entry("a/../../escape"), b"out\n")], "outside"),
     "below its own symlink": ([(entry("link", tarfile.SYMTYPE, linkname="{host}"), None),
                                (entry("link/planted"), b"planted\n")], "below a symlink"),
+    "below a symlink that replaced a directory": ([(entry("d", tarfile.DIRTYPE), None), (entry("d/x"), b"x\n"),
+                                                   (entry("d", tarfile.SYMTYPE, linkname="{host}"), None),
+                                                   (entry("d/planted"), b"planted\n")], "below a symlink"),
     "hard link out": ([(entry("hard", tarfile.LNKTYPE, linkname="../../etc/passwd"), None)], "outside"),
     "hard link to nothing": ([(entry("hard", tarfile.LNKTYPE, linkname="missing"), None)], "does not have"),
     "hard link through its symlink": ([(entry("link", tarfile.SYMTYPE, linkname="{host}"), None),
@@ -203,3 +209,34 @@ def test_gzip_and_zstd_layers(image_tar, tmp_path):
            for path in (image_tar, tmp_path / "busybox.tar.gz", tmp_path / "busybox.tar.zst")}
     assert len(stored_layers(root)) == 1  # one diff_id: the same uncompressed tar
     assert all(len(image_id) == 64 for image_id in ids)
+
+
+def test_rootless_import_shifts_owners_into_the_subuid_range_and_skips_devices(tmp_path):
+    """As podman rootless: the store is used from the user's namespace, so the layer's root is
+    the user and its uid 1000 is the 1000th subordinate id; device nodes are not made."""
+    user = os.environ.get(ROOTLESS_USER)
+    if not user:
+        pytest.skip(f"the rootless tier needs an unprivileged user with subuid ranges in ${ROOTLESS_USER}")
+    scratch = Path(tempfile.mkdtemp(prefix="pyunionfs-rootless-test."))  # pytest's base is 0700
+    try:
+        prefix, (uid, gid) = unprivileged_prefix(user, scratch)
+        archive = tarball(scratch / "layer.tar", [
+            (entry("by-root"), b"root's\n"),
+            (entry("by-1000", uid=1000, gid=1000, mode=0o4755), b"user's\n"),
+            (entry("null", tarfile.CHRTYPE, devmajor=1, devminor=3), None),
+        ])
+        root = scratch / "store"
+        root.mkdir()
+        os.chown(root, uid, gid)
+        result = subprocess.run([*prefix, PYUNIONFS, "--root", str(root), "import", str(archive)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        layer = layer_tree(root, stored_layers(root)[0])
+        subuid = subordinate_range(SUBUID_FILE, uid, user).start
+        subgid = subordinate_range(SUBGID_FILE, uid, user).start
+        st = os.stat(layer / "by-1000")
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (subuid + 999, subgid + 999, 0o4755)
+        assert (os.stat(layer / "by-root").st_uid, os.stat(layer / "by-root").st_gid) == (uid, gid)
+        assert not os.path.lexists(layer / "null")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

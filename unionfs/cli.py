@@ -368,7 +368,14 @@ def export(argv: list[str], root: str | None) -> int:
 def _store(root: str | None) -> Store:
     from unionfs.store.store import Store, default_root
 
-    return Store(root or default_root())
+    path = root or default_root()
+    if os.geteuid() != 0:
+        # Rootless, the store is used from the user's namespace, as podman's is: its layers
+        # keep their owners shifted into the user's subordinate ids.
+        from unionfs.runtime import userns
+
+        userns.enter_user_namespace()
+    return Store(path)
 
 
 def import_image(argv: list[str], root: str | None) -> int:

@@ -32,12 +32,18 @@ class Layer:
     flags: int  # for the C core (core.LAYER_*)
 
 
+def privileged() -> bool:
+    """Is this process root of the initial user namespace (not rootless: not root of a user
+    namespace of its own, where devices cannot be made and trusted.* xattrs not written)?"""
+    with open("/proc/self/uid_map") as uid_map:
+        initial_namespace = uid_map.read().split() == ["0", "0", "4294967295"]
+    return os.geteuid() == 0 and initial_namespace
+
+
 def overlay_xattr_namespace() -> bytes:
     """The namespace of the overlay xattrs this process writes: trusted.* needs CAP_SYS_ADMIN in
     the initial user namespace; elsewhere (rootless), the kernel's userxattr format, user.*."""
-    with open("/proc/self/uid_map") as uid_map:
-        initial_namespace = uid_map.read().split() == ["0", "0", "4294967295"]
-    return b"trusted." if os.geteuid() == 0 and initial_namespace else b"user."
+    return b"trusted." if privileged() else b"user."
 
 
 class LayerStack:

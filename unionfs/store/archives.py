@@ -22,7 +22,7 @@ import zstandard
 from unionfs import present
 from unionfs.errors import ConfigError
 from unionfs.fs import syscalls
-from unionfs.store.changes import apply as apply_change
+from unionfs.store import changes
 from unionfs.store.store import Store, now
 from unionfs.store.unpack import CHUNK, LayerError, decompressed
 
@@ -36,12 +36,12 @@ def config_json(config: dict) -> bytes:
     return json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
 
 
-def import_tarball(store: Store, path: str, name: str | None, changes: list[str] = ()) -> str:
+def import_tarball(store: Store, path: str, name: str | None, instructions: list[str] = ()) -> str:
     """A root filesystem tarball (plain, gzip or zstd) as a one-layer image, as `podman import`,
-    with CHANGES (Dockerfile instructions) in its config; its ID."""
+    with INSTRUCTIONS (Dockerfile ones) in its config; its ID."""
     image_config: dict = {}
-    for change in changes:  # checked before anything is stored
-        apply_change(image_config, change)
+    for instruction in instructions:  # checked before anything is stored
+        changes.apply(image_config, instruction)
     try:
         raw = open(path, "rb")
     except OSError as exc:
@@ -175,7 +175,8 @@ class _Blob(io.RawIOBase):
     def readinto(self, buffer) -> int:
         data = self.raw.read(len(buffer))
         buffer[:len(data)] = data
-        self.hash.update(data)
+        if self.digest is not None:
+            self.hash.update(data)
         self.advance(len(data))
         return len(data)
 
@@ -296,6 +297,10 @@ def _store_image(store: Store, source, image: _Image, progress: present.Progress
         diff_ids = config["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         raise ArchiveError("an image config has no rootfs.diff_ids") from None
+    try:
+        changes.check(config)
+    except ConfigError as exc:
+        raise ArchiveError(str(exc)) from None
     if not (isinstance(diff_ids, list) and len(diff_ids) == len(image.layers)
             and all(isinstance(d, str) and DIGEST.fullmatch(d) for d in diff_ids)):
         raise ArchiveError("an image config's rootfs.diff_ids do not match its layers")

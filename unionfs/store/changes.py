@@ -1,5 +1,6 @@
-"""Dockerfile instructions applied to an image's config, as `podman import --change` and
-`podman commit --change` take them: CMD, ENTRYPOINT, ENV, USER, WORKDIR, STOPSIGNAL, LABEL."""
+"""The runtime part of an image's config (the OCI config's "config"): what shape it must have to
+be used, and Dockerfile instructions applied to it, as `podman import --change` and `podman
+commit --change` take them: CMD, ENTRYPOINT, ENV, USER, WORKDIR, STOPSIGNAL, LABEL."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,28 @@ import shlex
 from unionfs.errors import ConfigError
 
 INSTRUCTIONS = ("CMD", "ENTRYPOINT", "ENV", "USER", "WORKDIR", "STOPSIGNAL", "LABEL")
+LISTS_OF_STRINGS = ("Entrypoint", "Cmd", "Env")
+STRINGS = ("User", "WorkingDir", "StopSignal")
+
+
+def check(image_config: object) -> None:
+    """Refuse an image config (the whole OCI config) whose runtime part a container could not use."""
+    if not isinstance(image_config, dict):
+        raise ConfigError("an image config is not a JSON object")
+    config = image_config.get("config")
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise ConfigError("an image config's config is not a JSON object")
+    for key in LISTS_OF_STRINGS:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"an image config's {key} is not a list of strings")
+    for key in STRINGS:
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise ConfigError(f"an image config's {key} is not a string")
+    if not isinstance(image_config.get("history", []), list):
+        raise ConfigError("an image config's history is not a list")
 
 
 def _command(value: str) -> list[str]:

@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from unionfs.errors import ConfigError
 from unionfs.fs import syscalls
-from unionfs.fs.layers import overlay_xattr_namespace
+from unionfs.fs.layers import overlay_xattr_namespace, privileged
 from unionfs.store import tarsplit, unpack
 from unionfs.store.db import Database
 
@@ -156,7 +156,7 @@ class Store:
                 fd = os.open(os.path.join(staging, LAYER_TREE), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     with open(os.path.join(staging, TAR_SPLIT), "wb") as split:
-                        unpacked = unpack.unpack(raw, fd, split, self.xattr_namespace, privileged=os.geteuid() == 0)
+                        unpacked = unpack.unpack(raw, fd, split, self.xattr_namespace, privileged=privileged())
                 finally:
                     os.close(fd)
                 check()

@@ -28,7 +28,8 @@ from unionfs.fs.whiteout import OCI_PREFIX, make_whiteout, set_opaque
 from unionfs.store import tarsplit
 
 OCI_OPAQUE = ".wh..wh..opq"
-AUFS_META_PREFIX = ".wh..wh."  # AUFS's own bookkeeping (.wh..wh..plnk, ...): not content
+AUFS_META_PREFIX = ".wh..wh."
+OPEN_DIRS = 64  # directory fds an unpack keeps open  # AUFS's own bookkeeping (.wh..wh..plnk, ...): not content
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
 CHUNK = 1 << 20
@@ -96,6 +97,8 @@ def unpack(raw: BinaryIO, dest_fd: int, split: BinaryIO, xattr_namespace: bytes,
         if isinstance(exc, LayerError):
             raise
         raise LayerError(f"the layer archive is corrupt or truncated: {exc}") from None
+    finally:
+        layer.close()
     layer.finish()
     return Unpacked("sha256:" + stream.digest.hexdigest(), stream.size)
 
@@ -114,23 +117,38 @@ class _Layer:
         self.xattr_namespace = xattr_namespace
         self.privileged = privileged
         self.directories: list[tuple[list[str], tarfile.TarInfo]] = []  # their times are set last
+        # O_PATH fds of the directories entries went into lately, by path: an archive lists a
+        # directory's entries together, and walking from the root for each costs a few system
+        # calls per component. An entry that replaces a directory drops it and what is below.
+        self._open_dirs: dict[tuple[str, ...], int] = {}
 
-    def _parent(self, parts: list[str], name: str) -> int:
-        """An fd of the directory that holds PARTS, made (0755, as podman) where missing; a
-        symlink on the way is refused."""
-        fd = os.dup(self.root)
-        try:
-            for part in parts[:-1]:
-                try:
-                    next_fd = syscalls.ensure_dir(fd, part.encode(), 0o755)
-                except (NotADirectoryError, FileExistsError):
-                    raise LayerError(f"the layer has an entry below a symlink or a file: {name}") from None
-                os.close(fd)
-                fd = next_fd
-        except BaseException:
+    def close(self) -> None:
+        for fd in self._open_dirs.values():
             os.close(fd)
-            raise
+        self._open_dirs.clear()
+
+    def _directory(self, parts: tuple[str, ...], name: str) -> int:
+        """An fd (the cache's: not to be closed) of the directory PARTS, made (0755, as podman)
+        where missing; a symlink or a file on the way is refused."""
+        if not parts:
+            return self.root
+        fd = self._open_dirs.get(parts)
+        if fd is not None:
+            return fd
+        parent = self._directory(parts[:-1], name)
+        try:
+            fd = syscalls.ensure_dir(parent, parts[-1].encode(), 0o755)
+        except (NotADirectoryError, FileExistsError):
+            raise LayerError(f"the layer has an entry below a symlink or a file: {name}") from None
+        if len(self._open_dirs) >= OPEN_DIRS:
+            os.close(self._open_dirs.pop(next(iter(self._open_dirs))))  # the oldest
+        self._open_dirs[parts] = fd
         return fd
+
+    def _forget(self, parts: tuple[str, ...]) -> None:
+        """PARTS is about to be removed or replaced: its fd, and those below it, are stale."""
+        for key in [key for key in self._open_dirs if key[:len(parts)] == parts]:
+            os.close(self._open_dirs.pop(key))
 
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str]) -> None:
         if not parts:  # the layer root itself
@@ -138,38 +156,42 @@ class _Layer:
                 self.directories.append((parts, member))
             return
         base = parts[-1]
-        dir_fd = self._parent(parts, member.name)
-        try:
-            if base == OCI_OPAQUE:
-                set_opaque(dir_fd, SELF, self.xattr_namespace)
-            elif base.startswith(AUFS_META_PREFIX):
-                pass
-            elif base.startswith(OCI_PREFIX.decode()):
-                name = base[len(OCI_PREFIX):].encode()
-                if not name:
-                    raise LayerError(f"the layer has a whiteout of nothing: {member.name}")
-                self._clear(dir_fd, name)
-                make_whiteout(dir_fd, name)
-            else:
-                self._make(tar, member, dir_fd, base.encode(), parts)
-        finally:
-            os.close(dir_fd)
+        dir_fd = self._directory(tuple(parts[:-1]), member.name)
+        if base == OCI_OPAQUE:
+            set_opaque(dir_fd, SELF, self.xattr_namespace)
+        elif base.startswith(AUFS_META_PREFIX):
+            pass
+        elif base.startswith(OCI_PREFIX.decode()):
+            name = base[len(OCI_PREFIX):]
+            if not name:
+                raise LayerError(f"the layer has a whiteout of nothing: {member.name}")
+            self._clear(dir_fd, [*parts[:-1], name])
+            make_whiteout(dir_fd, name.encode())
+        else:
+            self._make(tar, member, dir_fd, base.encode(), parts)
 
-    def _clear(self, dir_fd: int, name: bytes) -> None:
-        """Make room for NAME: a later entry of a layer replaces an earlier one (a directory stays
-        when a directory replaces it)."""
+    def _clear(self, dir_fd: int, parts: list[str]) -> None:
+        """Make room for PARTS (whose directory is DIR_FD): a later entry of a layer replaces an
+        earlier one (a directory stays when a directory replaces it)."""
+        name = parts[-1].encode()
         if syscalls.lstat_or_none(dir_fd, name) is not None:
-            syscalls.remove_tree(dir_fd, name)
+            self._remove(dir_fd, parts)
+
+    def _remove(self, dir_fd: int, parts: list[str]) -> None:
+        self._forget(tuple(parts))
+        syscalls.remove_tree(dir_fd, parts[-1].encode())
 
     def _make(self, tar: tarfile.TarFile, member: tarfile.TarInfo, dir_fd: int, name: bytes, parts: list[str]) -> None:
         existing = syscalls.lstat_or_none(dir_fd, name)
         if member.isdir():
             if existing is None or not stat.S_ISDIR(existing.st_mode):
-                self._clear(dir_fd, name)
+                if existing is not None:
+                    self._remove(dir_fd, parts)
                 syscalls.mkdir(dir_fd, name, 0o700)
             self.directories.append((parts, member))
             return
-        self._clear(dir_fd, name)
+        if existing is not None:
+            self._remove(dir_fd, parts)
         if member.isreg():
             fd = syscalls.create(dir_fd, name, os.O_WRONLY, 0o600)
             try:
@@ -237,16 +259,18 @@ class _Layer:
 
 def _copy_data(source: BinaryIO, fd: int, size: int) -> None:
     """SIZE bytes from SOURCE into the new file FD; runs of zeros become holes."""
-    written = 0
+    written, hole_at_end = 0, False
     while written < size:
         chunk = source.read(min(CHUNK, size - written))
         if not chunk:
             raise LayerError("the layer archive is truncated")
-        if chunk.count(0) == len(chunk):
+        hole_at_end = chunk.count(0) == len(chunk)
+        if hole_at_end:
             os.lseek(fd, len(chunk), os.SEEK_CUR)
         else:
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view):]
         written += len(chunk)
-    os.ftruncate(fd, size)
+    if hole_at_end:  # a file that ends in a hole gets its size from a truncate
+        os.ftruncate(fd, size)
