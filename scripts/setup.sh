@@ -8,6 +8,7 @@ packages=(fuse3 libfuse3-dev pkg-config gcc libc6-dev uidmap
           python3-dev python3-venv  # Debian's python: other users can run it (rootless tier)
           fuse-overlayfs busybox-static attr bubblewrap  # test oracles, fixtures, bench peers
           podman runc  # the podman tier: pyunionfs as containers/storage's mount program
+          debootstrap  # the bench's image-load image (made once, through the Debian mirror)
           libseccomp2)  # the containers' seccomp filter
 missing=()
 for pkg in "${packages[@]}"; do

@@ -250,3 +250,16 @@ def test_round_trip_with_podman(tmp_path):
     finally:
         pm.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_save_to_a_full_disk_is_one_line_and_leaves_no_file(saved, tmp_path):
+    root = tmp_path / "store"
+    assert pyunionfs(root, "load", "-i", str(saved["docker-archive"])).returncode == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        one_line_error(pyunionfs(root, "save", "-o", str(small / "image.tar"), "busybox"), "No space left")
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

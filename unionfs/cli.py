@@ -579,7 +579,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == [ROOT_OPTION]:
             raise ConfigError(f"{ROOT_OPTION} takes a directory")
         return dispatch(argv, root)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):  # `pyunionfs export C | head`: the reader is done
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+            return 141
+        if isinstance(exc, OSError):  # the machine's answer (no space left, a permission): one line
+            exc = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return COMMANDS[argv[0]].exit_on_error if argv and argv[0] in COMMANDS else 1
     except KeyboardInterrupt:
