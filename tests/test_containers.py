@@ -264,6 +264,22 @@ def test_stop_kill_and_rm_force(store: Cli):
     one_line_error(store("kill", "stopped"), "is not running")
 
 
+def test_kill_s_kill_ends_the_container_and_its_launcher_cleans_up(store: Cli):
+    """SIGKILL goes to the container's init, not to the launcher, which unmounts, removes its
+    scratch directory and records the exit, as podman's conmon does."""
+    tmp = store.root.parent / "tmp"
+    tmp.mkdir()
+    store = Cli(store.root, ["env", f"TMPDIR={tmp}"])  # where a run's scratch would go if not in the store
+    container_id = store("run", "-d", "busybox", "sleep", "60").stdout.strip()
+    launcher = json.loads(store("inspect", container_id).stdout)[0]["State"]["Pid"]
+    wait_until(lambda: len(descendants(launcher)) >= 3, what="the server and the command")
+    assert store("kill", "-s", "KILL", container_id).returncode == 0
+    wait_until(lambda: not os.path.exists(f"/proc/{launcher}"), what="the launcher to finish")
+    assert ps(store, "-a")[0]["STATUS"].startswith("Exited (137)")
+    assert [name for directory in (tmp, store.root / "containers" / container_id)
+            for name in os.listdir(directory) if name.startswith("pyunionfs-run.")] == []
+
+
 def test_a_killed_launcher_leaves_an_exited_container(store: Cli):
     """SIGKILL of the launcher: ps shows Exited (137), not Up; its command and filesystem server
     go with it; the container starts again, and goes with rm -f."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -76,7 +77,7 @@ def _run_config(store: Store, container: dict) -> launcher.RunConfig:
     directory = store.container_dir(container["id"])
     return launcher.RunConfig(lowers=store.layer_paths(container["image"]), command=config["command"],
                               upper=os.path.join(directory, "upper"), workdir=os.path.join(directory, "work"),
-                              rootless=options.rootless, spec=spec)
+                              rootless=options.rootless, spec=spec, scratch_parent=directory)
 
 
 def _launch(store: Store, container_id: str, run_config: launcher.RunConfig,
@@ -102,6 +103,9 @@ def start(store: Store, container_id: str, attach: bool, remove: bool = False) -
     if container["state"] == "running":
         raise ConfigError(f"container {container['name']} is already running")
     run_config = _run_config(store, container)
+    for name in os.listdir(run_config.scratch_parent):  # what a launcher killed by SIGKILL left
+        if name.startswith(launcher.SCRATCH_PREFIX):
+            shutil.rmtree(os.path.join(run_config.scratch_parent, name), ignore_errors=True)
     if attach:
         code = _launch(store, container_id, run_config)
         if remove:
@@ -152,11 +156,36 @@ def signal_number(text: str) -> int:
 
 
 def kill(store: Store, container_id: str, signum: int) -> None:
-    """Send SIGNUM to the container's command, through its launcher (SIGKILL ends both)."""
+    """Send SIGNUM to the container's command, through its launcher, which forwards it. SIGKILL
+    cannot be forwarded: it goes to the container's init (all the container dies with it), and
+    the launcher, left alive, cleans up and records the exit, as podman's conmon does."""
     container = state(store, container_id)
     if container["state"] != "running":
         raise ConfigError(f"container {container['name']} is not running")
-    os.kill(container["pid"], signum)
+    target = container["pid"]
+    if signum == signal.SIGKILL:
+        target = next(iter(_container_inits(container["pid"])), target)  # none yet: the launcher
+    os.kill(target, signum)
+
+
+def _container_inits(launcher_pid: int) -> list[int]:
+    """The launcher's children but its filesystem server: the init of the container's PID namespace."""
+    children = []
+    try:
+        for task in os.listdir(f"/proc/{launcher_pid}/task"):
+            with open(f"/proc/{launcher_pid}/task/{task}/children") as f:
+                children += [int(pid) for pid in f.read().split()]
+    except OSError:
+        return []
+    inits = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != launcher.SERVER_NAME:
+                    inits.append(pid)
+        except OSError:
+            continue
+    return inits
 
 
 def wait(store: Store, container_id: str, timeout: float | None = None) -> bool:

@@ -25,6 +25,7 @@ MOUNT_TIMEOUT = 30.0
 
 
 FUSE_DEVICE_OVERRIDE = "PYUNIONFS_FUSE_DEVICE"  # a usable FUSE device node to bind over /dev/fuse
+SCRATCH_PREFIX = "pyunionfs-run."
 SERVER_NAME = "pyunionfs-fuse"  # the server's process name (comm), as ps and top show it
 
 
@@ -36,6 +37,10 @@ class RunConfig:
     workdir: str | None = None
     rootless: bool = False
     spec: ContainerSpec = field(default_factory=lambda: ContainerSpec(root="", command=[], env={}))
+    # Where the run's scratch directory (mountpoint, generated /etc files) goes: the system's
+    # temporary directory unless given (a stored container's own directory, so that a launcher
+    # killed by SIGKILL leaves nothing outside it).
+    scratch_parent: str | None = None
 
 
 def _fork_dying_with_launcher() -> int:
@@ -117,7 +122,7 @@ def run(config: RunConfig) -> int:
     for lower in config.lowers:
         if not os.path.isdir(lower):
             raise ConfigError(f"lower directory does not exist: {lower}")
-    scratch = tempfile.mkdtemp(prefix="pyunionfs-run.")
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=config.scratch_parent)
     server = -1
     mountpoint = os.path.join(scratch, "root")
     try:
