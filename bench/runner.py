@@ -85,6 +85,14 @@ def daemon_peak_rss_kib(pid: int) -> int:
     return 0
 
 
+def new_podman(system: System) -> podman.Podman:
+    """An empty podman storage of its own, with SYSTEM's storage arguments."""
+    if not system.podman:
+        raise BenchError(f"{system.name} has no podman storage arguments (podman = ... in a systems file)")
+    # Not below the scratch directory: podman refuses a runroot path longer than 50 characters.
+    return podman.Podman(Path(tempfile.mkdtemp(prefix="pm.")), fill(system.podman))
+
+
 class Mounts:
     """Fresh upper, work and mount directories under SCRATCH, and what mounts on them; for the
     podman-run workload, a podman storage per system with the busybox image in it, made at its
@@ -97,11 +105,8 @@ class Mounts:
         self._engines: dict[str, list[str]] = {}
 
     def podman_store(self, system: System) -> podman.Podman:
-        if not system.podman:
-            raise BenchError(f"{system.name} has no podman storage arguments (podman = ... in a systems file)")
         if system.name not in self._stores:
-            # Not below SCRATCH: podman refuses a runroot path longer than 50 characters.
-            store = podman.Podman(Path(tempfile.mkdtemp(prefix="pm.")), fill(system.podman))
+            store = new_podman(system)
             self._stores[system.name] = store
             store("import", str(podman.image_tarball(self.dataset.image, store.base / "image.tar")),
                   "localhost/busybox")
@@ -238,12 +243,8 @@ def _podman_runs(system: System, mounts: Mounts) -> float:
     """The median time of `podman run --rm` of `true` on the busybox image, with SYSTEM as
     podman's storage (its mount program, say): the mount, runc and the unmount."""
     store = mounts.podman_store(system)
-    times = []
-    for _ in range(mounts.dataset.scale.startup_runs):
-        start = time.perf_counter()
-        store("run", "--rm", "--pull=never", "--network=none", "localhost/busybox", "/bin/true")
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_seconds(mounts.dataset.scale.startup_runs, lambda: store(
+        "run", "--rm", "--pull=never", "--network=none", "localhost/busybox", "/bin/true"))
 
 
 def _engine_runs(system: System, mounts: Mounts) -> float:
@@ -252,13 +253,8 @@ def _engine_runs(system: System, mounts: Mounts) -> float:
     if not system.engine:
         return _podman_runs(system, mounts)
     engine = mounts.engine_store(system)
-    times = []
-    for _ in range(mounts.dataset.scale.startup_runs):
-        start = time.perf_counter()
-        subprocess.run([*engine, "run", "--rm", "--net", "none", "localhost/busybox", "/bin/true"], check=True,
-                       capture_output=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_seconds(mounts.dataset.scale.startup_runs, lambda: subprocess.run(
+        [*engine, "run", "--rm", "--net", "none", "localhost/busybox", "/bin/true"], check=True, capture_output=True))
 
 
 def _image_loads(system: System, mounts: Mounts) -> float:
@@ -270,28 +266,36 @@ def _image_loads(system: System, mounts: Mounts) -> float:
     try:
         if system.engine:
             engine = fill(system.engine, store=scratch / "store")
-            start = time.perf_counter()
-            subprocess.run([*engine, "load", "-i", str(archive)], check=True, capture_output=True)
-            return time.perf_counter() - start
+            return _seconds(lambda: subprocess.run([*engine, "load", "-i", str(archive)], check=True,
+                                                   capture_output=True))
         if system.is_union:
-            if not system.podman:
-                raise BenchError(f"{system.name} has no podman storage arguments (podman = ... in a systems file)")
-            store = podman.Podman(Path(tempfile.mkdtemp(prefix="pm.")), fill(system.podman))
+            store = new_podman(system)
             try:
-                start = time.perf_counter()
-                store("load", "-i", str(archive))
-                return time.perf_counter() - start
+                return _seconds(lambda: store("load", "-i", str(archive)))
             finally:
                 store.close()
         layers = _layer_files(archive, scratch)
         os.sync()
-        start = time.perf_counter()
-        for i, layer in enumerate(layers):
-            (scratch / f"layer{i}").mkdir()
-            subprocess.run(["tar", "--xattrs", "-xf", str(layer), "-C", str(scratch / f"layer{i}")], check=True)
-        return time.perf_counter() - start
+        return _seconds(lambda: _untar_each(layers, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _untar_each(layers: list[Path], scratch: Path) -> None:
+    for i, layer in enumerate(layers):
+        (scratch / f"layer{i}").mkdir()
+        subprocess.run(["tar", "--xattrs", "-xf", str(layer), "-C", str(scratch / f"layer{i}")], check=True)
+
+
+def _seconds(action: Callable[[], object]) -> float:
+    """The wall-clock time ACTION takes."""
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def _median_seconds(runs: int, action: Callable[[], object]) -> float:
+    return statistics.median(_seconds(action) for _ in range(runs))
 
 
 def _layer_files(archive: Path, scratch: Path) -> list[Path]:

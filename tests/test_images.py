@@ -24,7 +24,7 @@ import zstandard
 from bench import podman
 from launchers import build_image
 from mounts import PYUNIONFS
-from test_store import one_line_error, pyunionfs, stored_layers
+from test_store import nothing_stored, one_line_error, pyunionfs, stored_layers
 
 
 def sha256(data: bytes) -> str:
@@ -43,11 +43,6 @@ def write_tar(path: Path, files: dict[str, bytes]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
-
-
-def nothing_stored(root: Path) -> None:
-    assert stored_layers(root) == [] and os.listdir(root / "layers" / ".staging") == []
-    assert pyunionfs(root, "images", "-q").stdout.strip() == ""
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,20 @@ def on_both(tmp_path: Path, extra: str, steps: Callable[[Path], object]) -> dict
     return results
 
 
+def read_only_on_both(lower: Path, variants: tuple[str, ...], scratch: Path,
+                      observe: Callable[[Path], object]) -> dict[tuple[str, str], object]:
+    """OBSERVE(mountpoint) of a read-only union of LOWER, through pyunionfs and fuse-overlayfs,
+    with each of the extra option strings VARIANTS; by (program, variant)."""
+    seen = {}
+    for program in (PYUNIONFS, FUSE_OVERLAYFS):
+        for options in variants:
+            mnt = scratch / f"mnt-{os.path.basename(program)}-{options}"
+            mnt.mkdir()
+            with helper_mount(program, mnt, overlay_options([lower], extra=options)):
+                seen[os.path.basename(program), options] = observe(mnt)
+    return seen
+
+
 def assert_same(results: dict[str, tuple]) -> None:
     ours, theirs = results["pyunionfs"], results[FUSE_OVERLAYFS]
     assert ours[0] == theirs[0], "the steps' outcome"
@@ -142,13 +156,7 @@ def test_noacl_ignores_acls_as_fuse_overlayfs(shared_tmp):
     (lower / "secret").write_text("s\n")
     os.chmod(lower / "secret", 0o600)
     os.setxattr(lower / "secret", ACL_ACCESS, grant_to_nobody())
-    readable = {}
-    for program in (PYUNIONFS, FUSE_OVERLAYFS):
-        for options in ("", "noacl"):
-            mnt = shared_tmp / f"mnt-{os.path.basename(program)}-{options}"
-            mnt.mkdir()
-            with helper_mount(program, mnt, overlay_options([lower], extra=options)):
-                readable[os.path.basename(program), options] = reads_as_nobody(mnt / "secret")
+    readable = read_only_on_both(lower, ("", "noacl"), shared_tmp, lambda mnt: reads_as_nobody(mnt / "secret"))
     assert readable == {("pyunionfs", ""): True, ("pyunionfs", "noacl"): False,
                         (FUSE_OVERLAYFS, ""): True, (FUSE_OVERLAYFS, "noacl"): False}
 
@@ -231,13 +239,7 @@ def make_masked_lower(root: Path) -> Path:
 
 def test_override_stat_of_lower_layers_read_as_fuse_overlayfs(tmp_path):
     lower = make_masked_lower(tmp_path)
-    seen = {}
-    for program in (PYUNIONFS, FUSE_OVERLAYFS):
-        for options in ("xattr_permissions=2", ""):
-            mnt = tmp_path / f"mnt-{os.path.basename(program)}-{options}"
-            mnt.mkdir()
-            with helper_mount(program, mnt, overlay_options([lower], extra=options)):
-                seen[os.path.basename(program), options] = owners(mnt)
+    seen = read_only_on_both(lower, ("xattr_permissions=2", ""), tmp_path, owners)
     assert seen["pyunionfs", "xattr_permissions=2"] == seen[FUSE_OVERLAYFS, "xattr_permissions=2"]
     assert seen["pyunionfs", "xattr_permissions=2"]["bin/su"][2] == 0o4755
     # Without the option pyunionfs shows the real modes, as kernel overlayfs does (fuse-overlayfs

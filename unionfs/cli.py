@@ -98,20 +98,24 @@ def _container_parser(command: str, description: str, usage: str) -> OneLinePars
 
 
 def _entrypoint(text: str | None) -> list[str] | None:
+    """--entrypoint: a JSON list of strings, or one command."""
+    from unionfs.store import changes
+
     if text is None:
         return None
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        return [text]
-    return parsed if isinstance(parsed, list) and all(isinstance(part, str) for part in parsed) else [text]
+    exec_form = changes.string_list(text)
+    return exec_form if exec_form is not None else [text]
+
+
+def _command_words(words: list[str]) -> list[str]:
+    """A command as given after the options, less a `--` before it."""
+    return words[1:] if words[:1] == ["--"] else words
 
 
 def _image_and_command(rest: list[str]) -> tuple[str, list[str]]:
     if not rest:
         raise ConfigError("no image given")
-    image, command = rest[0], rest[1:]
-    return image, command[1:] if command[:1] == ["--"] else command
+    return rest[0], _command_words(rest[1:])
 
 
 def run(argv: list[str], root: str | None) -> int:
@@ -131,7 +135,7 @@ def run(argv: list[str], root: str | None) -> int:
     parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [CMD...]")
     args = parser.parse_args(argv)
     if args.lower:
-        command = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        command = _command_words(args.rest)
         if not command:
             raise ConfigError("no command given (pyunionfs run --lower DIR ... -- CMD)")
         spec = runopts.container_spec(args, command)
@@ -296,6 +300,13 @@ def inspect(argv: list[str], root: str | None) -> int:
     return 0
 
 
+def _add_change_option(parser: argparse.ArgumentParser, whose: str) -> None:
+    from unionfs.store import changes
+
+    parser.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                        help=f"a Dockerfile instruction for {whose} config: {', '.join(changes.INSTRUCTIONS)}")
+
+
 def diff(argv: list[str], root: str | None) -> int:
     from unionfs.runtime import containers
 
@@ -312,9 +323,7 @@ def commit(argv: list[str], root: str | None) -> int:
     from unionfs.runtime import containers
 
     parser = _parser("commit", "Make an image of a container: its image and one more layer, what it changed.")
-    parser.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
-                        help="a Dockerfile instruction for the new image's config: CMD, ENTRYPOINT, ENV, USER, "
-                             "WORKDIR, STOPSIGNAL, LABEL")
+    _add_change_option(parser, "the new image's")
     parser.add_argument("-m", "--message", help="a comment for the new layer's history entry")
     parser.add_argument("container")
     parser.add_argument("image", nargs="?", help="a name for the new image")
@@ -382,9 +391,7 @@ def import_image(argv: list[str], root: str | None) -> int:
     from unionfs.store import archives
 
     parser = _parser("import", "Make a one-layer image of a root filesystem tarball, as podman import.")
-    parser.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
-                        help="a Dockerfile instruction for the image's config: CMD, ENTRYPOINT, ENV, USER, "
-                             "WORKDIR, STOPSIGNAL, LABEL")
+    _add_change_option(parser, "the image's")
     parser.add_argument("tarball")
     parser.add_argument("name", nargs="?")
     args = parser.parse_args(argv)

@@ -74,10 +74,10 @@ def _run_config(store: Store, container: dict) -> launcher.RunConfig:
     options = argparse.Namespace(**config["options"])
     options.hostname = options.hostname or container["id"][:12]
     spec = runopts.container_spec(options, config["command"], image_config)
-    directory = store.container_dir(container["id"])
+    upper, work = store.container_layer_dirs(container["id"])
     return launcher.RunConfig(lowers=store.layer_paths(container["image"]), command=config["command"],
-                              upper=os.path.join(directory, "upper"), workdir=os.path.join(directory, "work"),
-                              rootless=options.rootless, spec=spec, scratch_parent=directory)
+                              upper=upper, workdir=work, rootless=options.rootless, spec=spec,
+                              scratch_parent=store.container_dir(container["id"]))
 
 
 def _launch(store: Store, container_id: str, run_config: launcher.RunConfig,
@@ -222,6 +222,7 @@ def remove(store: Store, container_id: str, force: bool) -> None:
 def describe(store: Store, container: dict) -> dict[str, Any]:
     """`inspect`'s view of a container, with podman's key names."""
     image = store.image(container["image"])
+    upper, work = store.container_layer_dirs(container["id"])
     return {"Id": container["id"], "Name": container["name"], "Image": container["image"],
             "ImageName": (image["names"] or [container["image"]])[0], "Created": container["created"],
             "Path": container["config"]["command"][0], "Args": container["config"]["command"][1:],
@@ -231,8 +232,7 @@ def describe(store: Store, container: dict) -> dict[str, Any]:
             "Config": {"Cmd": container["config"]["command"], "StopSignal": container["config"].get("stop_signal")},
             "GraphDriver": {"Name": "pyunionfs", "Data": {
                 "LowerDir": ":".join(store.layer_paths(container["image"])),
-                "UpperDir": os.path.join(store.container_dir(container["id"]), "upper"),
-                "WorkDir": os.path.join(store.container_dir(container["id"]), "work")}}}
+                "UpperDir": upper, "WorkDir": work}}}
 
 
 def log_path(store: Store, container_id: str) -> str:
@@ -260,16 +260,15 @@ def follow_log(store: Store, container_id: str, follow: bool) -> None:
             time.sleep(0.1)
 
 
-
 def _view(store: Store, container: dict) -> ContainerView:
     # Imported here: the union's code brings pyfuse3 and trio, which the launcher never imports
     # (it makes namespaces, which a process with threads cannot enter).
     from unionfs.store.upperdiff import ContainerView
 
-    spec = _run_config(store, container).spec
+    run_config = _run_config(store, container)
+    spec = run_config.spec
     runtime_paths = {*RUNTIME_MOUNTS, *GENERATED_ETC, *spec.tmpfs, *(volume.target for volume in spec.volumes)}
-    return ContainerView(store.layer_paths(container["image"]),
-                         os.path.join(store.container_dir(container["id"]), "upper"), frozenset(runtime_paths))
+    return ContainerView(run_config.lowers, run_config.upper, frozenset(runtime_paths))
 
 
 def diff(store: Store, container_id: str) -> list[Change]:
@@ -319,10 +318,8 @@ def _committed_config(image_config: dict, container_config: dict) -> dict:
         config["Cmd"] = container_config.get("arguments") or []
     elif container_config.get("arguments"):
         config["Cmd"] = container_config["arguments"]
-    env = dict(item.partition("=")[::2] for item in config.get("Env") or [])
-    env.update(item.partition("=")[::2] for item in options.get("env") or [])
-    if env:
-        config["Env"] = [f"{key}={value}" for key, value in env.items()]
+    if options.get("env"):
+        changes.add_env(config, (item.partition("=")[::2] for item in options["env"]))
     if options.get("chdir"):
         config["WorkingDir"] = options["chdir"]
     if options.get("user") is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from typing import Iterable
 
 from unionfs.errors import ConfigError
 
@@ -24,7 +25,7 @@ def check(image_config: object) -> None:
         raise ConfigError("an image config's config is not a JSON object")
     for key in LISTS_OF_STRINGS:
         value = config.get(key)
-        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        if value is not None and not _is_string_list(value):
             raise ConfigError(f"an image config's {key} is not a list of strings")
     for key in STRINGS:
         if config.get(key) is not None and not isinstance(config[key], str):
@@ -33,16 +34,23 @@ def check(image_config: object) -> None:
         raise ConfigError("an image config's history is not a list")
 
 
+def _is_string_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(part, str) for part in value)
+
+
+def string_list(text: str) -> list[str] | None:
+    """TEXT as a JSON list of strings (a Dockerfile's exec form), or None when it is not one."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None
+    return parsed if _is_string_list(parsed) else None
+
+
 def _command(value: str) -> list[str]:
     """The exec form (a JSON list) as given; the shell form run by /bin/sh -c, as Dockerfiles do."""
-    if value.startswith("["):
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, list) and all(isinstance(part, str) for part in parsed):
-            return parsed
-    return ["/bin/sh", "-c", value]
+    exec_form = string_list(value)
+    return exec_form if exec_form is not None else ["/bin/sh", "-c", value]
 
 
 def _pairs(value: str, instruction: str) -> list[tuple[str, str]]:
@@ -72,10 +80,15 @@ def apply(config: dict, change: str) -> None:
     if instruction in ("CMD", "ENTRYPOINT"):
         config["Cmd" if instruction == "CMD" else "Entrypoint"] = _command(value)
     elif instruction == "ENV":
-        env = dict(item.partition("=")[::2] for item in config.get("Env") or [])
-        env.update(_pairs(value, instruction))
-        config["Env"] = [f"{key}={item}" for key, item in env.items()]
+        add_env(config, _pairs(value, instruction))
     elif instruction == "LABEL":
         config.setdefault("Labels", {}).update(_pairs(value, instruction))
     else:
         config[{"USER": "User", "WORKDIR": "WorkingDir", "STOPSIGNAL": "StopSignal"}[instruction]] = value
+
+
+def add_env(config: dict, pairs: Iterable[tuple[str, str]]) -> None:
+    """Set the (KEY, VALUE) PAIRS in CONFIG's Env, in place of what it had for those keys."""
+    env = dict(item.partition("=")[::2] for item in config.get("Env") or [])
+    env.update(pairs)
+    config["Env"] = [f"{key}={value}" for key, value in env.items()]

@@ -273,6 +273,11 @@ class Store:
     def container_dir(self, container_id: str) -> str:
         return os.path.join(self.containers_dir, container_id)
 
+    def container_layer_dirs(self, container_id: str) -> tuple[str, str]:
+        """The container's upper and work directories."""
+        directory = self.container_dir(container_id)
+        return os.path.join(directory, "upper"), os.path.join(directory, "work")
+
     def add_container(self, name: str | None, image_id: str, config: dict) -> str:
         """Record a container of IMAGE_ID in state created, with its directory (its upper and work
         directories inside); its ID."""
@@ -282,11 +287,11 @@ class Store:
             raise ConfigError(f"container names are letters, digits and _.- (starting with a letter or "
                               f"digit): {name}")
         directory = self.container_dir(container_id)
-        for part in ("upper", "work"):
-            os.makedirs(os.path.join(directory, part), mode=0o700)
+        upper, work = self.container_layer_dirs(container_id)
+        for path in (upper, work):
+            os.makedirs(path, mode=0o700)
         # The union's root is the upper's: as the image's, so its users can reach their files.
         image_root = os.stat(self.layer_paths(image_id)[0])
-        upper = os.path.join(directory, "upper")
         os.chown(upper, image_root.st_uid, image_root.st_gid)
         os.chmod(upper, stat.S_IMODE(image_root.st_mode))
         try:

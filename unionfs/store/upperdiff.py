@@ -64,16 +64,15 @@ class ContainerView:
 
     # ---- the two views ----
 
-    def _in_image(self, path: bytes) -> Node | None:
-        """The image's object at PATH, if it has one."""
-        node = self.image.inodes.get(ROOT_ID)
-        for name in path.split(b"/") if path != ROOT_PATH else []:
-            if not stat.S_ISDIR(node.entry.st_mode):
-                return None
-            if self.image.resolve(node, name) is None:
-                return None
-            node = self.image.lookup_existing(node, name)
-        return node
+    def _in_image(self, directory: Node | None, name: bytes) -> Node | None:
+        """The image's object NAME in its DIRECTORY (None: the image has no such directory), if it
+        has one."""
+        if directory is None or not stat.S_ISDIR(directory.entry.st_mode):
+            return None
+        try:
+            return self.image.lookup_existing(directory, name)
+        except FileNotFoundError:
+            return None
 
     def _merged(self, parent: Node, name: bytes) -> Node:
         return self.merged.lookup_existing(parent, name)
@@ -86,14 +85,16 @@ class ContainerView:
         finally:
             os.close(fd)
 
-    def _upper_entries(self, path: bytes) -> list[tuple[bytes, os.stat_result | None, bytes | None, bool]]:
-        """The entries of upper directory PATH: (name, lstat, redirect, opaque), sorted. An OCI
-        `.wh.NAME` marker in the upper (as containers/storage writes its layers) is taken as a
-        whiteout of NAME (its lstat None). A mount target the runtime made is left out."""
+    def _upper_entries(self, path: bytes, below: Node | None
+                       ) -> list[tuple[bytes, os.stat_result | None, bytes | None, bool]]:
+        """The entries of upper directory PATH (BELOW: the image's object there): (name, lstat,
+        redirect, opaque), sorted. An OCI `.wh.NAME` marker in the upper (as containers/storage
+        writes its layers) is taken as a whiteout of NAME (its lstat None). A mount target the
+        runtime made is left out."""
         entries = []
         with self._upper_dir(path) as fd:
             for name in sorted(syscalls.listdir(fd)):
-                if _shown(_child(path, name)) in self.runtime_paths and self._in_image(_child(path, name)) is None:
+                if _shown(_child(path, name)) in self.runtime_paths and self._in_image(below, name) is None:
                     continue
                 st = syscalls.lstat(fd, name)
                 redirect = opaque = None
@@ -108,12 +109,19 @@ class ContainerView:
 
     # ---- the changes ----
 
-    def _changes(self, directory: Node, path: bytes) -> list[_Record]:
-        """The changes below DIRECTORY (PATH in the union), parents before their children."""
+    def _changes(self, directory: Node, path: bytes, below_dir: Node | None, opaque_dir: bool = False
+                 ) -> list[_Record]:
+        """The changes below DIRECTORY (PATH in the union; BELOW_DIR, the image's object there;
+        OPAQUE_DIR, whether it hides that object's entries), parents before their children."""
+        entries = self._upper_entries(path, below_dir)
         records: list[_Record] = []
-        for name, st, redirect, opaque in self._upper_entries(path):
+        if opaque_dir and below_dir is not None and stat.S_ISDIR(below_dir.entry.st_mode):
+            listed = {entry[0] for entry in entries}
+            records += [_Record(DELETED, _child(path, name), implied=True)
+                        for name, _ in self._names(self.image, below_dir) if name not in listed]
+        for name, st, redirect, opaque in entries:
             child = _child(path, name)
-            below = self._in_image(child)
+            below = self._in_image(below_dir, name)
             if st is None or is_whiteout(st):
                 if below is not None:
                     records.append(_Record(DELETED, child))
@@ -125,20 +133,19 @@ class ContainerView:
             elif redirect is not None:  # moved here: all of it is new at this path
                 records.append(_Record(ADDED, child, node, whole=True))
             else:
-                inside = self._changes(node, child)
-                if opaque and below is not None and stat.S_ISDIR(below.entry.st_mode):
-                    upper_names = {entry[0] for entry in self._upper_entries(child)}
-                    inside[:0] = [_Record(DELETED, _child(child, n), implied=True)
-                                  for n, _ in self._names(self.image, below) if n not in upper_names]
+                inside = self._changes(node, child, below, opaque)
                 if inside or opaque or not self._same_metadata(node, below):
                     records += [_Record(kind, child, node, opaque=opaque), *inside]
                 # else: copied up only to hold the runtime's mount targets
         return records
 
+    def _all_changes(self) -> list[_Record]:
+        return self._changes(self.merged.inodes.get(ROOT_ID), ROOT_PATH, self.image.inodes.get(ROOT_ID))
+
     def changes(self) -> list[Change]:
         """What the container added, changed and deleted, sorted by path as podman diff prints."""
         found = []
-        for record in self._changes(self.merged.inodes.get(ROOT_ID), ROOT_PATH):
+        for record in self._all_changes():
             found.append(Change(record.kind, _shown(record.path)))
             if record.whole:
                 found += [Change(ADDED, _shown(path)) for path, _ in self._tree(record.node, record.path)]
@@ -169,7 +176,7 @@ class ContainerView:
     def write_layer(self, out: BinaryIO) -> None:
         """The container's changes as an OCI layer tar."""
         with _Writer(self.merged, out) as writer:
-            for record in self._changes(self.merged.inodes.get(ROOT_ID), ROOT_PATH):
+            for record in self._all_changes():
                 if record.kind == DELETED:
                     if not record.implied:  # (an opaque directory's marker stands for those)
                         writer.whiteout(record.path)
@@ -232,12 +239,12 @@ class _Writer:
     def add(self, path: bytes, node: Node) -> None:
         attr = node.entry
         mode = attr.st_mode
-        info = tarfile.TarInfo(os.fsdecode(path) + ("/" if stat.S_ISDIR(mode) else ""))
+        name = os.fsdecode(path)
+        info = tarfile.TarInfo(name + ("/" if stat.S_ISDIR(mode) else ""))
         info.mode = stat.S_IMODE(mode)
         info.uid, info.gid = attr.st_uid, attr.st_gid
         info.uname = info.gname = ""
         info.mtime = attr.st_mtime_ns / 1e9
-        name = os.fsdecode(path)
         if not stat.S_ISDIR(mode) and attr.st_nlink > 1:
             first = self.first_names.setdefault(node.ino, name)
             if first != name:
