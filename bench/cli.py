@@ -111,12 +111,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     out = args.out or RESULTS / started.strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pyunionfs-bench.", dir=args.data) as scratch:
-        mounts = runner.Mounts(Path(scratch), data)
-        try:
-            with Progress() as progress:
-                measurements = runner.run_all(chosen, todo, rounds, mounts, progress)
-        finally:
-            mounts.close()
+        with runner.Mounts(Path(scratch), data) as mounts, Progress() as progress:
+            measurements = runner.run_all(chosen, todo, rounds, mounts, progress)
     names = [system.name for system in chosen]
     summaries = stats.summarize(measurements, BASELINES)
     header = (f"{started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, kernel "

@@ -13,6 +13,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from unionfs.forkserver import client as fork_client
 from unionfs.fs.checks import mount_points
 
 # podman 4.3 on these hosts: crun refuses the hybrid cgroups, there is no CAP_SYS_RESOURCE for
@@ -84,7 +85,10 @@ class Podman:
                 str(self.base / "fuse-device"), self.user, *podman]
 
     def environment(self) -> dict[str, str]:
-        return {"PATH": os.environ["PATH"], "HOME": str(self.base / "home"),
+        # The fork servers' directory, where the caller chose one (the tests, the bench), so that
+        # the servers podman's mounts start are the caller's to stop.
+        chosen = {name: os.environ[name] for name in (fork_client.DIRECTORY,) if name in os.environ}
+        return {"PATH": os.environ["PATH"], "HOME": str(self.base / "home"), **chosen,
                 "XDG_RUNTIME_DIR": str(self.base / "run"), "CONTAINERS_CONF": str(self.base / "containers.conf")}
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -19,6 +19,8 @@ from bench import dataset, podman
 from bench.dataset import Dataset
 from bench.systems import BWRAP_TRUE, BenchError, System, fill
 from bench.workloads import Context, Workload
+from unionfs.forkserver import client as fork_client
+from unionfs.forkserver import server as fork_server
 from unionfs.fs.checks import mount_points
 
 MOUNT_TIMEOUT = 30.0
@@ -52,15 +54,17 @@ def drop_caches() -> None:
 
 
 def command_lines() -> dict[int, list[bytes]]:
-    """The arguments of every process but this one (processes may end while it looks)."""
+    """The arguments of every process but this one (processes may end while it looks). A process
+    title, as a fork server's FUSE server has (unionfs/forkserver), is one string: its words."""
     lines = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    lines[int(entry)] = f.read().split(b"\0")
+                    line = f.read().rstrip(b"\0")
             except OSError:
                 continue
+            lines[int(entry)] = line.split(b"\0") if b"\0" in line else line.split(b" ")
     return lines
 
 
@@ -103,6 +107,12 @@ class Mounts:
         self.dataset = dataset
         self._stores: dict[str, podman.Podman] = {}
         self._engines: dict[str, list[str]] = {}
+        # pyunionfs's fork servers (started by the first mount, as on a user's machine) run this
+        # checkout's code and end with the run: a directory of the run's own.
+        self.fork_servers = scratch / "fork-servers"
+        self.fork_servers.mkdir(mode=0o1777)
+        self.fork_servers.chmod(0o1777)
+        os.environ[fork_client.DIRECTORY] = str(self.fork_servers)
 
     def podman_store(self, system: System) -> podman.Podman:
         if system.name not in self._stores:
@@ -123,11 +133,19 @@ class Mounts:
             self._engines[system.name] = engine
         return self._engines[system.name]
 
+    def __enter__(self) -> "Mounts":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def close(self) -> None:
         for store in self._stores.values():
             store.close()
         self._stores.clear()
         self._engines.clear()  # their stores are below SCRATCH, removed with it
+        fork_server.stop_all(str(self.fork_servers))
+        os.environ.pop(fork_client.DIRECTORY, None)
 
     def fresh_dirs(self, system: System) -> dict[str, Path]:
         base = self.scratch / system.name
@@ -214,6 +232,30 @@ def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | 
     if daemon:
         result.daemon_cpu = cpu
         result.daemon_peak_rss_kib = daemon_peak_rss_kib(daemon)
+
+
+def _mount_starts(system: System, mounts: Mounts) -> float:
+    """The median time a mount of the busybox image with an empty upper takes, from the command
+    to a live mount (a mount program returns once its mount is live); after one untimed mount,
+    which also starts pyunionfs's fork server, as a first use on a machine would. Native: a bind
+    mount."""
+    image = mounts.dataset.image
+    times = []
+    for run in range(mounts.dataset.scale.startup_runs + 1):
+        dirs = mounts.fresh_dirs(system)
+        start = time.perf_counter()
+        if system.is_union:
+            mounts.mount(system, dirs, [image])
+        else:
+            subprocess.run(["mount", "--bind", str(image), str(dirs["mnt"])], check=True)
+        if run:
+            times.append(time.perf_counter() - start)
+        if system.is_union:
+            mounts.unmount(system, dirs["mnt"])
+        else:
+            subprocess.run(["umount", str(dirs["mnt"])], check=True)
+        shutil.rmtree(dirs["mnt"].parent, ignore_errors=True)
+    return statistics.median(times)
 
 
 def _container_starts(system: System, mounts: Mounts) -> float:
@@ -311,7 +353,7 @@ def _layer_files(archive: Path, scratch: Path) -> list[Path]:
     return layers
 
 
-STARTERS = {"bwrap": _container_starts, "podman": _podman_runs, "engine": _engine_runs, "load": _image_loads}
+STARTERS = {"mount": _mount_starts, "bwrap": _container_starts, "podman": _podman_runs, "engine": _engine_runs, "load": _image_loads}
 
 
 def run_all(systems: list[System], workloads: list[Workload], rounds: int, mounts: Mounts,

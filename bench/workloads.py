@@ -36,7 +36,7 @@ class Workload:
     warm_up: bool = False  # one untimed run first
     prepare: Step | None = None  # untimed, after the mount
     undo: Step | None = None  # native only
-    # Timed by the runner, per system: "bwrap" (mount, bwrap, umount), "podman" (podman run on
+    # Timed by the runner, per system: "mount" (the mount alone), "bwrap" (mount, bwrap, umount), "podman" (podman run on
     # the system's storage), "engine" (the system's own run, else podman's), "load" (image load).
     starter: str | None = None
 
@@ -213,6 +213,8 @@ WORKLOADS = [
     Workload("git-status", "git status in a checked-in tree, second run", _git_status, warm_up=True),
     Workload("two-readers", "two tars at once over the two halves of the tree, caches dropped", _two_readers,
              cold=True),
+    Workload("mount-start", "mount the busybox image with an empty upper: the mount command until the "
+             "mount is live, unmount untimed (median of several; native: a bind mount)", None, starter="mount"),
     Workload("container-start", "start `true` in a container on a busybox image (median of several)",
              None, starter="bwrap"),
     Workload("podman-run", "podman run --rm of `true` on a busybox image, the system as podman's storage "
@@ -229,4 +231,4 @@ BY_NAME = {workload.name: workload for workload in WORKLOADS}
 
 def available(workload: Workload) -> bool:
     """Can WORKLOAD run on this machine? Those that use podman need it."""
-    return workload.starter in (None, "bwrap") or podman.available()
+    return workload.starter in (None, "mount", "bwrap") or podman.available()

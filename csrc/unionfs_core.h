@@ -14,8 +14,8 @@
 
 #include <stdint.h>
 
-#define UFS_MAX_LAYERS 128 /* layers in one union, upper included */
-#define UFS_MASK_WORDS 2   /* 64-bit words in a layer mask: UFS_MAX_LAYERS / 64 */
+#define UFS_MAX_LAYERS 512 /* layers in one union, upper included (the kernel takes 500 lowers) */
+#define UFS_MASK_WORDS 8   /* 64-bit words in a layer mask: UFS_MAX_LAYERS / 64 */
 #define UFS_NAME_MAX 255
 #define UFS_HANDLE_MAX 128 /* the largest file handle */
 #define UFS_ORIGIN_MAX 149  /* an overlay.origin: struct ovl_fb's 21-byte header + UFS_HANDLE_MAX */

@@ -28,6 +28,8 @@ if ! grep -qx 'home = /usr/bin' .venv/pyvenv.cfg 2>/dev/null; then
     /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test,bench]'
+# Bytecode now, where PYTHONDONTWRITEBYTECODE would otherwise have every start compile the code again.
+.venv/bin/python -m compileall -q unionfs >/dev/null
 # mount(8) runs helpers with a fixed PATH, so `mount -t fuse.pyunionfs` finds the command only
 # in a system directory: link this checkout's command there.
 ln -sfn "$PWD/.venv/bin/pyunionfs" /usr/local/bin/pyunionfs

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from unionfs.forkserver import client as fork_client
+from unionfs.forkserver import server as fork_server
+
 from launchers import ROOTLESS_USER, Launcher, build_image, unprivileged_launcher
 from mounts import daemons_for, force_unmount, is_mounted
 
@@ -16,6 +19,19 @@ from mounts import daemons_for, force_unmount, is_mounted
 def pytest_sessionstart(session: pytest.Session) -> None:
     if os.geteuid() != 0:
         raise pytest.UsageError("the tests mount FUSE and overlay filesystems: run them as root")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_servers() -> Path:
+    """The fork servers the tests' mounts start (for root, the rootless user, and podman's user
+    namespaces) live in a directory of the session's own, and are stopped at its end."""
+    base = Path(tempfile.mkdtemp(prefix="pyunionfs-fork."))
+    base.chmod(0o1777)  # each user makes its own 0700 directory in it
+    os.environ[fork_client.DIRECTORY] = str(base)
+    yield base
+    del os.environ[fork_client.DIRECTORY]
+    fork_server.stop_all(str(base))
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

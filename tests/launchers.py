@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unionfs.forkserver import client as fork_client
+
 from mounts import PYUNIONFS
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -87,7 +89,8 @@ def unprivileged_prefix(user: str, scratch: Path) -> tuple[list[str], tuple[int,
     os.chown(fuse, uid, gid)
     prefix = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
               "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", f"HOME={scratch}",
-              f"PYUNIONFS_FUSE_DEVICE={fuse}"]
+              f"PYUNIONFS_FUSE_DEVICE={fuse}",
+              *[f"{name}={os.environ[name]}" for name in (fork_client.DIRECTORY,) if name in os.environ]]
     return prefix, (uid, gid)
 
 

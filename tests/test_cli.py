@@ -133,9 +133,34 @@ BAD_INPUTS = {
     "plugins": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},plugins=/x.so"], "plugins"),
     "bad FUSE value": (lambda d: ["{mnt}", "-o", f"lowerdir={d['top']},upperdir={d['upper']},"
                                   f"workdir={d['work']},max_read=abc"], "max_read="),
+    "too many lowers": (lambda d: ["{mnt}", "-o", "lowerdir=" + ":".join([str(d["top"])] * 501)],
+                        "too many lower directories, limit is 500"),
     "too many paths": (lambda d: ["a", "b", "{mnt}", "-o", f"lowerdir={d['top']}"], "MOUNTPOINT"),
     "unknown flag": (lambda d: ["mount", "--bogus", "{mnt}"], "unrecognized"),
 }
+
+
+def test_as_many_lowers_as_the_kernel_takes(tmp_path, mnt):
+    """500 lower directories, kernel overlayfs's limit, and an upper."""
+    lowers = [tmp_path / f"l{i}" for i in range(500)]
+    for lower in lowers:
+        lower.mkdir()
+    (lowers[-1] / "bottom").write_text("bottom\n")
+    (lowers[-1] / "shadowed").write_text("bottom\n")
+    (lowers[0] / "shadowed").write_text("top\n")
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    result = run(str(mnt), "-o", f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}")
+    try:
+        assert result.returncode == 0, result.stderr
+        assert sorted(os.listdir(mnt)) == ["bottom", "shadowed"] and (mnt / "shadowed").read_text() == "top\n"
+        with open(mnt / "bottom", "a") as f:  # a copy-up from the 500th layer
+            f.write("changed\n")
+        assert (upper / "bottom").read_text() == "bottom\nchanged\n"
+    finally:
+        run("umount", str(mnt))
+    wait_for_daemon_exit(mnt)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

@@ -19,10 +19,13 @@ from typing import Iterator
 
 import pytest
 
+from bench.runner import command_lines
 from launchers import ROOTLESS_USER, build_image, unprivileged_prefix
 from mounts import PYUNIONFS, kernel_overlay
 from test_store import layer_tree, one_line_error, stored_layers
+from test_run import comm
 from trees import differences, snapshot
+from unionfs.runtime.launcher import SERVER_NAME
 
 SLOW_EXIT = "echo hello > /hello.txt; sleep 2; exit 3"
 
@@ -48,6 +51,15 @@ def descendants(pid: int) -> list[int]:
             for child in map(int, f.read().split()):
                 found += [child, *descendants(child)]
     return found
+
+
+def container_processes(launcher: int) -> list[int]:
+    """The processes of a running container: its launcher's descendants (the container's init
+    and command, and the filesystem server if the launcher forked it), and the server a fork
+    server started for it, which is titled with the launcher's command line."""
+    words = Path(f"/proc/{launcher}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")[2:]  # less python and script
+    servers = [pid for pid, argv in command_lines().items() if argv[1:] == words and comm(pid) == SERVER_NAME]
+    return sorted({*descendants(launcher), *servers})
 
 
 def wait_until(condition, timeout: float = 30, what: str = "the condition"):
@@ -272,7 +284,7 @@ def test_kill_s_kill_ends_the_container_and_its_launcher_cleans_up(store: Cli):
     store = Cli(store.root, ["env", f"TMPDIR={tmp}"])  # where a run's scratch would go if not in the store
     container_id = store("run", "-d", "busybox", "sleep", "60").stdout.strip()
     launcher = json.loads(store("inspect", container_id).stdout)[0]["State"]["Pid"]
-    wait_until(lambda: len(descendants(launcher)) >= 3, what="the server and the command")
+    wait_until(lambda: len(container_processes(launcher)) >= 3, what="the server and the command")
     assert store("kill", "-s", "KILL", container_id).returncode == 0
     wait_until(lambda: not os.path.exists(f"/proc/{launcher}"), what="the launcher to finish")
     assert ps(store, "-a")[0]["STATUS"].startswith("Exited (137)")
@@ -285,7 +297,7 @@ def test_a_killed_launcher_leaves_an_exited_container(store: Cli):
     go with it; the container starts again, and goes with rm -f."""
     container_id = store("run", "-d", "busybox", "sleep", "60").stdout.strip()
     launcher = json.loads(store("inspect", container_id).stdout)[0]["State"]["Pid"]
-    processes = wait_until(lambda: len(descendants(launcher)) >= 3 and descendants(launcher),
+    processes = wait_until(lambda: len(container_processes(launcher)) >= 3 and container_processes(launcher),
                            what="the server and the command")  # the server, the init, sleep
     os.kill(launcher, signal.SIGKILL)
     wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in processes),

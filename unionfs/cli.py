@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import ctypes
 import ctypes.util
 import json
@@ -53,7 +54,34 @@ def _config_from(args: argparse.Namespace, mountpoint: str, source: str = "pyuni
     return config
 
 
-def mount(argv: list[str], root: str | None) -> int:
+@dataclass
+class MountRequest:
+    config: MountConfig
+    foreground: bool
+    debug: bool
+
+    def serve(self) -> int:
+        return serve.serve(self.config, foreground=self.foreground, debug=self.debug)
+
+    def serve_forked(self, ready_fd: int) -> int:
+        """Serve it from this process, a fork server's, which reports to READY_FD."""
+        return serve.serve(self.config, ready_fd=ready_fd, forked=True)
+
+    def serve_attached(self, ready_fd: int, lifeline_fd: int) -> int:
+        """Serve it from this process, a fork server's, for a caller that stays (the container
+        launcher): report to READY_FD, and unmount when LIFELINE_FD closes."""
+        return serve.serve(self.config, foreground=True, ready_fd=ready_fd, lifeline_fd=lifeline_fd)
+
+
+def _request(args: argparse.Namespace, config: MountConfig) -> MountRequest:
+    debug = args.debug or config.debug
+    return MountRequest(config, args.foreground or debug, debug)
+
+
+# Both mount parsers are made once: the fork server makes them before it forks, so that each
+# mount it serves only parses.
+@functools.cache
+def _mount_parser() -> OneLineParser:
     parser = _parser("mount", "Mount a union of directories.")
     parser.add_argument("--lower", action="append", default=[], metavar="DIR",
                         help="a read-only lower directory; repeat it, top layer first")
@@ -61,21 +89,52 @@ def mount(argv: list[str], root: str | None) -> int:
     parser.add_argument("--workdir", metavar="DIR", help="work directory on the upper's filesystem")
     parser.add_argument("mountpoint")
     _add_serve_flags(parser)
-    args = parser.parse_args(argv)
-    config = _config_from(args, args.mountpoint)
-    return serve.serve(config, foreground=args.foreground, debug=args.debug or config.debug)
+    return parser
 
 
-def mount_helper(argv: list[str]) -> int:
+def _mount_request(argv: list[str]) -> MountRequest:
+    args = _mount_parser().parse_args(argv)
+    return _request(args, _config_from(args, args.mountpoint))
+
+
+@functools.cache
+def _helper_parser() -> OneLineParser:
     """The form of mount.fuse3 and of containers/storage's mount_program."""
     parser = OneLineParser(prog="pyunionfs", usage="pyunionfs [SOURCE] MOUNTPOINT -o lowerdir=A:B[,...] [-f] [-d]")
     parser.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
     _add_serve_flags(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _helper_request(argv: list[str]) -> MountRequest:
+    args = _helper_parser().parse_args(argv)
     if len(args.paths) > 2:
         raise ConfigError("expected [SOURCE] MOUNTPOINT")
-    config = _config_from(args, args.paths[-1], *args.paths[:-1])
-    return serve.serve(config, foreground=args.foreground, debug=args.debug or config.debug)
+    return _request(args, _config_from(args, args.paths[-1], *args.paths[:-1]))
+
+
+def mount(argv: list[str], root: str | None) -> int:
+    return _mount_request(argv).serve()
+
+
+def mount_helper(argv: list[str]) -> int:
+    return _helper_request(argv).serve()
+
+
+def fork_server(argv: list[str], root: str | None) -> int:
+    from unionfs.forkserver import client, server
+
+    parser = _parser("fork-server", "Serve mounts from a resident process that forks a ready FUSE server "
+                     "per mount (started on first use; also runs as a service).")
+    parser.add_argument("--idle", type=float, default=client.IDLE_SECONDS, metavar="SECONDS",
+                        help=f"exit after this long without a request (0: never; default {client.IDLE_SECONDS})")
+    parser.add_argument("--stop", action="store_true", help="stop this user's fork server and exit")
+    args = parser.parse_args(argv)
+    if args.stop:
+        return server.stop()
+    _mount_parser()
+    _helper_parser()
+    return server.run(args.idle, mount_request)
 
 
 def umount(argv: list[str], root: str | None) -> int:
@@ -539,6 +598,7 @@ COMMANDS = {
     "image": Command("image inspect: describe images", image),
     "mount": Command("mount a union of directories", mount),
     "umount": Command("unmount a union", umount),
+    "fork-server": Command("serve mounts from a resident process (started on first use)", fork_server),
 }
 ROOT_OPTION = "--root"
 
@@ -564,6 +624,16 @@ def _print_version() -> int:
     print(f"pyunionfs: version {__version__}")
     print(f"FUSE library version {library().decode() if library is not None else 'unknown'}")
     return 0
+
+
+def mount_request(argv: list[str]) -> MountRequest | None:
+    """The union ARGV mounts, if it is a mount (`mount ...` or the mount-helper form), else None;
+    ConfigError for bad arguments."""
+    if argv[:1] == ["mount"]:
+        return _mount_request(argv[1:])
+    if not argv or argv[0] in COMMANDS or argv[0] in (ROOT_OPTION, "--version", "-V", "-h", "--help"):
+        return None
+    return _helper_request(argv)
 
 
 def dispatch(argv: list[str], root: str | None) -> int:

@@ -10,6 +10,8 @@ from unionfs.errors import ConfigError
 from unionfs.fs.options import MountConfig
 
 FUSE_DEVICE = "/dev/fuse"
+MAX_LOWERS = 500  # kernel overlayfs's OVL_MAX_STACK, and its message
+assert MAX_LOWERS < MAX_LAYERS  # the C core's layer masks hold them and the upper
 FUSE_DEVICE_NUMBER = os.makedev(10, 229)
 
 
@@ -59,8 +61,8 @@ def validate(config: MountConfig) -> None:
     """Raise ConfigError, with a one-line reason, unless CONFIG can be mounted."""
     if not config.lowers:
         raise ConfigError("no lower directory given (--lower DIR or -o lowerdir=DIR)")
-    if len(config.lowers) + bool(config.upper) > MAX_LAYERS:
-        raise ConfigError(f"too many layers: at most {MAX_LAYERS}")
+    if len(config.lowers) > MAX_LOWERS:
+        raise ConfigError(f"too many lower directories, limit is {MAX_LOWERS}")
     if bool(config.upper) != bool(config.workdir):
         raise ConfigError("an upper directory needs a workdir, and a workdir needs an upper directory")
     lowers = [_existing_dir("lower directory", path) for path in config.lowers]

@@ -61,9 +61,9 @@ def _check(rc: int, what: bytes) -> int:
 
 
 def _copy_found(c_found: Any) -> Found:
-    words = c_found.dir_layers
+    dir_layers = sum(word << (64 * i) for i, word in enumerate(c_found.dir_layers) if word)
     origin = bytes(ffi.buffer(c_found.origin, c_found.origin_len)) if c_found.origin_len else b""
-    return Found(c_found.layer, _copy_attr(c_found.attr), words[0] | (words[1] << 64), c_found.redirect_layer,
+    return Found(c_found.layer, _copy_attr(c_found.attr), dir_layers, c_found.redirect_layer,
                  origin, bool(c_found.metacopy))
 
 

@@ -37,10 +37,18 @@ def open_union(config: MountConfig) -> Union:
         raise ConfigError(f"cannot open layer {exc.filename}: {exc.strerror}") from None
 
 
-async def _serve(ops: UnionOperations) -> bool:
-    """Serve until the union is unmounted from outside (False) or a stop signal arrives (True)."""
+async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
+    """Serve until the union is unmounted from outside (False), or a stop signal arrives or
+    LIFELINE_FD (if given) is readable, its other end closed (True)."""
     stopped = False
     async with trio.open_nursery() as nursery:
+
+        async def watch_lifeline() -> None:
+            nonlocal stopped
+            await trio.lowlevel.wait_readable(lifeline_fd)
+            log.debug("lifeline closed: unmounting")
+            stopped = True
+            nursery.cancel_scope.cancel()
 
         async def watch_signals() -> None:
             nonlocal stopped
@@ -57,15 +65,21 @@ async def _serve(ops: UnionOperations) -> bool:
                     nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch_signals)
+        if lifeline_fd >= 0:
+            nursery.start_soon(watch_lifeline)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped
 
 
-def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1) -> int:
-    """Mount CONFIG and serve it until unmounted or signalled. Without FOREGROUND the calling
-    process returns once the union is mounted, and a daemon child serves it; in the foreground,
-    READY_FD (if given) hears "ok" once the mount is live, or why it failed."""
+def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1, forked: bool = False,
+          lifeline_fd: int = -1) -> int:
+    """Mount CONFIG and serve it until unmounted or signalled, or until LIFELINE_FD (if given)
+    reads end of file. In the foreground, READY_FD (if given) hears "ok" once the mount is live,
+    or why it failed. Otherwise a daemon serves it, in a
+    session of its own and with its stdio detached once mounted: a child, and the calling process
+    returns once the union is mounted; or, if FORKED (a fork server's process), the calling
+    process itself, which reports to READY_FD."""
     os.umask(0)  # modes arrive with the caller's umask applied; the daemon's must not apply again
     # Every file open through the union is a file open here: as many as the limit allows, as
     # fuse-overlayfs does.
@@ -79,12 +93,13 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
         return 1
     options = config.fuse_options() | ({"debug"} if debug else set())
     if not foreground:
-        # Fork before the FUSE session or trio starts a thread.
-        ready_r, ready_w = os.pipe()
-        if os.fork():
-            os.close(ready_w)
-            return _wait_until_mounted(ready_r)
-        os.close(ready_r)
+        if not forked:
+            # Fork before the FUSE session or trio starts a thread.
+            ready_r, ready_w = os.pipe()
+            if os.fork():
+                os.close(ready_w)
+                return _wait_until_mounted(ready_r)
+            os.close(ready_r)
         os.setsid()
     ops = UnionOperations(union, acl=config.acl)
     # A stop signal between the mount and the signal receiver would kill the daemon and leave
@@ -100,7 +115,7 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
         _detach_stdio()
     unmount = True
     try:
-        unmount = trio.run(_serve, ops)
+        unmount = trio.run(_serve, ops, lifeline_fd)
     finally:
         pyfuse3.close(unmount=unmount)
         union.close()

@@ -13,7 +13,8 @@ from unionfs.fs import checks
 from unionfs.fs.options import MountConfig
 
 
-def serve(config: MountConfig, foreground: bool = False, debug: bool = False, ready_fd: int = -1) -> int:
+def serve(config: MountConfig, foreground: bool = False, debug: bool = False, ready_fd: int = -1,
+          forked: bool = False, lifeline_fd: int = -1) -> int:
     """Mount CONFIG and serve it (see daemon.serve); DEBUG logs every request, in the foreground."""
     from unionfs.fs import shim
 
@@ -22,7 +23,8 @@ def serve(config: MountConfig, foreground: bool = False, debug: bool = False, re
 
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
-    return daemon.serve(config, foreground=foreground or debug, debug=debug, ready_fd=ready_fd)
+    return daemon.serve(config, foreground=foreground or debug, debug=debug, ready_fd=ready_fd, forked=forked,
+                        lifeline_fd=lifeline_fd)
 
 
 def unmount(mountpoint: str) -> None:

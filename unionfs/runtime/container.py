@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import signal
 import socket
 import stat
@@ -322,15 +323,42 @@ def exit_code(status: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
-def supervise(main_pid: int, watched: int = -1) -> tuple[int, int]:
-    """Forward signals to MAIN_PID and reap every child until MAIN_PID (or WATCHED) ends:
-    which one ended, and its exit code. As PID 1 this is the container's init."""
+def supervise(main_pid: int, watched_fd: int = -1) -> int | None:
+    """Forward signals to MAIN_PID and reap every child until MAIN_PID ends: its exit code. As
+    PID 1 this is the container's init. WATCHED_FD (a pidfd), once readable, ends the wait
+    early: None."""
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda received, _frame: os.kill(main_pid, received))
-    while True:
-        pid, status = os.waitpid(-1, 0)
-        if pid in (main_pid, watched):
-            return pid, exit_code(status)
+    if watched_fd < 0:
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == main_pid:
+                return exit_code(status)
+    # Wait for either: a child's end wakes the wait through the signal wakeup fd.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous_fd = signal.set_wakeup_fd(wake_w)
+    previous_handler = signal.signal(signal.SIGCHLD, lambda *_: None)
+    try:
+        while True:
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == main_pid:
+                    return exit_code(status)
+                if pid == 0:
+                    break
+            if watched_fd in select.select([wake_r, watched_fd], [], [])[0]:
+                return None
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_r, 512):
+                    pass
+    finally:
+        signal.signal(signal.SIGCHLD, previous_handler)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def run_in_container(spec: ContainerSpec) -> None:
@@ -350,7 +378,7 @@ def run_in_container(spec: ContainerSpec) -> None:
         main_pid = os.fork()
         if main_pid == 0:
             _exec_command(spec, syscall_filter)
-        code = supervise(main_pid)[1]
+        code = supervise(main_pid)
     except Exception as exc:  # one line on the container's terminal, never a traceback
         print(f"pyunionfs: setting up the container failed: {exc}", file=sys.stderr)
     finally:

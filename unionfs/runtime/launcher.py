@@ -11,11 +11,13 @@ import os
 import select
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
 from unionfs.errors import EXIT_LAUNCHER_ERROR, ConfigError
+from unionfs.forkserver import client as fork_client
 from unionfs.fs import checks, serve
 from unionfs.fs.options import MountConfig
 from unionfs.runtime import sysns, userns
@@ -59,10 +61,80 @@ def _fork_dying_with_launcher() -> int:
     return pid
 
 
-def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) -> tuple[int, int]:
-    """The FUSE server, in mount namespace A, killed if the launcher dies. Returns its pid and the
-    pipe it reports on. A fork, not a new interpreter: what the launcher imported is not imported
-    again, and only the child imports pyfuse3 and trio."""
+@dataclass
+class Server:
+    """The union's FUSE server, watched through PIDFD: a child of the launcher (CHILD its pid),
+    or a fork server's process tied to the launcher by CONNECTION (it unmounts and exits when
+    that closes)."""
+    pidfd: int
+    child: int = -1
+    connection: socket.socket | None = None
+
+    def stop(self, unmounted: bool) -> None:
+        """Stop it (SIGKILL once the union is unmounted: it has nothing left to write back) and
+        wait until it has ended."""
+        try:
+            if self.child > 0 and os.waitpid(self.child, os.WNOHANG)[0]:
+                return  # it ended, and is reaped now
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL if unmounted else signal.SIGTERM)
+            if self.child > 0:
+                os.waitpid(self.child, 0)
+            else:
+                select.select([self.pidfd], [], [])
+        except (ChildProcessError, ProcessLookupError):
+            pass  # reaped already, or gone
+        finally:
+            os.close(self.pidfd)
+            if self.connection is not None:
+                self.connection.close()
+
+
+def _fork_server_connection() -> socket.socket | None:
+    """A connection to this user's fork server, made before the launcher enters namespaces of
+    its own (the server checks who connects); None where there is none (one is started)."""
+    if os.environ.get(fork_client.DISABLE) == "off":
+        return None
+    try:
+        where = fork_client.location()
+    except OSError:
+        return None
+    connection = fork_client.connect(where) if where else None
+    if connection is None and where:
+        fork_client.start_server()
+    return connection
+
+
+def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str,
+                  fork_server: socket.socket | None) -> Server:
+    """The FUSE server, in mount namespace A, ended when the launcher ends; once the union is
+    mounted. A process of the fork server if it takes it on, else a fork of the launcher."""
+    if fork_server is not None:
+        argv = ["mount", *[f"--lower={lower}" for lower in lowers], f"--upper={upper}",
+                f"--workdir={workdir}", mountpoint]
+        # Titled with the launcher's command line, as a server forked by the launcher would be.
+        title = " ".join(["pyunionfs", *sys.argv[1:]])
+        pid, failure = fork_client.serve_attached(fork_server, argv, SERVER_NAME, title)
+        if pid is not None:
+            server = Server(os.pidfd_open(pid), connection=fork_server)
+            if failure:
+                server.stop(unmounted=True)
+                raise ConfigError(failure)
+            return server
+        fork_server.close()
+    pid, ready = _fork_server(lowers, upper, workdir, mountpoint)
+    server = Server(os.pidfd_open(pid), child=pid)
+    try:
+        _wait_for_mount(ready)
+    except ConfigError:
+        server.stop(unmounted=True)
+        raise
+    return server
+
+
+def _fork_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) -> tuple[int, int]:
+    """The FUSE server as a child that the launcher's death kills: its pid and the pipe it
+    reports on. A fork, not a new interpreter: what the launcher imported is not imported again,
+    and only the child imports pyfuse3 and trio."""
     ready_r, ready_w = os.pipe()
     config = MountConfig(lowers=lowers, mountpoint=mountpoint, upper=upper, workdir=workdir)
     sys.stdout.flush()  # the child must not write out the launcher's buffered output again
@@ -123,7 +195,8 @@ def run(config: RunConfig) -> int:
         if not os.path.isdir(lower):
             raise ConfigError(f"lower directory does not exist: {lower}")
     scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=config.scratch_parent)
-    server = -1
+    server: Server | None = None
+    fork_server = _fork_server_connection()
     mountpoint = os.path.join(scratch, "root")
     try:
         upper = config.upper or os.path.join(scratch, "upper")
@@ -137,24 +210,26 @@ def run(config: RunConfig) -> int:
         sysns.mount(None, "/", None, sysns.MS_REC | sysns.MS_PRIVATE)
         if fuse_device != checks.FUSE_DEVICE:
             sysns.mount(fuse_device, checks.FUSE_DEVICE, None, sysns.MS_BIND)
-        server, ready = _start_server(config.lowers, upper, workdir, mountpoint)
-        _wait_for_mount(ready)
+        server = _start_server(config.lowers, upper, workdir, mountpoint, fork_server)
+        fork_server = None  # the server's now, or closed
         spec = config.spec
         spec.root = mountpoint
         spec.command = config.command
         spec.etc_files = {**_generated_etc(scratch, spec.hostname), **spec.etc_files}
         return _run_container(spec, server)
     finally:
+        if fork_server is not None:
+            fork_server.close()
         _clean_up(mountpoint, server, scratch)
 
 
-def _run_container(spec: ContainerSpec, server: int) -> int:
+def _run_container(spec: ContainerSpec, server: Server) -> int:
     sysns.unshare(sysns.CLONE_NEWPID)
     child = _fork_dying_with_launcher()
     if child == 0:
         run_in_container(spec)  # never returns
-    ended, code = supervise(child, watched=server)
-    if ended == server:  # the union is gone: whatever the command does now is not its result
+    code = supervise(child, watched_fd=server.pidfd)
+    if code is None:  # the union is gone: whatever the command does now is not its result
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
         print("pyunionfs: the filesystem server died; the container was stopped", file=sys.stderr)
@@ -162,7 +237,7 @@ def _run_container(spec: ContainerSpec, server: int) -> int:
     return code
 
 
-def _clean_up(mountpoint: str, server: int, scratch: str) -> None:
+def _clean_up(mountpoint: str, server: Server | None, scratch: str) -> None:
     """Unmount the union (the namespace would keep it, with the server, alive), stop the server,
     remove the scratch directory."""
     if mountpoint in checks.mount_points():
@@ -170,14 +245,6 @@ def _clean_up(mountpoint: str, server: int, scratch: str) -> None:
             sysns.umount(mountpoint)
         except OSError:
             sysns.umount(mountpoint, sysns.MNT_DETACH)
-    if server > 0:
-        try:
-            done, _ = os.waitpid(server, os.WNOHANG)
-            if not done:
-                # Unmounted, the server has nothing left to write back: no need to wait for
-                # its orderly shutdown.
-                os.kill(server, signal.SIGKILL if mountpoint not in checks.mount_points() else signal.SIGTERM)
-                os.waitpid(server, 0)
-        except ChildProcessError:
-            pass  # reaped already
+    if server is not None:
+        server.stop(unmounted=mountpoint not in checks.mount_points())
     shutil.rmtree(scratch, ignore_errors=True)

@@ -87,3 +87,7 @@ def open_in_root(root_fd: int, path: str, flags: int, resolve: int = 0) -> int:
 def make_read_only(fd: int) -> None:
     """The mount FD is the root of, and every mount below it, read-only (mount_setattr(2))."""
     _check(lib.ufs_mount_setattr(fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, MOUNT_ATTR_RDONLY), "mount_setattr")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(lib.setns(fd, nstype), "setns")

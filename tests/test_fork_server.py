@@ -1,0 +1,177 @@
+"""The fork server (unionfs/forkserver): a mount that daemonizes is served by a fork of a resident
+process, which takes on the caller's context; what it cannot take on, it declines, and the
+caller mounts the slow way. Each test has a server directory of its own."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mounts import PYUNIONFS, daemons_for, force_unmount, is_mounted
+from test_store import one_line_error
+from unionfs.forkserver import client, server
+
+
+def server_pid() -> int | None:
+    where = client.location(create=False)
+    try:
+        return int(Path(where, client.PID).read_text()) if where else None
+    except (OSError, ValueError):
+        return None
+
+
+def gone(pid: int) -> bool:
+    """PID has ended (a zombie that nobody reaps counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture
+def fork_server(tmp_path, monkeypatch) -> int:
+    """A running fork server of this test's own: its pid. Stopped afterwards."""
+    base = tmp_path / "servers"
+    base.mkdir()
+    monkeypatch.setenv(client.DIRECTORY, str(base))
+    started = subprocess.Popen([PYUNIONFS, "fork-server", "--idle", "60"])
+    deadline = time.monotonic() + 30
+    while not (server_pid() and os.path.exists(os.path.join(client.location(), client.SOCKET))):
+        assert started.poll() is None and time.monotonic() < deadline, "the fork server did not start"
+        time.sleep(0.02)
+    yield started.pid
+    started.terminate()
+    started.wait(timeout=10)
+
+
+@pytest.fixture
+def dirs(tmp_path) -> dict[str, Path]:
+    paths = {name: tmp_path / name for name in ("lower", "upper", "work", "mnt")}
+    for path in paths.values():
+        path.mkdir()
+    (paths["lower"] / "f").write_text("lower\n")
+    yield paths
+    force_unmount(paths["mnt"])
+    deadline = time.monotonic() + 5
+    while daemons_for(paths["mnt"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not daemons_for(paths["mnt"]), "a FUSE server was left running"
+
+
+def helper(dirs: dict[str, Path], *prefix: str, options: str = "", **env: str) -> subprocess.CompletedProcess:
+    """The mount-helper form, as containers/storage runs it (daemonizing)."""
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}" + options
+    return subprocess.run([*prefix, PYUNIONFS, "-o", opts, str(dirs["mnt"])], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_a_mount_is_served_by_a_fork_of_the_server(fork_server, dirs):
+    result = helper(dirs)
+    assert result.returncode == 0, result.stderr
+    (daemon,) = daemons_for(dirs["mnt"])
+    assert parent_of(daemon) == fork_server  # forked by the server, not started by the command
+    assert Path(f"/proc/{daemon}/comm").read_text() == "pyunionfs\n"
+    assert (dirs["mnt"] / "f").read_text() == "lower\n"
+    (dirs["mnt"] / "new").write_text("upper\n")
+    assert (dirs["upper"] / "new").read_text() == "upper\n"
+    # Killing it unmounts cleanly, and the server reaps it.
+    os.kill(daemon, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while (is_mounted(dirs["mnt"]) or not gone(daemon)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(dirs["mnt"]) and not os.path.exists(f"/proc/{daemon}")  # reaped by the server
+    # The next mount of the same directories works, again through the server.
+    assert helper(dirs).returncode == 0
+    (daemon,) = daemons_for(dirs["mnt"])
+    assert parent_of(daemon) == fork_server and (dirs["mnt"] / "new").read_text() == "upper\n"
+
+
+def test_first_use_starts_a_server_and_mounts_without_it(tmp_path, dirs, monkeypatch):
+    monkeypatch.setenv(client.DIRECTORY, str(tmp_path))
+    result = helper(dirs)
+    assert result.returncode == 0, result.stderr
+    (daemon,) = daemons_for(dirs["mnt"])
+    deadline = time.monotonic() + 30
+    while not server_pid() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = server_pid()
+    assert started and parent_of(daemon) != started
+    assert Path(client.location(), client.SOCKET).exists()
+    try:
+        assert os.stat(client.location()).st_mode & 0o777 == 0o700
+    finally:
+        server.stop()
+    assert gone(started) and not Path(client.location(), client.SOCKET).exists()
+
+
+def test_bad_input_reads_as_without_the_server(fork_server, dirs):
+    cases = [dict(options=",bogus=1"), dict(options=",lowerdir=/nonexistent/x")]
+    for case in cases:
+        served = helper(dirs, **case)
+        alone = helper(dirs, **case, **{client.DISABLE: "off"})
+        one_line_error(served)
+        assert (served.returncode, served.stderr) == (alone.returncode, alone.stderr)
+    os.rmdir(dirs["mnt"])  # a failure after the server took the mount on: reported the same way
+    served, alone = helper(dirs), helper(dirs, **{client.DISABLE: "off"})
+    one_line_error(served, "mnt")
+    assert (served.returncode, served.stderr) == (alone.returncode, alone.stderr)
+    dirs["mnt"].mkdir()
+
+
+def test_a_caller_with_fewer_capabilities_is_declined(fork_server, dirs):
+    """A root process without CAP_SYS_ADMIN must not get a mount from a server that has it."""
+    result = helper(dirs, "setpriv", "--bounding-set=-sys_admin", "--inh-caps=-all")
+    for daemon in daemons_for(dirs["mnt"]):
+        assert parent_of(daemon) != fork_server
+    if result.returncode == 0:  # fusermount3 may still mount it, the slow way
+        assert is_mounted(dirs["mnt"])
+
+
+def test_new_code_retires_the_server(fork_server, dirs):
+    """A server that runs code older than what is installed declines, and exits."""
+    module = Path(client.__file__)
+    before = os.stat(module)
+    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+    try:
+        result = helper(dirs)
+    finally:
+        os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert result.returncode == 0, result.stderr
+    (daemon,) = daemons_for(dirs["mnt"])
+    assert parent_of(daemon) != fork_server
+    pidfd = os.pidfd_open(fork_server)
+    assert select.select([pidfd], [], [], 10)[0], "the old server did not exit"
+    os.close(pidfd)
+    # The caller it turned away started a new one.
+    deadline = time.monotonic() + 30
+    while server_pid() in (None, fork_server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server_pid() not in (None, fork_server)
+    server.stop()
+
+
+def test_an_idle_server_exits(tmp_path, monkeypatch):
+    monkeypatch.setenv(client.DIRECTORY, str(tmp_path))
+    started = subprocess.run([PYUNIONFS, "fork-server", "--idle", "0.5"], timeout=60)
+    assert started.returncode == 0
+    assert not Path(client.location(), client.SOCKET).exists()
+
+
+def test_other_users_cannot_reach_the_server(fork_server):
+    where = Path(client.location())
+    assert where.stat().st_mode & 0o777 == 0o700 and (where / client.SOCKET).stat().st_mode & 0o077 == 0
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                            "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); "
+                            "s.connect(sys.argv[1])", str(where / client.SOCKET)], capture_output=True, text=True)
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr

@@ -1,0 +1,168 @@
+"""The caller's side of the fork server (server.py). `pyunionfs` imports this before anything
+else, so it uses builtin modules only: a mount handed to the server costs the caller little more
+than Python's own start.
+
+The caller sends its command line, environment and umask, and fds of its working and root
+directories, its stdio and its user and mount namespaces (SCM_RIGHTS). The server forks a
+process that takes all of these on and runs the command; the caller relays its exit code. Where
+the server is absent, declines, or cannot be reached safely, the caller mounts the slow way (and
+starts a server for next time)."""
+from __future__ import annotations
+
+import _socket
+import os
+import stat
+import sys
+
+DISABLE = "PYUNIONFS_FORK_SERVER"  # "off": never use it
+DIRECTORY = "PYUNIONFS_FORK_SERVER_DIR"  # where the servers' directories go, instead of the default
+IDLE_SECONDS = 300  # a server started on first use exits after this long without a request
+PROTOCOL = 1
+INITIAL_USER_NS = 0xEFFFFFFD  # the kernel's PROC_USER_INIT_INO
+SOCKET, LOCK, PID = "socket", "lock", "pid"
+# Mounts that stay in the foreground are served by the caller itself: it is the server.
+FOREGROUND_FLAGS = frozenset({"-f", "-d", "--debug", "-h", "--help"})
+
+
+def location(create: bool = True) -> str | None:
+    """The directory of this user's server in this user namespace (made if CREATE), or None if
+    it is missing or could be someone else's: it must be a directory of ours that only we can use."""
+    euid = os.geteuid()
+    userns = os.stat("/proc/self/ns/user").st_ino
+    base = os.environ.get(DIRECTORY)
+    if not base:
+        if euid == 0 and userns == INITIAL_USER_NS:
+            base = "/run/pyunionfs"
+            if create:
+                os.makedirs(base, 0o755, exist_ok=True)
+        else:
+            base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    path = os.path.join(base, f"pyunionfs-fork-{euid}-{userns}")
+    try:
+        if create:
+            os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != euid or info.st_mode & 0o077:
+        return None
+    return path
+
+
+def is_background_mount(argv: list[str]) -> bool:
+    """Whether ARGV may be a mount that daemonizes (the server has the last word): `mount ...`,
+    or the mount-helper form, which always has -o."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    if not words or FOREGROUND_FLAGS.intersection(words):
+        return False
+    return words[0] == "mount" or any(word.startswith("-o") for word in words)
+
+
+def mount(argv: list[str]) -> int | None:
+    """Run the mount ARGV in a process of the fork server: its exit code; or None if the caller
+    must mount by itself (not a background mount, no server yet, or the server declined), in
+    which case nothing has been done."""
+    if os.environ.get(DISABLE) == "off" or not is_background_mount(argv):
+        return None
+    try:
+        where = location()
+    except OSError:
+        return None
+    if where is None:
+        return None
+    connection = connect(where)
+    if connection is None:
+        start_server()
+        return None
+    try:
+        return request(connection, argv)
+    finally:
+        connection.close()
+
+
+def connect(where: str) -> _socket.socket | None:
+    """A connection the server in WHERE has accepted, or None if there is none to talk to."""
+    connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        connection.connect(os.path.join(where, SOCKET))
+        if connection.recv(16) == b"hello":  # it checked who we are
+            return connection
+    except OSError:
+        pass
+    connection.close()
+    return None
+
+
+def request(connection: _socket.socket, argv: list[str]) -> int | None:
+    """Send the mount ARGV, which daemonizes; its exit code, or None if the server declined it."""
+    if _send(connection, argv, None) is None:
+        return None
+    reason = _outcome(connection)
+    if reason:
+        print(f"pyunionfs: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_attached(connection: _socket.socket, argv: list[str], name: str, title: str) -> tuple[int | None, str]:
+    """Have the server's process serve the mount ARGV for this caller, as a process named NAME
+    with TITLE as its command line, that unmounts and exits once CONNECTION closes (so when the
+    caller ends). Its pid, or None if the server declined; and why the mount failed ("" once it
+    is live)."""
+    pid = _send(connection, argv, (name, title))
+    return pid, "" if pid is None else _outcome(connection)
+
+
+def _send(connection: _socket.socket, argv: list[str], attached: tuple[str, str] | None) -> int | None:
+    """Send the request; the pid of the process that took it on, or None if none did."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    opened = [os.open(".", os.O_PATH | flags), os.open("/", os.O_PATH | flags),
+              os.open("/proc/self/ns/user", flags), os.open("/proc/self/ns/mnt", flags)]
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        message = repr((PROTOCOL, argv, dict(os.environ), umask, attached)).encode()
+        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in [*opened, 0, 1, 2])
+        connection.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        reply = connection.recv(32)
+    except OSError:  # a closed stdio fd, a server that went away: nothing was done
+        return None
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return int(reply[3:]) if reply.startswith(b"go ") else None
+
+
+def _outcome(connection: _socket.socket) -> str:
+    """What the process serving the mount says: "" once it is live, else why it is not."""
+    try:
+        reply = connection.recv(4096)
+    except OSError:
+        reply = b""
+    if reply == b"ok":
+        return ""
+    return reply.decode(errors="replace") or "the filesystem server ended before the mount was live"
+
+
+def start_server() -> None:
+    """Start a server for the next mount (this one goes on without it): detached, in a
+    session of its own, with room in its environment for the process titles of the servers it
+    forks (which it writes over its own command line)."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork() == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            environment = dict(os.environ, PYUNIONFS_TITLE_ROOM="." * 8192)
+            os.execve(sys.executable, [sys.executable, "-m", "unionfs.cli", "fork-server",
+                                       "--idle", str(IDLE_SECONDS)], environment)
+    finally:
+        os._exit(0)

@@ -1,0 +1,298 @@
+"""The resident side of the fork server (see client.py for the caller's).
+
+One per user and user namespace, started on first use or as a service (`pyunionfs fork-server`).
+It imports what a FUSE server needs, then waits on a unix socket that only its user can reach
+(a 0700 directory; SO_PEERCRED, and the caller's effective capabilities must cover its own). Per
+request it forks a process, single-threaded, that enters the caller's user and mount namespaces
+(setns), root and working directory, takes on its stdio, environment and umask, and runs the
+command; that process is the new FUSE server (or daemonizes one), with a process title of the
+command it serves. A request it cannot take on (another command, a foreground mount, a context
+it cannot enter) is declined before anything is done, and the caller mounts the slow way."""
+from __future__ import annotations
+
+import ast
+import fcntl
+import gc
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from typing import Callable, NoReturn, Optional, Protocol
+
+import setproctitle
+
+from unionfs.errors import ConfigError
+from unionfs.forkserver import client
+from unionfs.fs import shim
+from unionfs.runtime import sysns
+
+SO_PEERPIDFD = 77  # Linux 6.5: the peer's pidfd, so that its /proc entry is surely its own
+_OWN_USER_NS = os.stat("/proc/self/ns/user").st_ino
+CONTEXT_FDS = 7  # cwd, root, user ns, mount ns, stdin, stdout, stderr (client.request)
+MAX_FDS = 16
+
+
+class MountRequest(Protocol):
+    """A mount as the command line's front (unionfs/cli.py) reads it."""
+    foreground: bool
+
+    def serve_forked(self, ready_fd: int) -> int: ...
+
+    def serve_attached(self, ready_fd: int, lifeline_fd: int) -> int: ...
+
+
+# What reads a command line: its mount, or None if it is none (unionfs/cli.py's mount_request).
+ReadMount = Callable[[list[str]], Optional[MountRequest]]
+
+
+class Declined(Exception):
+    """The request is not for a forked server; the caller does it itself."""
+
+
+def run(idle: float, read_mount: ReadMount) -> int:
+    """Serve requests until IDLE seconds pass without one (0: forever) or SIGTERM/SIGINT."""
+    where = client.location()
+    if where is None:
+        raise ConfigError("no private directory for the fork server (see PYUNIONFS_FORK_SERVER_DIR)")
+    lock = os.open(os.path.join(where, client.LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # one is serving already
+    shim.load()  # before pyfuse3, as in every server
+    import pyfuse3  # noqa: F401  (what the forks must not pay for again)
+    import trio  # noqa: F401
+    from unionfs.fs import daemon  # noqa: F401
+
+    code_files = _code_files()
+    # What is imported now is shared with every fork: keep the collector from touching (and so
+    # copying) it in each of them.
+    gc.collect()
+    gc.freeze()
+    path = os.path.join(where, client.SOCKET)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old_umask = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    with open(os.path.join(where, client.PID), "w") as pid_file:
+        pid_file.write(f"{os.getpid()}\n")
+    setproctitle.setproctitle("pyunionfs fork-server")
+    stopping = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGCHLD, lambda *_: _reap())
+    try:
+        while select.select([listener], [], [], idle or None)[0]:
+            connection, _ = listener.accept()
+            with connection:
+                if _stale(code_files):
+                    break  # new code: the next caller starts a new server
+                _take(connection, listener, read_mount)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, stopping)
+        for name in (client.SOCKET, client.PID):
+            try:
+                os.unlink(os.path.join(where, name))
+            except FileNotFoundError:
+                pass
+        listener.close()
+        os.close(lock)
+    return 0
+
+
+def stop() -> int:
+    """Stop this user's server, if one runs: SIGTERM, then wait until it is gone."""
+    where = client.location(create=False)
+    try:
+        with open(os.path.join(where or "/nonexistent", client.PID)) as pid_file:
+            pid = int(pid_file.read())
+        pidfd = os.pidfd_open(pid)
+    except (OSError, ValueError):
+        return 0
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        select.select([pidfd], [], [], 10)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+    return 0
+
+
+def stop_all(base: str) -> None:
+    """Stop every server whose directory is in BASE (a PYUNIONFS_FORK_SERVER_DIR), whoever's:
+    what a test session or a benchmark that gave them that directory does at its end."""
+    for entry in os.scandir(base):
+        try:
+            with open(os.path.join(entry.path, client.PID)) as pid_file:
+                pidfd = os.pidfd_open(int(pid_file.read()))
+        except (OSError, ValueError):
+            continue
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            select.select([pidfd], [], [], 10)  # readable once it has exited
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+
+
+def _code_files() -> dict[str, int]:
+    """The modification times of the pyunionfs code this process runs: a server that runs old
+    code after an upgrade or a checkout would be wrong."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and os.path.abspath(path).startswith(root + os.sep):
+            files[path] = os.stat(path).st_mtime_ns
+    return files
+
+
+def _stale(files: dict[str, int]) -> bool:
+    try:
+        return any(os.stat(path).st_mtime_ns != mtime for path, mtime in files.items())
+    except OSError:
+        return True
+
+
+def _reap() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _trusted(connection: socket.socket) -> bool:
+    """The caller is this user, in this user namespace, with at least this process's effective
+    capabilities (a root process that dropped some must not get them back through us)."""
+    pid, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid != os.geteuid():
+        return False
+    try:
+        pidfd = connection.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        pidfd = -1
+    try:
+        if os.stat(f"/proc/{pid}/ns/user").st_ino != _OWN_USER_NS:
+            return False
+        if _OWN_CAPABILITIES & ~_effective_capabilities(pid):
+            return False
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, 0)  # still the process we looked at
+        return True
+    except OSError:
+        return False
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _effective_capabilities(pid: int | str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+_OWN_CAPABILITIES = _effective_capabilities("self")
+
+
+def _take(connection: socket.socket, listener: socket.socket, read_mount: ReadMount) -> None:
+    """Answer one connection: check the caller, read its request, fork the process that runs it."""
+    if not _trusted(connection):
+        return
+    connection.send(b"hello")
+    message, ancillary, _, _ = connection.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4])
+    try:
+        if len(fds) < CONTEXT_FDS:
+            return
+        try:
+            protocol, argv, environment, umask, attached = ast.literal_eval(message.decode(errors="surrogateescape"))
+        except (ValueError, SyntaxError, TypeError):
+            return
+        if protocol != client.PROTOCOL:
+            return
+        if os.fork() == 0:
+            listener.close()
+            _serve_request(connection, fds, argv, environment, umask, attached, read_mount)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _serve_request(connection: socket.socket, fds: list[int], argv: list[str], environment: dict[str, str],
+                   umask: int, attached: tuple[str, str] | None, read_mount: ReadMount) -> NoReturn:
+    """In the forked process: enter the caller's context and serve the mount ARGV, or decline.
+    ATTACHED, a process name and title: it serves for a caller that stays (client.serve_attached);
+    else it daemonizes."""
+    started = False
+    code = 1
+    try:
+        for signum in (signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        _enter_context(fds)
+        os.environ.clear()
+        os.environ.update(environment)
+        os.umask(umask)
+        try:
+            request = read_mount(argv)
+        except ConfigError:
+            raise Declined from None  # the caller says what is wrong, as it would without us
+        if request is None or request.foreground:
+            raise Declined
+        for target, fd in zip((0, 1, 2), fds[4:7]):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        connection.send(b"go %d" % os.getpid())
+        started = True
+        name, title = attached or ("pyunionfs", " ".join(["pyunionfs", *argv]))
+        setproctitle.setproctitle(title)
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name)
+        # It says "ok" on the connection, or what failed.
+        if attached:
+            code = request.serve_attached(os.dup(connection.fileno()), connection.detach())
+        else:
+            code = request.serve_forked(connection.detach())
+    except BaseException as exc:  # noqa: BLE001  (declined, or a bug: one line, never a traceback)
+        if started and not isinstance(exc, SystemExit):
+            print(f"pyunionfs: {exc!r}", file=sys.stderr)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _enter_context(fds: list[int]) -> None:
+    """Join the caller's user and mount namespaces, root and working directory. Raises Declined
+    where this process may not (the kernel's checks on setns and chroot decide)."""
+    cwd, root, userns, mntns = fds[:4]
+    try:
+        for fd, kind, own in ((userns, sysns.CLONE_NEWUSER, "user"), (mntns, sysns.CLONE_NEWNS, "mnt")):
+            if os.fstat(fd).st_ino != os.stat(f"/proc/self/ns/{own}").st_ino:
+                sysns.setns(fd, kind)
+        root_info, own_root = os.fstat(root), os.stat("/")
+        if (root_info.st_dev, root_info.st_ino) != (own_root.st_dev, own_root.st_ino):
+            os.fchdir(root)
+            os.chroot(".")
+        os.fchdir(cwd)
+    except OSError:
+        raise Declined from None
