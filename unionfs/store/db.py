@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from typing import Iterator
 
 SCHEMA = """
@@ -40,12 +41,25 @@ CREATE TABLE IF NOT EXISTS containers (
 """
 
 
+SETUP_WAIT = 60.0  # seconds
+
+
 class Database:
     def __init__(self, path: str):
         # A command runs at most a few transactions; waiting for another one is the right thing.
         self.connection = sqlite3.connect(path, timeout=60, isolation_level=None)
         self.connection.row_factory = sqlite3.Row
-        self.connection.execute("PRAGMA journal_mode=WAL")
+        # Two commands making a new store at once: SQLite answers the switch to WAL "database is
+        # locked" at once rather than waiting (its busy timeout does not cover it), so wait here.
+        deadline = time.monotonic() + SETUP_WAIT
+        while True:
+            try:
+                self.connection.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self.connection.execute("PRAGMA foreign_keys=ON")
         self.connection.executescript(SCHEMA)
 
