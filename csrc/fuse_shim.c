@@ -10,13 +10,19 @@
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
  *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
  *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
+ *  - negotiate FUSE passthrough (Linux 6.9) at INIT, which libfuse 3.14 does not know, and mark
+ *    the open and create replies of files Python gave a backing id (see "passthrough" below),
  * and wraps fuse_session_receive_buf(), so that requests it answers itself are served one after
  * the other without going back through pyfuse3's event loop (see fuse_session_receive_buf below).
  *
- * The contract with unionfs/: Python publishes the layer fd behind each open file handle
- * (ufs_shim_set_file) and which node ids have no xattrs (ufs_shim_mark_no_xattrs), from the
- * thread that runs the request handlers, before it replies to the request that changes them; it
- * takes the queued forgets (ufs_shim_take_forgets) from that thread too.
+ * The contract with unionfs/: Python publishes the layer fd behind each open file handle, and
+ * its backing id when the kernel is to serve it (ufs_shim_set_file), and which node ids have no
+ * xattrs (ufs_shim_mark_no_xattrs), from the thread that runs the request handlers, before it
+ * replies to the request that changes them; it takes the queued forgets
+ * (ufs_shim_take_forgets), and registers and drops backing files (ufs_shim_backing_open,
+ * ufs_shim_backing_close), from that thread too. It asks for passthrough before the mount
+ * (ufs_shim_want_passthrough) and learns at its first open whether the kernel granted it
+ * (ufs_shim_passthrough).
  *
  * The real fuse_session_new is found with dlopen(RTLD_NOLOAD): RTLD_NEXT does not reach it,
  * because Python loads extensions, and with them libfuse, with RTLD_LOCAL.
@@ -32,6 +38,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                 size_t, void *);
@@ -43,6 +52,7 @@ static int (*reply_data)(fuse_req_t req, struct fuse_bufvec *bufv, enum fuse_buf
 static int (*reply_write)(fuse_req_t req, size_t count);
 static size_t (*buf_size)(const struct fuse_bufvec *bufv);
 static ssize_t (*buf_copy)(struct fuse_bufvec *dst, struct fuse_bufvec *src, enum fuse_buf_copy_flags flags);
+static int (*session_fd_of)(struct fuse_session *);
 
 /* Make *TABLE (*COUNT entries of SIZE bytes) hold entry INDEX, the new entries zeroed. */
 static int grow_zeroed(void **table, size_t *count, size_t index, size_t size)
@@ -67,18 +77,19 @@ struct open_file {
     int open; /* 0: no layer file (a zeroed entry), or closed */
     int fd;
     int writable;
+    int backing_id; /* > 0: the kernel serves it from that backing file (passthrough) */
 };
 static struct open_file *files;
 static size_t files_count;
 
-int ufs_shim_set_file(uint64_t fh, int fd, int writable)
+int ufs_shim_set_file(uint64_t fh, int fd, int writable, int backing_id)
 {
     if (fd < 0 && fh >= files_count)
         return 0;
     int rc = grow_zeroed((void **)&files, &files_count, fh, sizeof(*files));
     if (rc < 0)
         return rc;
-    files[fh] = (struct open_file){.open = fd >= 0, .fd = fd, .writable = writable};
+    files[fh] = (struct open_file){.open = fd >= 0, .fd = fd, .writable = writable, .backing_id = backing_id};
     return 0;
 }
 
@@ -262,6 +273,155 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
     conn->congestion_threshold = MAX_BACKGROUND * 3 / 4;
 }
 
+/*
+ * Passthrough (Linux 6.9, CONFIG_FUSE_PASSTHROUGH): the open reply of a file names a backing
+ * file registered on the FUSE device, and the kernel then reads, writes and maps that file
+ * itself. libfuse 3.14 knows none of it, so the shim
+ *  - notes the kernel's INIT request, and when the kernel offers passthrough and Python asked for
+ *    it, adds FUSE_PASSTHROUGH and max_stack_depth to libfuse's INIT reply as it is written (the
+ *    session's I/O goes through write_reply, set with fuse_session_custom_io after the mount);
+ *  - marks the open or create reply of a handle Python published with a backing id:
+ *    FOPEN_PASSTHROUGH and the id, in place of libfuse's cache flags.
+ * Which files, and which backing file, are Python's policy (unionfs/fs/passthrough.py): the
+ * kernel wants every open of an inode to be passthrough with the same backing file, or none.
+ * The constants are the kernel's (include/uapi/linux/fuse.h), which Debian 12's headers predate.
+ */
+#define SHIM_INIT_EXT (1u << 30)           /* FUSE_INIT_EXT: flags2 is valid */
+#define SHIM_PASSTHROUGH_FLAGS2 (1u << 5)  /* FUSE_PASSTHROUGH (bit 37), in flags2 */
+#define SHIM_FOPEN_PASSTHROUGH (1u << 7)
+#define SHIM_MAX_STACK_DEPTH 2             /* FILESYSTEM_MAX_STACK_DEPTH */
+struct shim_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define SHIM_BACKING_OPEN _IOW(229, 1, struct shim_backing_map)
+#define SHIM_BACKING_CLOSE _IOW(229, 2, uint32_t)
+
+static struct fuse_session *session;
+static int passthrough_depth;  /* asked for: the max_stack_depth to reply, 0 for none */
+static int passthrough_granted;
+static uint64_t init_unique;   /* the INIT request's, while its reply is due */
+static int init_offers_passthrough;
+static __thread int reply_backing_id; /* set while an open or create reply is written */
+
+int ufs_shim_want_passthrough(int max_stack_depth)
+{
+    if (max_stack_depth < 0 || max_stack_depth > SHIM_MAX_STACK_DEPTH)
+        return -EINVAL;
+    passthrough_depth = max_stack_depth;
+    return 0;
+}
+
+int ufs_shim_passthrough(void)
+{
+    return passthrough_granted;
+}
+
+/* Register FD (a layer file) as a backing file: its id (> 0), or -errno (EPERM without
+   CAP_SYS_ADMIN in the initial user namespace; ELOOP when its filesystem is stacked too deep). */
+int ufs_shim_backing_open(int fd)
+{
+    if (!passthrough_granted || !session)
+        return -EOPNOTSUPP;
+    struct shim_backing_map map = {.fd = fd};
+    int id = ioctl(session_fd_of(session), SHIM_BACKING_OPEN, &map);
+    return id < 0 ? -errno : id;
+}
+
+int ufs_shim_backing_close(int backing_id)
+{
+    uint32_t id = (uint32_t)backing_id;
+    return ioctl(session_fd_of(session), SHIM_BACKING_CLOSE, &id) < 0 ? -errno : 0;
+}
+
+/* The session's writes: amend the INIT reply and passthrough open replies, as described above.
+   Replies are written by the thread that handles requests, one at a time. */
+static ssize_t write_reply(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void)userdata;
+    if (count == 2 && iov[0].iov_len == sizeof(struct fuse_out_header) &&
+        ((const struct fuse_out_header *)iov[0].iov_base)->error == 0) {
+        uint64_t unique = ((const struct fuse_out_header *)iov[0].iov_base)->unique;
+        if (init_unique && unique == init_unique) {
+            init_unique = 0;
+            struct fuse_init_out *init = iov[1].iov_base;
+            if (init_offers_passthrough && passthrough_depth && iov[1].iov_len >= sizeof(*init)) {
+                init->flags |= SHIM_INIT_EXT;
+                init->flags2 |= SHIM_PASSTHROUGH_FLAGS2;
+                init->unused[0] = (uint32_t)passthrough_depth; /* max_stack_depth, since 7.40 */
+                passthrough_granted = 1;
+            }
+        } else if (reply_backing_id > 0 && iov[1].iov_len >= sizeof(struct fuse_open_out)) {
+            /* An open reply is a struct fuse_open_out; a create reply ends with one. */
+            struct fuse_open_out *open_out =
+                (struct fuse_open_out *)((char *)iov[1].iov_base + iov[1].iov_len - sizeof(*open_out));
+            open_out->open_flags = (open_out->open_flags & ~(FOPEN_KEEP_CACHE | FOPEN_DIRECT_IO)) |
+                                   SHIM_FOPEN_PASSTHROUGH;
+            open_out->padding = (uint32_t)reply_backing_id; /* backing_id, since 7.40 */
+        }
+    }
+    return writev(fd, iov, count);
+}
+
+static ssize_t read_request(int fd, void *buf, size_t size, void *userdata)
+{
+    (void)userdata;
+    return read(fd, buf, size);
+}
+
+static int (*real_session_mount)(struct fuse_session *, const char *);
+static int (*real_custom_io)(struct fuse_session *, const struct fuse_custom_io *, int);
+
+/* Mount as libfuse does, then route the session's reads and writes through the shim (only
+   when passthrough is asked for: otherwise libfuse's own I/O is left as it is). */
+int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
+{
+    int rc = real_session_mount(se, mountpoint);
+    if (rc == 0 && passthrough_depth && real_custom_io) {
+        static const struct fuse_custom_io io = {.writev = write_reply, .read = read_request};
+        if (real_custom_io(se, &io, session_fd_of(se)) < 0)
+            passthrough_depth = 0;
+    }
+    return rc;
+}
+
+typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
+typedef int (*reply_create_fn)(fuse_req_t, const struct fuse_entry_param *, const struct fuse_file_info *);
+static reply_open_fn real_reply_open;
+static reply_create_fn real_reply_create;
+
+static int backing_of(const struct fuse_file_info *fi)
+{
+    const struct open_file *file = passthrough_granted ? file_of(fi) : NULL;
+    return file ? file->backing_id : 0;
+}
+
+int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
+{
+    reply_backing_id = backing_of(fi);
+    int rc = real_reply_open(req, fi);
+    reply_backing_id = 0;
+    return rc;
+}
+
+int fuse_reply_create(fuse_req_t req, const struct fuse_entry_param *e, const struct fuse_file_info *fi)
+{
+    reply_backing_id = backing_of(fi);
+    int rc = real_reply_create(req, e, fi);
+    reply_backing_id = 0;
+    return rc;
+}
+
+/* The INIT request: its unique (for its reply) and whether the kernel offers passthrough. */
+static void note_init(const struct fuse_in_header *in, size_t arg_size)
+{
+    const struct fuse_init_in *arg = (const struct fuse_init_in *)(in + 1);
+    init_unique = in->unique;
+    init_offers_passthrough = arg_size >= sizeof(*arg) && (arg->flags & SHIM_INIT_EXT) &&
+                              (arg->flags2 & SHIM_PASSTHROUGH_FLAGS2);
+}
+
 static void (*real_process_buf)(struct fuse_session *, const struct fuse_buf *);
 
 /* Answer the request in BUF here if one of the handlers above would (the same tests they make,
@@ -276,6 +436,9 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
     const struct open_file *file;
     int here;
     switch (in->opcode) {
+    case FUSE_INIT:
+        note_init(in, arg_size);
+        return 0; /* libfuse answers it */
     case FUSE_FORGET:
     case FUSE_BATCH_FORGET:
         return queue_forgets(in, arg_size); /* nothing for libfuse to do: no reply */
@@ -309,7 +472,6 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
 #define NEXT_REQUEST_WAIT_MS 1
 
 static int (*real_receive_buf)(struct fuse_session *, struct fuse_buf *);
-static int (*session_fd)(struct fuse_session *);
 
 /* pyfuse3 waits in its event loop for the FUSE fd, receives one request and processes it: some
    30 us of Python per request, even for one answered here. Instead, a request answered here is
@@ -321,7 +483,7 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
         int res = real_receive_buf(se, buf);
         if (res <= 0 || !answer_here(se, buf))
             return res;
-        struct pollfd waiting = {.fd = session_fd(se), .events = POLLIN};
+        struct pollfd waiting = {.fd = session_fd_of(se), .events = POLLIN};
         if (answered + 1 >= MAX_ANSWERED_IN_A_ROW || poll(&waiting, 1, NEXT_REQUEST_WAIT_MS) <= 0)
             return -EINTR;
     }
@@ -345,8 +507,14 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         libfuse, "fuse_session_receive_buf");
     real_process_buf = (void (*)(struct fuse_session *, const struct fuse_buf *))dlsym(
         libfuse, "fuse_session_process_buf");
-    session_fd = (int (*)(struct fuse_session *))dlsym(libfuse, "fuse_session_fd");
-    if (!real_receive_buf || !real_process_buf || !session_fd)
+    session_fd_of = (int (*)(struct fuse_session *))dlsym(libfuse, "fuse_session_fd");
+    real_session_mount = (int (*)(struct fuse_session *, const char *))dlsym(libfuse, "fuse_session_mount");
+    real_custom_io = (int (*)(struct fuse_session *, const struct fuse_custom_io *, int))dlsym(
+        libfuse, "fuse_session_custom_io");
+    real_reply_open = (reply_open_fn)dlsym(libfuse, "fuse_reply_open");
+    real_reply_create = (reply_create_fn)dlsym(libfuse, "fuse_reply_create");
+    if (!real_receive_buf || !real_process_buf || !session_fd_of || !real_session_mount || !real_reply_open ||
+        !real_reply_create)
         return NULL;
     memset(&ops, 0, sizeof(ops));
     memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
@@ -374,5 +542,6 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         ops.opendir = shim_opendir;
         ops.releasedir = NULL;
     }
-    return real(args, &ops, sizeof(ops), userdata);
+    session = real(args, &ops, sizeof(ops), userdata);
+    return session;
 }

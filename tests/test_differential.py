@@ -17,6 +17,9 @@ from trees import checksum, differences, make_opaque, make_whiteout, snapshot
 MODES = {
     "redirect": ("redirect_dir=on,index=off,metacopy=off", ()),
     "exdev": ("redirect_dir=off,index=off,metacopy=off", ("-o", "redirect_dir=off")),
+    # The kernel serves upper files through FUSE passthrough where it can (the default, as in
+    # every other mode): the same without it.
+    "passthrough-off": ("redirect_dir=on,index=off,metacopy=off", ("-o", "passthrough=off")),
     # The kernel's metacopy and index formats differ from pyunionfs's full copies on disk, so
     # this mode compares the merged trees and the round trips, not the upper directories.
     "all-kernel-features": ("redirect_dir=on,index=on,metacopy=on", ()),

@@ -173,5 +173,6 @@ def test_other_users_cannot_reach_the_server(fork_server):
     assert where.stat().st_mode & 0o777 == 0o700 and (where / client.SOCKET).stat().st_mode & 0o077 == 0
     probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
                             "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); "
-                            "s.connect(sys.argv[1])", str(where / client.SOCKET)], capture_output=True, text=True)
+                            "s.connect(sys.argv[1])", f"{where.name}/{client.SOCKET}"],
+                           capture_output=True, text=True, cwd=where.parent)
     assert probe.returncode != 0 and "PermissionError" in probe.stderr

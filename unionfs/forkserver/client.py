@@ -20,6 +20,19 @@ IDLE_SECONDS = 300  # a server started on first use exits after this long withou
 PROTOCOL = 1
 INITIAL_USER_NS = 0xEFFFFFFD  # the kernel's PROC_USER_INIT_INO
 SOCKET, LOCK, PID = "socket", "lock", "pid"
+
+
+def _fnv1a(data: bytes) -> int:
+    value = 0xCBF29CE484222325
+    for byte in data:
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+# Which pyunionfs this is (where its code is): two installations of one user never share a
+# server, which would run the other's code.
+INSTALLATION = f"{_fnv1a(os.fsencode(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))) >> 32:08x}"
+SUN_PATH_MAX = 107  # a unix socket's path, less its NUL
 # Mounts that stay in the foreground are served by the caller itself: it is the server.
 FOREGROUND_FLAGS = frozenset({"-f", "-d", "--debug", "-h", "--help"})
 
@@ -37,7 +50,7 @@ def location(create: bool = True) -> str | None:
                 os.makedirs(base, 0o755, exist_ok=True)
         else:
             base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    path = os.path.join(base, f"pyunionfs-fork-{euid}-{userns}")
+    path = os.path.join(base, f"pyunionfs-fork-{euid}-{userns}-{INSTALLATION}")
     try:
         if create:
             os.mkdir(path, 0o700)
@@ -87,13 +100,27 @@ def connect(where: str) -> _socket.socket | None:
     """A connection the server in WHERE has accepted, or None if there is none to talk to."""
     connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
-        connection.connect(os.path.join(where, SOCKET))
+        with_socket_path(where, connection.connect)
         if connection.recv(16) == b"hello":  # it checked who we are
             return connection
     except OSError:
         pass
     connection.close()
     return None
+
+
+def with_socket_path(where: str, use) -> None:
+    """USE(the path of the socket in WHERE): through the directory's fd when the path is longer
+    than a unix socket address takes."""
+    path = os.path.join(where, SOCKET)
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        use(path)
+        return
+    fd = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        use(f"/proc/self/fd/{fd}/{SOCKET}")
+    finally:
+        os.close(fd)
 
 
 def request(connection: _socket.socket, argv: list[str]) -> int | None:

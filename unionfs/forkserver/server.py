@@ -71,15 +71,14 @@ def run(idle: float, read_mount: ReadMount) -> int:
     # copying) it in each of them.
     gc.collect()
     gc.freeze()
-    path = os.path.join(where, client.SOCKET)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        os.unlink(path)
+        os.unlink(os.path.join(where, client.SOCKET))
     except FileNotFoundError:
         pass
     old_umask = os.umask(0o077)
     try:
-        listener.bind(path)
+        client.with_socket_path(where, listener.bind)
     finally:
         os.umask(old_umask)
     listener.listen(64)

@@ -10,10 +10,11 @@ import sys
 import pyfuse3
 import trio
 
-from unionfs.fs import checks
+from unionfs.fs import checks, shim
 from unionfs.fs.ops import UnionOperations
 from unionfs.fs.inodes import AttrView
-from unionfs.fs.layers import LayerStack
+from unionfs.fs.layers import LayerStack, privileged
+from unionfs.fs.passthrough import MAX_STACK_DEPTH
 from unionfs.errors import ConfigError
 from unionfs.fs.options import MountConfig
 from unionfs.fs.union import Union
@@ -58,7 +59,8 @@ async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
                     if signum == signal.SIGUSR1:
                         # As in fuse-overlayfs: the size of the inode table, seen from outside.
                         ops.apply_queued_forgets()
-                        print(f"pyunionfs: nodes={len(ops.union.inodes)}", file=sys.stderr, flush=True)
+                        print(f"pyunionfs: nodes={len(ops.union.inodes)} passthrough={ops.passthrough.nodes}",
+                              file=sys.stderr, flush=True)
                         continue
                     log.debug("signal %d: unmounting", signum)
                     stopped = True
@@ -102,6 +104,8 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
             os.close(ready_r)
         os.setsid()
     ops = UnionOperations(union, acl=config.acl)
+    if config.passthrough and privileged():  # the kernel lets only such a server register backing files
+        shim.want_passthrough(MAX_STACK_DEPTH)
     # A stop signal between the mount and the signal receiver would kill the daemon and leave
     # the mount behind: hold them until _serve listens.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

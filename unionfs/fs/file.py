@@ -15,13 +15,14 @@ class OpenFile:
     copied up, every handle moves to the copy, so reads see new data. Once it has a handle number
     (FH), its layer fd is published to the shim, which serves the reads."""
 
-    __slots__ = ("node", "_fd", "flags", "fh")
+    __slots__ = ("node", "_fd", "flags", "fh", "backing")
 
     def __init__(self, node: Node, fd: int, flags: int):
         self.node = node
         self._fd = fd
         self.flags = flags  # the access mode the layer file is opened with
         self.fh = 0
+        self.backing = 0  # the backing id when the kernel serves it (unionfs/fs/passthrough.py)
         node.open_files.add(self)  # until close()
 
     @property
@@ -32,7 +33,7 @@ class OpenFile:
     def fd(self, fd: int) -> None:
         self._fd = fd
         if self.fh:
-            shim.set_file(self.fh, fd, self.flags != os.O_RDONLY)
+            shim.set_file(self.fh, fd, self.flags != os.O_RDONLY, self.backing)
 
     def publish_as(self, fh: int) -> None:
         self.fh = fh

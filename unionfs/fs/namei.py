@@ -266,6 +266,11 @@ class Namei:
             return False
         return self.stack.c.resolve(self.stack.c.dir_paths(paths), name) is not None
 
+    def data_is_final(self, node: Node) -> bool:
+        """Can no copy-up move NODE's data while it is open: the union is read-only (no work
+        directory), or the data is NODE's own upper copy?"""
+        return self.work is None or (node.layer == UPPER and node.index_name is None and not self.needs_data(node))
+
     def needs_data(self, node: Node) -> bool:
         """Is NODE an upper file whose data is still below (a kernel metacopy copy-up)?"""
         return node.layer == UPPER and self.has_upper and not node.is_dir and bool(node.lower_paths)

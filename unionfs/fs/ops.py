@@ -14,6 +14,7 @@ from unionfs.fs import dirops, inode_ops, shim
 from unionfs.fs.dirops import Caller
 from unionfs.fs.file import OpenFile, open_file
 from unionfs.fs.inodes import Node, negative_entry
+from unionfs.fs.passthrough import Passthrough
 from unionfs.fs.union import Union
 
 log = logging.getLogger("pyunionfs")
@@ -60,6 +61,7 @@ class UnionOperations(pyfuse3.Operations):
         self._free_fhs: list[int] = []  # numbers of closed handles: reused, so they stay small
         self._listings: dict[int, list[tuple[bytes, Node | pyfuse3.EntryAttributes]]] = {}  # dir node id -> entries
         self._next_fh: Iterator[int] = itertools.count(1)
+        self.passthrough = Passthrough(union)
 
     def _node(self, ino: int) -> Node:
         try:
@@ -68,6 +70,7 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
     def _add_handle(self, handle: OpenFile) -> int:
+        handle.backing = self.passthrough.attach(handle)
         fh = self._free_fhs.pop() if self._free_fhs else next(self._next_fh)
         self._handles[fh] = handle
         handle.publish_as(fh)
@@ -188,13 +191,15 @@ class UnionOperations(pyfuse3.Operations):
     @replies_errno
     async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
         handle = await open_file(self.union, self._node(inode), flags)
-        return pyfuse3.FileInfo(fh=self._add_handle(handle), keep_cache=True)
+        fh = self._add_handle(handle)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.passthrough.keep_cache(handle))
 
     @replies_errno
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         node, fd = dirops.create(self.union, self._node(parent_inode), name, mode, flags, _caller(ctx))
         handle = OpenFile(node, fd, flags & os.O_ACCMODE)
-        return pyfuse3.FileInfo(fh=self._add_handle(handle), keep_cache=True), node.entry
+        fh = self._add_handle(handle)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.passthrough.keep_cache(handle)), node.entry
 
     @replies_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -216,7 +221,8 @@ class UnionOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         if handle.flags != os.O_RDONLY:
-            handle.node.stale = True  # the shim may have written to it: re-read its attributes
+            handle.node.stale = True  # the shim or the kernel may have written to it: re-read its attributes
+        self.passthrough.detach(handle)
         handle.close()
         self._free_fhs.append(fh)
 

@@ -60,6 +60,7 @@ class MountConfig:
     xattr_permissions: int = 0  # owners and modes kept in an override_stat xattr (1 or 2)
     timeout: float = DEFAULT_TIMEOUT
     user_xattr: bool = False  # -o userxattr: overlay metadata in user.overlay.*, as the kernel's
+    passthrough: bool = True  # -o passthrough=off: the daemon serves every read and write
 
     @property
     def read_only(self) -> bool:
@@ -179,6 +180,7 @@ def _plugins(value: str) -> None:
 VALUED_OPTIONS = {
     "fsync": lambda c, v: setattr(c, "sync", bool(_number("fsync", v, choices=2))),
     "redirect_dir": lambda c, v: setattr(c, "redirect_dirs", _on_off("redirect_dir", v)),
+    "passthrough": lambda c, v: setattr(c, "passthrough", _on_off("passthrough", v)),
     "uidmapping": lambda c, v: setattr(c, "uid_ranges", _id_ranges("uidmapping", v)),
     "gidmapping": lambda c, v: setattr(c, "gid_ranges", _id_ranges("gidmapping", v)),
     "squash_to_uid": lambda c, v: setattr(c, "squash_uid", _number("squash_to_uid", v, below=MAX_ID)),

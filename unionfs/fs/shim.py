@@ -1,11 +1,13 @@
 """The daemon runs with csrc/fuse_shim.c loaded, which gives libfuse a fallocate handler that
-pyfuse3 lacks, serves reads and some GETXATTRs in C, queues FORGETs for Python, and lets the
-kernel cache directory listings without OPENDIR round trips (see the file for the contract). It is opened with RTLD_GLOBAL before
+pyfuse3 lacks, serves reads and some GETXATTRs in C, queues FORGETs for Python, lets the
+kernel cache directory listings without OPENDIR round trips, and negotiates FUSE passthrough
+(see the file for the contract). It is opened with RTLD_GLOBAL before
 pyfuse3 is imported: pyfuse3's calls into libfuse then bind to the shim's wrappers, because the
 global scope is searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib.util
 import os
 import sys
@@ -34,16 +36,40 @@ def load() -> bool:
         return False
     _loaded = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     _loaded.ufs_shim_mark_no_xattrs.argtypes = [ctypes.c_uint64, ctypes.c_int]
-    _loaded.ufs_shim_set_file.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+    _loaded.ufs_shim_set_file.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    _loaded.ufs_shim_want_passthrough.argtypes = [ctypes.c_int]
+    _loaded.ufs_shim_backing_open.argtypes = [ctypes.c_int]
+    _loaded.ufs_shim_backing_close.argtypes = [ctypes.c_int]
     _loaded.ufs_shim_take_forgets.argtypes = [ctypes.POINTER(_Forget), ctypes.c_size_t]
     _loaded.ufs_shim_take_forgets.restype = ctypes.c_size_t
     return True
 
 
-def set_file(fh: int, fd: int, writable: bool) -> None:
-    """Tell the shim which layer fd open file handle FH reads from (-1: none, or closed)."""
+def set_file(fh: int, fd: int, writable: bool, backing_id: int = 0) -> None:
+    """Tell the shim which layer fd open file handle FH reads from (-1: none, or closed), and
+    its backing id if the kernel is to serve it (see unionfs/fs/passthrough.py)."""
     if _loaded is not None:
-        _loaded.ufs_shim_set_file(fh, fd, int(writable))
+        _loaded.ufs_shim_set_file(fh, fd, int(writable), backing_id)
+
+
+def want_passthrough(max_stack_depth: int) -> bool:
+    """Ask for FUSE passthrough at INIT (before the mount); whether the shim can."""
+    return _loaded is not None and _loaded.ufs_shim_want_passthrough(max_stack_depth) == 0
+
+
+def passthrough() -> bool:
+    """Did the kernel grant passthrough (known once INIT is answered)?"""
+    return _loaded is not None and bool(_loaded.ufs_shim_passthrough())
+
+
+def backing_open(fd: int) -> int:
+    """Register layer file FD as a backing file: its id (> 0), or -errno."""
+    return _loaded.ufs_shim_backing_open(fd) if _loaded is not None else -errno.EOPNOTSUPP
+
+
+def backing_close(backing_id: int) -> None:
+    if _loaded is not None:
+        _loaded.ufs_shim_backing_close(backing_id)
 
 
 def mark_no_xattrs(node_id: int, none: bool) -> None:
