@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from bench import dataset, report, runner, stats, systems, workloads
+from bench import ab, dataset, report, runner, stats, systems, workloads
 from bench.systems import BenchError
 
 BASELINES = ["fuse-overlayfs", "native"]
@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a small dataset and one round: a smoke run")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where the dataset is built and kept")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<time>)")
+    parser.add_argument("--ab", metavar="A,B", help="two commits of pyunionfs, measured alternately as systems "
+                        "pyunionfs@A and pyunionfs@B (in place of pyunionfs), B's ratios to A in a table")
     parser.add_argument("--list", action="store_true", help="list the workloads and systems, and exit")
     return parser.parse_args(argv)
 
@@ -110,19 +112,27 @@ def run(args: argparse.Namespace, command: str) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     out = args.out or RESULTS / started.strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
+    baselines = BASELINES
     with tempfile.TemporaryDirectory(prefix="pyunionfs-bench.", dir=args.data) as scratch:
-        with runner.Mounts(Path(scratch), data) as mounts, Progress() as progress:
-            measurements = runner.run_all(chosen, todo, rounds, mounts, progress)
+        try:
+            if args.ab:
+                pair = ab.systems(args.ab.split(","), Path(scratch))
+                chosen = [system for system in chosen if system.name != "pyunionfs"] + pair
+                baselines = [pair[0].name, *BASELINES]
+            with runner.Mounts(Path(scratch), data) as mounts, Progress() as progress:
+                measurements = runner.run_all(chosen, todo, rounds, mounts, progress)
+        finally:
+            ab.remove(Path(scratch))
     names = [system.name for system in chosen]
-    summaries = stats.summarize(measurements, BASELINES)
+    summaries = stats.summarize(measurements, baselines)
     header = (f"{started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, kernel "
               f"{platform.release()}; {rounds} round(s), {scale.name} dataset ({data.entries()} entries); "
               f"`{command.strip()}`\n")
-    table = header + "\n" + report.markdown(summaries, names, BASELINES)
+    table = header + "\n" + report.markdown(summaries, names, baselines)
     print(table)
     (out / "table.md").write_text(table)
     report.write_json_lines(measurements, out / "results.jsonl")
-    baseline = next((b for b in BASELINES if b in names), None)
+    baseline = next((b for b in baselines if b in names), None)
     if baseline:
         report.plot(summaries, names, baseline, out / "ratios.png", f"Ratio to {baseline} ({started:%Y-%m-%d})")
     print(f"bench: results in {out}", file=sys.stderr)

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class Measurement:
     seconds: float | None  # None when the workload failed on this system
     daemon_cpu: float | None = None  # user+system seconds of the FUSE daemon during the run
     daemon_peak_rss_kib: int | None = None
+    daemon_peak_fds: int | None = None  # the most files it had open, sampled every 10 ms
     error: str | None = None
 
     def to_json(self) -> dict:
@@ -133,6 +135,14 @@ class Mounts:
             self._engines[system.name] = engine
         return self._engines[system.name]
 
+    def wait_for_fork_servers(self) -> None:
+        """Until every fork server a mount started (in the background) listens: a first use."""
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while any(not (server / fork_client.SOCKET).exists() for server in self.fork_servers.iterdir()):
+            if time.monotonic() > deadline:
+                raise BenchError("a fork server did not start")
+            time.sleep(0.02)
+
     def __enter__(self) -> "Mounts":
         return self
 
@@ -226,12 +236,41 @@ def run_timed(workload: Workload, ctx: Context, daemon: int | None) -> tuple[flo
     return seconds, daemon_cpu(daemon) - cpu_before if daemon else None
 
 
+class FdSampler:
+    """The most fds process PID has open while the block runs, counted every 10 ms."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, len(os.listdir(f"/proc/{self.pid}/fd")))
+            if self._done.wait(0.01):
+                return
+
+    def __enter__(self) -> "FdSampler":
+        if self.pid:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.pid:
+            self._done.set()
+            self._thread.join()
+
+
 def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | None) -> None:
     get_ready(workload, ctx)
-    result.seconds, cpu = run_timed(workload, ctx, daemon)
+    with FdSampler(daemon) as fds:
+        result.seconds, cpu = run_timed(workload, ctx, daemon)
     if daemon:
         result.daemon_cpu = cpu
         result.daemon_peak_rss_kib = daemon_peak_rss_kib(daemon)
+        result.daemon_peak_fds = fds.peak
 
 
 def _mount_starts(system: System, mounts: Mounts) -> float:
@@ -255,6 +294,8 @@ def _mount_starts(system: System, mounts: Mounts) -> float:
         else:
             subprocess.run(["umount", str(dirs["mnt"])], check=True)
         shutil.rmtree(dirs["mnt"].parent, ignore_errors=True)
+        if not run:
+            mounts.wait_for_fork_servers()
     return statistics.median(times)
 
 
