@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -95,6 +96,25 @@ def test_a_mount_is_served_by_a_fork_of_the_server(fork_server, dirs):
     assert helper(dirs).returncode == 0
     (daemon,) = daemons_for(dirs["mnt"])
     assert parent_of(daemon) == fork_server and (dirs["mnt"] / "new").read_text() == "upper\n"
+
+
+def test_malformed_requests_leave_the_server_serving(fork_server, dirs):
+    # Callers gone before it answers (its "hello" meets a closed socket) ...
+    for _ in range(50):
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        client.with_socket_path(client.location(), gone.connect)
+        gone.close()
+    # ... and requests that are not requests.
+    for message in (b"garbage", b"(" * 100_000, repr((client.PROTOCOL, "not a list", {}, 0, None)).encode()):
+        connection = client.connect(client.location())
+        assert connection is not None
+        fds = b"".join(fd.to_bytes(4, "little") for fd in (0, 1, 2, 0, 1, 2, 0))
+        connection.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        assert connection.recv(16) == b""  # declined: closed without a word
+        connection.close()
+    assert helper(dirs).returncode == 0
+    (daemon,) = daemons_for(dirs["mnt"])
+    assert parent_of(daemon) == fork_server
 
 
 def test_first_use_starts_a_server_and_mounts_without_it(tmp_path, dirs, monkeypatch):

@@ -94,7 +94,10 @@ def run(idle: float, read_mount: ReadMount) -> int:
             with connection:
                 if _stale(code_files):
                     break  # new code: the next caller starts a new server
-                _take(connection, listener, read_mount)
+                try:
+                    _take(connection, listener, read_mount)
+                except (OSError, ValueError, RecursionError, MemoryError):
+                    continue  # a caller that went away, or a malformed request: the next one
     except KeyboardInterrupt:
         pass
     finally:
