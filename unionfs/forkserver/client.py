@@ -78,7 +78,21 @@ def mount(argv: list[str]) -> int | None:
     """Run the mount ARGV in a process of the fork server: its exit code; or None if the caller
     must mount by itself (not a background mount, no server yet, or the server declined), in
     which case nothing has been done."""
-    if os.environ.get(DISABLE) == "off" or not is_background_mount(argv):
+    if not is_background_mount(argv):
+        return None
+    connection = server_connection()
+    if connection is None:
+        return None
+    try:
+        return request(connection, argv)
+    finally:
+        connection.close()
+
+
+def server_connection() -> _socket.socket | None:
+    """A connection this user's server has accepted; None where it is turned off, there is no
+    safe directory for it, or none runs yet (one is started for next time)."""
+    if os.environ.get(DISABLE) == "off":
         return None
     try:
         where = location()
@@ -89,11 +103,7 @@ def mount(argv: list[str]) -> int | None:
     connection = connect(where)
     if connection is None:
         start_server()
-        return None
-    try:
-        return request(connection, argv)
-    finally:
-        connection.close()
+    return connection
 
 
 def connect(where: str) -> _socket.socket | None:

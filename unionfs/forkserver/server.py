@@ -113,21 +113,10 @@ def run(idle: float, read_mount: ReadMount) -> int:
 
 
 def stop() -> int:
-    """Stop this user's server, if one runs: SIGTERM, then wait until it is gone."""
+    """Stop this user's server, if one runs."""
     where = client.location(create=False)
-    try:
-        with open(os.path.join(where or "/nonexistent", client.PID)) as pid_file:
-            pid = int(pid_file.read())
-        pidfd = os.pidfd_open(pid)
-    except (OSError, ValueError):
-        return 0
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        select.select([pidfd], [], [], 10)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(pidfd)
+    if where is not None:
+        _stop_server_in(where)
     return 0
 
 
@@ -135,18 +124,23 @@ def stop_all(base: str) -> None:
     """Stop every server whose directory is in BASE (a PYUNIONFS_FORK_SERVER_DIR), whoever's:
     what a test session or a benchmark that gave them that directory does at its end."""
     for entry in os.scandir(base):
-        try:
-            with open(os.path.join(entry.path, client.PID)) as pid_file:
-                pidfd = os.pidfd_open(int(pid_file.read()))
-        except (OSError, ValueError):
-            continue
-        try:
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            select.select([pidfd], [], [], 10)  # readable once it has exited
-        except ProcessLookupError:
-            pass
-        finally:
-            os.close(pidfd)
+        _stop_server_in(entry.path)
+
+
+def _stop_server_in(where: str) -> None:
+    """SIGTERM to the server whose directory is WHERE, if one runs; then wait until it is gone."""
+    try:
+        with open(os.path.join(where, client.PID)) as pid_file:
+            pidfd = os.pidfd_open(int(pid_file.read()))
+    except (OSError, ValueError):
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        select.select([pidfd], [], [], 10)  # readable once it has exited
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _code_files() -> dict[str, int]:

@@ -89,21 +89,6 @@ class Server:
                 self.connection.close()
 
 
-def _fork_server_connection() -> socket.socket | None:
-    """A connection to this user's fork server, made before the launcher enters namespaces of
-    its own (the server checks who connects); None where there is none (one is started)."""
-    if os.environ.get(fork_client.DISABLE) == "off":
-        return None
-    try:
-        where = fork_client.location()
-    except OSError:
-        return None
-    connection = fork_client.connect(where) if where else None
-    if connection is None and where:
-        fork_client.start_server()
-    return connection
-
-
 def _start_server(lowers: list[str], upper: str, workdir: str, mountpoint: str,
                   fork_server: socket.socket | None) -> Server:
     """The FUSE server, in mount namespace A, ended when the launcher ends; once the union is
@@ -196,7 +181,8 @@ def run(config: RunConfig) -> int:
             raise ConfigError(f"lower directory does not exist: {lower}")
     scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=config.scratch_parent)
     server: Server | None = None
-    fork_server = _fork_server_connection()
+    # Made before the launcher enters namespaces of its own: the server checks who connects.
+    fork_server = fork_client.server_connection()
     mountpoint = os.path.join(scratch, "root")
     try:
         upper = config.upper or os.path.join(scratch, "upper")
