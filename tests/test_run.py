@@ -103,6 +103,15 @@ def test_sigterm_reaches_a_trap(launcher):
         proc.wait()
 
 
+@pytest.mark.parametrize("init", [[], ["--no-init"]])
+def test_signals_start_at_their_defaults(launcher, init):
+    """No signal ignored or blocked in the command, as podman starts it (the launcher's Python
+    ignores SIGPIPE and SIGXFSZ, which exec would pass on)."""
+    result = launcher.run(*init, "--", "grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000"]
+
+
 def test_no_zombies(launcher):
     script = ('for i in 1 2 3 4 5; do (sleep 0.1 &) ; done; sleep 1; '
               'cat /proc/[0-9]*/stat | awk \'$3 == "Z"\' | wc -l')

@@ -268,8 +268,7 @@ def _exec_command(spec: ContainerSpec, syscall_filter: seccomp.Filter | None) ->
         os.setgid(gid)
         os.setuid(uid)
     os.chdir(spec.cwd)
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, signal.SIG_DFL)
+    _default_signals()
     if syscall_filter is not None:  # last: it applies to every call after it
         syscall_filter.load()
     try:
@@ -280,6 +279,16 @@ def _exec_command(spec: ContainerSpec, syscall_filter: seccomp.Filter | None) ->
     except OSError as exc:
         print(f"pyunionfs: {spec.command[0]}: {exc.strerror}", file=sys.stderr)
         os._exit(EXIT_NOT_EXECUTABLE)
+
+
+def _default_signals() -> None:
+    """Every signal at its default action and none blocked, as podman starts a container: the
+    launcher's Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec."""
+    for signum in signal.valid_signals():
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):  # numbers without a signal behind them
+                signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _entries(path: str) -> list[list[str]]:
