@@ -11,7 +11,7 @@ def fuse3_cflags() -> list[str]:
 
 
 setup(
-    cffi_modules=["csrc/build_core.py:ffibuilder", "csrc/build_sys.py:ffibuilder"],
+    cffi_modules=["csrc/build_core.py:ffibuilder", "csrc/build_sys.py:ffibuilder", "csrc/build_seccomp.py:ffibuilder"],
     # Not a Python module: a shared object the daemon loads with RTLD_GLOBAL (see csrc/fuse_shim.c).
     ext_modules=[Extension("unionfs.fs._fuse_shim", sources=["csrc/fuse_shim.c"], libraries=["dl"],
                            extra_compile_args=fuse3_cflags() + ["-O2", "-Wall", "-Wextra"])],
