@@ -18,7 +18,7 @@ ffibuilder.cdef("""
     int seccomp_syscall_resolve_name(const char *name);
     int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall, unsigned int arg_cnt,
                                const struct scmp_arg_cmp *arg_array);
-    int seccomp_load(const scmp_filter_ctx ctx);
+    int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
 """)
 ffibuilder.set_source("unionfs.runtime._seccomp_ffi", None)
 

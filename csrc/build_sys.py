@@ -16,15 +16,19 @@ ffibuilder.cdef("""
     int ufs_pivot_root(const char *new_root, const char *put_old);
     int ufs_openat2(int dirfd, const char *path, int flags, unsigned long long resolve);
     int ufs_mount_setattr(int dirfd, const char *path, unsigned int flags, unsigned long long attr_set);
+    int ufs_load_seccomp_filter(const void *program, size_t size);
 """)
 ffibuilder.set_source(
     "unionfs.runtime._sys",
     """
     #define _GNU_SOURCE
+    #include <errno.h>
     #include <sched.h>
     #include <fcntl.h>
     #include <linux/mount.h>
+    #include <linux/filter.h>
     #include <linux/openat2.h>
+    #include <linux/seccomp.h>
     #include <stdint.h>
     #include <sys/prctl.h>
     #include <sys/syscall.h>
@@ -46,6 +50,18 @@ ffibuilder.set_source(
     {
         struct mount_attr attr = {.attr_set = attr_set};
         return (int)syscall(SYS_mount_setattr, dirfd, path, flags, &attr, sizeof(attr));
+    }
+    /* A classic BPF program of SIZE bytes (as seccomp_export_bpf writes it) as this thread's
+       seccomp filter; the caller has set no_new_privs. */
+    static int ufs_load_seccomp_filter(const void *program, size_t size)
+    {
+        struct sock_fprog prog = {.len = (unsigned short)(size / sizeof(struct sock_filter)),
+                                  .filter = (struct sock_filter *)program};
+        if (size % sizeof(struct sock_filter) || size / sizeof(struct sock_filter) > BPF_MAXINSNS) {
+            errno = EINVAL;
+            return -1;
+        }
+        return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0);
     }
     """,
     extra_compile_args=["-O2", "-Wall"],

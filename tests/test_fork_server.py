@@ -1,19 +1,23 @@
-"""The fork server (unionfs/forkserver): a mount that daemonizes is served by a fork of a resident
-process, which takes on the caller's context; what it cannot take on, it declines, and the
-caller mounts the slow way. Each test has a server directory of its own."""
+"""The fork server (unionfs/forkserver): a mount that daemonizes, or a container's run, is served
+by a fork of a resident process, which takes on the caller's context; what it cannot take on, it
+declines, and the caller does the work the slow way. Each test has a server directory of its own."""
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from launchers import build_image
 from mounts import PYUNIONFS, daemons_for, force_unmount, is_mounted
+from test_run import leftovers, unique_sleep
 from test_store import one_line_error
 from unionfs.forkserver import client, server
 
@@ -105,7 +109,8 @@ def test_malformed_requests_leave_the_server_serving(fork_server, dirs):
         client.with_socket_path(client.location(), gone.connect)
         gone.close()
     # ... and requests that are not requests.
-    for message in (b"garbage", b"(" * 100_000, repr((client.PROTOCOL, "not a list", {}, 0, None)).encode()):
+    for message in (b"garbage", b"(" * 100_000, repr((client.PROTOCOL, client.MOUNT, "not a list", {}, 0, None)).encode(),
+                    repr((client.PROTOCOL, "unknown kind", [], {}, 0, None)).encode()):
         connection = client.connect(client.location())
         assert connection is not None
         fds = b"".join(fd.to_bytes(4, "little") for fd in (0, 1, 2, 0, 1, 2, 0))
@@ -196,3 +201,123 @@ def test_other_users_cannot_reach_the_server(fork_server):
                             "s.connect(sys.argv[1])", f"{where.name}/{client.SOCKET}"],
                            capture_output=True, text=True, cwd=where.parent)
     assert probe.returncode != 0 and "PermissionError" in probe.stderr
+
+
+def status_line(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(key + ":"))
+
+
+@pytest.fixture
+def v2_cgroup(tmp_path) -> tuple[Path, str]:
+    """A new cgroup (v2) below this process's, removed afterwards: its directory and its path
+    as /proc/PID/cgroup shows it."""
+    mounts = [line.split(" - ")[0].split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if line.split(" - ")[1].startswith("cgroup2 ") and line.split()[3] == "/"]
+    own = next((line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")),
+               None)
+    if not mounts or own is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    name = f"pyunionfs-test-{os.getpid()}-{tmp_path.name}"
+    path = Path(mounts[0] + own.rstrip("/")) / name
+    path.mkdir()
+    yield path, f"{own.rstrip('/')}/{name}"
+    for pid in (path / "cgroup.procs").read_text().split():  # what a failed test left: back to our cgroup
+        (path.parent / "cgroup.procs").write_text(pid)
+    deadline = time.monotonic() + 10
+    while "populated 1" in (path / "cgroup.events").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    path.rmdir()
+
+
+def test_the_served_process_takes_on_the_callers_cgroup_and_limits(fork_server, dirs, v2_cgroup):
+    """As the caller's own child would: its cgroup, resource limits, nice value, OOM score."""
+    directory, cgroup = v2_cgroup
+    enter = f"echo $$ > {directory}/cgroup.procs && echo 500 > /proc/self/oom_score_adj && exec \"$@\""
+    result = helper(dirs, "sh", "-c", enter, "sh", "prlimit", "--nofile=1000:2000", "--core=4096:8192",
+                    "nice", "-n", "7")
+    assert result.returncode == 0, result.stderr
+    (daemon,) = daemons_for(dirs["mnt"])
+    assert parent_of(daemon) == fork_server
+    assert f"0::{cgroup}\n" in Path(f"/proc/{daemon}/cgroup").read_text()
+    assert Path(f"/proc/{daemon}/oom_score_adj").read_text() == "500\n"
+    assert os.getpriority(os.PRIO_PROCESS, daemon) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+    limits = Path(f"/proc/{daemon}/limits").read_text()
+    assert [line.split()[4:6] for line in limits.splitlines() if line.startswith("Max core file size")] == [
+        ["4096", "8192"]]
+    assert [line.split()[4] for line in limits.splitlines() if line.startswith("Max open files")] == [
+        "2000"]  # the hard limit (a FUSE server raises its soft limit to it)
+    force_unmount(dirs["mnt"])
+
+
+@pytest.mark.parametrize("confinement", ["no_new_privs", "seccomp"])
+def test_a_confined_caller_is_declined(fork_server, dirs, confinement):
+    """A caller under no_new_privs or a seccomp filter must not get an unconfined server: the
+    server declines, and the caller mounts by itself (its daemon inherits the confinement)."""
+    if confinement == "no_new_privs":
+        prefix = ["setpriv", "--no-new-privs"]
+    else:  # a filter that refuses one harmless call, loaded before exec
+        profile = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["acct"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+        prefix = [sys.executable, "-c", "import json, os, sys; from unionfs.runtime import seccomp; "
+                  "seccomp.compile_profile(seccomp.parse(sys.argv[1], 'test'), set()).load(); "
+                  "os.execvp(sys.argv[2], sys.argv[2:])", json.dumps(profile)]
+    result = helper(dirs, *prefix)
+    assert result.returncode == 0, result.stderr
+    (daemon,) = daemons_for(dirs["mnt"])
+    assert parent_of(daemon) != fork_server
+    assert status_line(daemon, "NoNewPrivs" if confinement == "no_new_privs" else "Seccomp") != "0"
+
+
+def stand_ins(fork_server: int, command: str) -> list[int]:
+    """The server's processes that stand in for a caller of `run` COMMAND (their child, the
+    launcher, has its command line too; the launcher's FUSE server is pyunionfs-fuse)."""
+    processes = leftovers(command)[1]
+    return [pid for pid in processes if parent_of(pid) == fork_server and Path(f"/proc/{pid}/comm").read_text() ==
+            "pyunionfs\n" and any(parent_of(child) == pid for child in processes)]
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    return build_image(tmp_path / "image")
+
+
+def test_a_container_run_is_served_by_the_server(fork_server, image, tmp_path):
+    """The server forks a stand-in for the caller, which forks the launcher; the caller gets the
+    command's output and exit status, and its signals reach the command."""
+    run = [PYUNIONFS, "run", "--lower", str(image), "--"]
+    result = subprocess.run([*run, "sh", "-c", "echo out; echo err >&2; exit 7"], capture_output=True, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert (result.returncode, result.stdout, result.stderr) == (7, "out\n", "err\n")
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    proc = subprocess.Popen([*run[:-1], "-v", f"{ready}:/ready", "--", "sh", "-c",
+                             'trap "exit 3" TERM; touch /ready/go; while :; do sleep 0.1; done'])
+    try:
+        deadline = time.monotonic() + 30
+        while not (ready / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stand_ins(fork_server, "/ready/go")) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 3
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_killing_a_served_runs_caller_leaves_nothing(fork_server, image, tmp_path):
+    """The caller's end (SIGKILL: nothing it can do) ends the launcher the server forked for it,
+    as it would end a launcher of its own: no mount, no process left."""
+    sleep = unique_sleep()
+    proc = subprocess.Popen([PYUNIONFS, "run", "--lower", str(image), "--", *sleep],
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    deadline = time.monotonic() + 30
+    while not stand_ins(fork_server, "\0".join(sleep)):
+        assert time.monotonic() < deadline, "the server did not take the run on"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while leftovers("\0".join(sleep)) != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers("\0".join(sleep)) == ([], [])

@@ -134,7 +134,8 @@ def fork_server(argv: list[str], root: str | None) -> int:
         return server.stop()
     _mount_parser()
     _helper_parser()
-    return server.run(args.idle, mount_request)
+    _run_parser()
+    return server.run(args.idle, {client.MOUNT: mount_request, client.RUN: run_request})
 
 
 def umount(argv: list[str], root: str | None) -> int:
@@ -177,11 +178,9 @@ def _image_and_command(rest: list[str]) -> tuple[str, list[str]]:
     return rest[0], _command_words(rest[1:])
 
 
-def run(argv: list[str], root: str | None) -> int:
-    # The launcher never imports pyfuse3 or trio: it makes namespaces, which a process with
-    # threads cannot enter, and runs the filesystem server as a process of its own.
-    from unionfs.runtime import containers, launcher, runopts
-
+# Made once: the fork server makes it before it forks (see _mount_parser).
+@functools.cache
+def _run_parser() -> OneLineParser:
     parser = _container_parser(
         "run", "Run a command in a new container of an image, or on layers given by hand.",
         "pyunionfs run [options] IMAGE [CMD...]\n"
@@ -192,7 +191,15 @@ def run(argv: list[str], root: str | None) -> int:
     parser.add_argument("--upper", metavar="DIR", help="with --lower: the writable layer (default: a temporary one)")
     parser.add_argument("--workdir", metavar="DIR", help="with --lower: the overlay work directory for --upper")
     parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [CMD...]")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: list[str], root: str | None) -> int:
+    # The launcher never imports pyfuse3 or trio: it makes namespaces, which a process with
+    # threads cannot enter, and runs the filesystem server as a process of its own.
+    from unionfs.runtime import containers, launcher, runopts
+
+    args = _run_parser().parse_args(argv)
     if args.lower:
         command = _command_words(args.rest)
         if not command:
@@ -636,6 +643,31 @@ def mount_request(argv: list[str]) -> MountRequest | None:
     return _helper_request(argv)
 
 
+@dataclass
+class RunRequest:
+    """A container run (`[--root DIR] run ...`), for a process of the fork server to run."""
+    argv: list[str]
+    preserve_fds: int
+
+    def run(self) -> int:
+        return main(self.argv)
+
+
+def run_request(argv: list[str]) -> RunRequest | None:
+    """The container run ARGV is, if it is one, else None; ConfigError for bad arguments."""
+    _, command = _split_root(argv)
+    if command[:1] != ["run"]:
+        return None
+    return RunRequest(argv, _run_parser().parse_args(command[1:]).preserve_fds)
+
+
+def _split_root(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--root's directory or None, the rest of ARGV)."""
+    if argv[:1] == [ROOT_OPTION] and len(argv) > 1:
+        return argv[1], argv[2:]
+    return None, argv
+
+
 def dispatch(argv: list[str], root: str | None) -> int:
     if argv[:1] in (["--version"], ["-V"]):
         return _print_version()
@@ -648,10 +680,7 @@ def dispatch(argv: list[str], root: str | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    root = None
-    if argv[:1] == [ROOT_OPTION] and len(argv) > 1:
-        root, argv = argv[1], argv[2:]
+    root, argv = _split_root(sys.argv[1:] if argv is None else list(argv))
     try:
         if argv[:1] == [ROOT_OPTION]:
             raise ConfigError(f"{ROOT_OPTION} takes a directory")

@@ -4,20 +4,25 @@ than Python's own start.
 
 The caller sends its command line, environment and umask, and fds of its working and root
 directories, its stdio and its user and mount namespaces (SCM_RIGHTS). The server forks a
-process that takes all of these on and runs the command; the caller relays its exit code. Where
-the server is absent, declines, or cannot be reached safely, the caller mounts the slow way (and
-starts a server for next time)."""
+process that takes all of these on (and its cgroups, limits and priorities: caller.py) and runs
+the command: a mount that daemonizes, or a container (`pyunionfs run`); the caller relays its
+exit code, and for a container the signals it gets. Where the server is absent, declines, or
+cannot be reached safely, the caller does the work the slow way (and starts a server for next
+time)."""
 from __future__ import annotations
 
+import _signal
 import _socket
 import os
 import stat
 import sys
 
+from unionfs.errors import EXIT_LAUNCHER_ERROR, FORWARDED_SIGNALS
+
 DISABLE = "PYUNIONFS_FORK_SERVER"  # "off": never use it
 DIRECTORY = "PYUNIONFS_FORK_SERVER_DIR"  # where the servers' directories go, instead of the default
 IDLE_SECONDS = 300  # a server started on first use exits after this long without a request
-PROTOCOL = 1
+PROTOCOL = 2
 INITIAL_USER_NS = 0xEFFFFFFD  # the kernel's PROC_USER_INIT_INO
 SOCKET, LOCK, PID = "socket", "lock", "pid"
 
@@ -35,6 +40,9 @@ INSTALLATION = f"{_fnv1a(os.fsencode(os.path.dirname(os.path.dirname(os.path.abs
 SUN_PATH_MAX = 107  # a unix socket's path, less its NUL
 # Mounts that stay in the foreground are served by the caller itself: it is the server.
 FOREGROUND_FLAGS = frozenset({"-f", "-d", "--debug", "-h", "--help"})
+# What a request asks of the server's process: to mount and daemonize, to serve a mount for a
+# caller that stays (the launcher's FUSE server), or to run a container as `pyunionfs run`.
+MOUNT, ATTACHED, RUN = "mount", "attached", "run"
 
 
 def location(create: bool = True) -> str | None:
@@ -89,6 +97,47 @@ def mount(argv: list[str]) -> int | None:
         connection.close()
 
 
+def is_container_run(argv: list[str]) -> bool:
+    """Whether ARGV is `[--root DIR] run ...`."""
+    if argv[:1] == ["--root"]:
+        argv = argv[2:]
+    return argv[:1] == ["run"]
+
+
+def run_container(argv: list[str]) -> int | None:
+    """Run the container ARGV (`[--root DIR] run ...`) in a process of the fork server, passing
+    on the signals the launcher forwards: its exit code; or None if the caller must run it by
+    itself (no server yet, or it declined), in which case nothing has been done."""
+    if not is_container_run(argv):
+        return None
+    connection = server_connection()
+    if connection is None:
+        return None
+    try:
+        launcher = _send(connection, argv, RUN, None)
+        if launcher is None:
+            return None
+        for signum in FORWARDED_SIGNALS:
+            _signal.signal(signum, lambda received, _frame: _forward(launcher, received))
+        try:
+            reply = connection.recv(32)
+        except OSError:
+            reply = b""
+        if reply.startswith(b"exit "):
+            return int(reply[5:])
+        print("pyunionfs: the container's launcher ended without an exit status", file=sys.stderr)
+        return EXIT_LAUNCHER_ERROR
+    finally:
+        connection.close()
+
+
+def _forward(pidfd: int, signum: int) -> None:
+    try:
+        _signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        pass  # it has ended; its exit status is on the way
+
+
 def server_connection() -> _socket.socket | None:
     """A connection this user's server has accepted; None where it is turned off, there is no
     safe directory for it, or none runs yet (one is started for next time)."""
@@ -135,8 +184,10 @@ def with_socket_path(where: str, use) -> None:
 
 def request(connection: _socket.socket, argv: list[str]) -> int | None:
     """Send the mount ARGV, which daemonizes; its exit code, or None if the server declined it."""
-    if _send(connection, argv, None) is None:
+    pidfd = _send(connection, argv, MOUNT, None)
+    if pidfd is None:
         return None
+    os.close(pidfd)
     reason = _outcome(connection)
     if reason:
         print(f"pyunionfs: {reason}", file=sys.stderr)
@@ -147,30 +198,38 @@ def request(connection: _socket.socket, argv: list[str]) -> int | None:
 def serve_attached(connection: _socket.socket, argv: list[str], name: str, title: str) -> tuple[int | None, str]:
     """Have the server's process serve the mount ARGV for this caller, as a process named NAME
     with TITLE as its command line, that unmounts and exits once CONNECTION closes (so when the
-    caller ends). Its pid, or None if the server declined; and why the mount failed ("" once it
-    is live)."""
-    pid = _send(connection, argv, (name, title))
-    return pid, "" if pid is None else _outcome(connection)
+    caller ends). A pidfd of it, or None if the server declined; and why the mount failed (""
+    once it is live)."""
+    pidfd = _send(connection, argv, ATTACHED, (name, title))
+    return pidfd, "" if pidfd is None else _outcome(connection)
 
 
-def _send(connection: _socket.socket, argv: list[str], attached: tuple[str, str] | None) -> int | None:
-    """Send the request; the pid of the process that took it on, or None if none did."""
+def _send(connection: _socket.socket, argv: list[str], kind: str, title: tuple[str, str] | None) -> int | None:
+    """Send the request of KIND (TITLE: an attached server's process name and title); a pidfd of
+    the process that took it on (sent with the answer: no pid can be reused in between), or None
+    if none did."""
     flags = os.O_RDONLY | os.O_CLOEXEC
     opened = [os.open(".", os.O_PATH | flags), os.open("/", os.O_PATH | flags),
               os.open("/proc/self/ns/user", flags), os.open("/proc/self/ns/mnt", flags)]
     try:
         umask = os.umask(0)
         os.umask(umask)
-        message = repr((PROTOCOL, argv, dict(os.environ), umask, attached)).encode()
+        message = repr((PROTOCOL, kind, argv, dict(os.environ), umask, title)).encode()
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in [*opened, 0, 1, 2])
         connection.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        reply = connection.recv(32)
+        reply, ancillary, _, _ = connection.recvmsg(32, _socket.CMSG_SPACE(4))
     except OSError:  # a closed stdio fd, a server that went away: nothing was done
         return None
     finally:
         for fd in opened:
             os.close(fd)
-    return int(reply[3:]) if reply.startswith(b"go ") else None
+    received = [int.from_bytes(data[:4], sys.byteorder) for level, kind, data in ancillary
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(data) >= 4]
+    if reply == b"go" and received:
+        return received[0]
+    for fd in received:
+        os.close(fd)
+    return None
 
 
 def _outcome(connection: _socket.socket) -> str:

@@ -1,13 +1,15 @@
 """The resident side of the fork server (see client.py for the caller's).
 
 One per user and user namespace, started on first use or as a service (`pyunionfs fork-server`).
-It imports what a FUSE server needs, then waits on a unix socket that only its user can reach
-(a 0700 directory; SO_PEERCRED, and the caller's effective capabilities must cover its own). Per
-request it forks a process, single-threaded, that enters the caller's user and mount namespaces
-(setns), root and working directory, takes on its stdio, environment and umask, and runs the
-command; that process is the new FUSE server (or daemonizes one), with a process title of the
-command it serves. A request it cannot take on (another command, a foreground mount, a context
-it cannot enter) is declined before anything is done, and the caller mounts the slow way."""
+It imports what a FUSE server and the container launcher need, then waits on a unix socket that
+only its user can reach (a 0700 directory; SO_PEERCRED, and the caller's effective capabilities
+must cover its own). Per request it forks a process, single-threaded, that takes on the caller's
+cgroups, limits and priorities (caller.py), enters its user and mount namespaces (setns), root and
+working directory, takes on its stdio, environment and umask, and runs the command, with a
+process title of that command: it is the new FUSE server (or daemonizes one), or it watches a
+container's launcher, which it forks and which dies with it (as the caller's own child would die
+with the caller). A request it cannot take on (another command, a foreground mount, a context it
+cannot enter or take on) is declined before anything is done, and the caller does it the slow way."""
 from __future__ import annotations
 
 import ast
@@ -19,14 +21,15 @@ import signal
 import socket
 import struct
 import sys
-from typing import Callable, NoReturn, Optional, Protocol
+from typing import Callable, NoReturn, Optional, Protocol, Union
 
 import setproctitle
 
 from unionfs.errors import ConfigError
-from unionfs.forkserver import client
+from unionfs.forkserver import caller, client
 from unionfs.fs import shim
 from unionfs.runtime import sysns
+from unionfs.runtime.container import exit_code
 
 SO_PEERPIDFD = 77  # Linux 6.5: the peer's pidfd, so that its /proc entry is surely its own
 _OWN_USER_NS = os.stat("/proc/self/ns/user").st_ino
@@ -43,15 +46,23 @@ class MountRequest(Protocol):
     def serve_attached(self, ready_fd: int, lifeline_fd: int) -> int: ...
 
 
-# What reads a command line: its mount, or None if it is none (unionfs/cli.py's mount_request).
-ReadMount = Callable[[list[str]], Optional[MountRequest]]
+class RunRequest(Protocol):
+    """A container run (`pyunionfs [--root DIR] run ...`) as the command line's front reads it."""
+    preserve_fds: int
+
+    def run(self) -> int: ...
+
+
+# What reads a command line, for each kind of request (client.MOUNT, client.RUN): its mount or
+# run, None if it is none; ConfigError for bad arguments (unionfs/cli.py's mount_request, run_request).
+Readers = dict[str, Callable[[list[str]], Optional[Union[MountRequest, RunRequest]]]]
 
 
 class Declined(Exception):
     """The request is not for a forked server; the caller does it itself."""
 
 
-def run(idle: float, read_mount: ReadMount) -> int:
+def run(idle: float, readers: Readers) -> int:
     """Serve requests until IDLE seconds pass without one (0: forever) or SIGTERM/SIGINT."""
     where = client.location()
     if where is None:
@@ -65,6 +76,9 @@ def run(idle: float, read_mount: ReadMount) -> int:
     import pyfuse3  # noqa: F401  (what the forks must not pay for again)
     import trio  # noqa: F401
     from unionfs.fs import daemon  # noqa: F401
+    from unionfs.runtime import containers, launcher  # noqa: F401
+
+    launcher.prepare()
 
     code_files = _code_files()
     # What is imported now is shared with every fork: keep the collector from touching (and so
@@ -95,7 +109,7 @@ def run(idle: float, read_mount: ReadMount) -> int:
                 if _stale(code_files):
                     break  # new code: the next caller starts a new server
                 try:
-                    _take(connection, listener, read_mount)
+                    _take(connection, listener, readers)
                 except (OSError, ValueError, RecursionError, MemoryError):
                     continue  # a caller that went away, or a malformed request: the next one
     except KeyboardInterrupt:
@@ -170,29 +184,29 @@ def _reap() -> None:
         pass
 
 
-def _trusted(connection: socket.socket) -> bool:
-    """The caller is this user, in this user namespace, with at least this process's effective
-    capabilities (a root process that dropped some must not get them back through us)."""
+def _trusted(connection: socket.socket) -> tuple[int, int] | None:
+    """The caller's pid and a pidfd of it, if it is this user, in this user namespace, with at
+    least this process's effective capabilities (a root process that dropped some must not get
+    them back through us); else None."""
     pid, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     if uid != os.geteuid():
-        return False
+        return None
     try:
         pidfd = connection.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError:
-        pidfd = -1
+    except OSError:  # before Linux 6.5
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
     try:
-        if os.stat(f"/proc/{pid}/ns/user").st_ino != _OWN_USER_NS:
-            return False
-        if _OWN_CAPABILITIES & ~_effective_capabilities(pid):
-            return False
-        if pidfd >= 0:
+        if (os.stat(f"/proc/{pid}/ns/user").st_ino == _OWN_USER_NS
+                and not _OWN_CAPABILITIES & ~_effective_capabilities(pid)):
             signal.pidfd_send_signal(pidfd, 0)  # still the process we looked at
-        return True
+            return pid, pidfd
     except OSError:
-        return False
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
+        pass
+    os.close(pidfd)
+    return None
 
 
 def _effective_capabilities(pid: int | str) -> int:
@@ -206,68 +220,75 @@ def _effective_capabilities(pid: int | str) -> int:
 _OWN_CAPABILITIES = _effective_capabilities("self")
 
 
-def _take(connection: socket.socket, listener: socket.socket, read_mount: ReadMount) -> None:
+def _take(connection: socket.socket, listener: socket.socket, readers: Readers) -> None:
     """Answer one connection: check the caller, read its request, fork the process that runs it."""
-    if not _trusted(connection):
+    trusted = _trusted(connection)
+    if trusted is None:
         return
-    connection.send(b"hello")
-    message, ancillary, _, _ = connection.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4])
+    pid, pidfd = trusted
+    fds: list[int] = [pidfd]
     try:
-        if len(fds) < CONTEXT_FDS:
+        connection.send(b"hello")
+        message, ancillary, _, _ = connection.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4])
+        if len(fds) < 1 + CONTEXT_FDS:
             return
         try:
-            protocol, argv, environment, umask, attached = ast.literal_eval(message.decode(errors="surrogateescape"))
+            protocol, kind, argv, environment, umask, title = ast.literal_eval(
+                message.decode(errors="surrogateescape"))
         except (ValueError, SyntaxError, TypeError):
             return
-        if protocol != client.PROTOCOL:
+        if protocol != client.PROTOCOL or kind not in (client.MOUNT, client.ATTACHED, client.RUN):
             return
         if os.fork() == 0:
             listener.close()
-            _serve_request(connection, fds, argv, environment, umask, attached, read_mount)
+            _serve_request(connection, pid, fds, (kind, argv, environment, umask, title), readers)
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _serve_request(connection: socket.socket, fds: list[int], argv: list[str], environment: dict[str, str],
-                   umask: int, attached: tuple[str, str] | None, read_mount: ReadMount) -> NoReturn:
-    """In the forked process: enter the caller's context and serve the mount ARGV, or decline.
-    ATTACHED, a process name and title: it serves for a caller that stays (client.serve_attached);
-    else it daemonizes."""
+def _serve_request(connection: socket.socket, pid: int, fds: list[int],
+                   request: tuple[str, list[str], dict[str, str], int, tuple[str, str] | None],
+                   readers: Readers) -> NoReturn:
+    """In the forked process: take on the caller's context (PID, FDS: its pidfd and the context
+    fds client._send sent) and serve REQUEST (client._send's kind, argv, environment, umask and
+    title), or decline."""
+    kind, argv, environment, umask, title = request
     started = False
     code = 1
     try:
         for signum in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        _enter_context(fds)
+        try:
+            caller.take_on(pid, fds[0])
+        except caller.Unlike:
+            raise Declined from None
+        _enter_context(fds[1:])
         os.environ.clear()
         os.environ.update(environment)
         os.umask(umask)
-        try:
-            request = read_mount(argv)
-        except ConfigError:
-            raise Declined from None  # the caller says what is wrong, as it would without us
-        if request is None or request.foreground:
-            raise Declined
-        for target, fd in zip((0, 1, 2), fds[4:7]):
+        served = _read(readers[client.RUN if kind == client.RUN else client.MOUNT], argv)
+        if served.foreground if kind != client.RUN else served.preserve_fds:
+            raise Declined  # a foreground mount's server is the caller; the caller's other fds are not here
+        for target, fd in zip((0, 1, 2), fds[5:8]):
             os.dup2(fd, target)
         for fd in fds:
             os.close(fd)
-        connection.send(b"go %d" % os.getpid())
-        started = True
-        name, title = attached or ("pyunionfs", " ".join(["pyunionfs", *argv]))
-        setproctitle.setproctitle(title)
-        with open("/proc/self/comm", "w") as comm:
-            comm.write(name)
-        # It says "ok" on the connection, or what failed.
-        if attached:
-            code = request.serve_attached(os.dup(connection.fileno()), connection.detach())
+        name, title = title or ("pyunionfs", " ".join(["pyunionfs", *argv]))
+        if kind == client.RUN:
+            code = _watch_launcher(connection, served, argv, title)
         else:
-            code = request.serve_forked(connection.detach())
+            _say_go(connection, os.pidfd_open(os.getpid()))
+            started = True
+            _set_title(name, title)
+            # It says "ok" on the connection, or what failed.
+            if kind == client.ATTACHED:
+                code = served.serve_attached(os.dup(connection.fileno()), connection.detach())
+            else:
+                code = served.serve_forked(connection.detach())
     except BaseException as exc:  # noqa: BLE001  (declined, or a bug: one line, never a traceback)
         if started and not isinstance(exc, SystemExit):
             print(f"pyunionfs: {exc!r}", file=sys.stderr)
@@ -275,6 +296,65 @@ def _serve_request(connection: socket.socket, fds: list[int], argv: list[str], e
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _read(reader: Callable[[list[str]], Optional[Union[MountRequest, RunRequest]]],
+          argv: list[str]) -> Union[MountRequest, RunRequest]:
+    try:
+        served = reader(argv)
+    except ConfigError:
+        raise Declined from None  # the caller says what is wrong, as it would without us
+    if served is None:
+        raise Declined
+    return served
+
+
+def _say_go(connection: socket.socket, pidfd: int) -> None:
+    """Tell the caller its request is taken on, by the process PIDFD refers to (closed after)."""
+    try:
+        connection.sendmsg([b"go"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", pidfd))])
+    finally:
+        os.close(pidfd)
+
+
+def _set_title(name: str, title: str) -> None:
+    setproctitle.setproctitle(title)
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(name)
+
+
+def _watch_launcher(connection: socket.socket, request: RunRequest, argv: list[str], title: str) -> int:
+    """Fork the container's launcher, as the caller would have run it, and stand in for the caller:
+    when the caller's connection closes (it died), the launcher dies too (PR_SET_PDEATHSIG); when
+    the launcher ends, the caller gets its exit status. Both carry the caller's command line."""
+    _set_title("pyunionfs", title)
+    watcher = os.getpid()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            connection.close()
+            sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != watcher:  # the watcher died before we asked
+                os._exit(code)
+            os.environ[client.DISABLE] = "off"  # its FUSE server is a fork of it, already imported
+            sys.argv = ["pyunionfs", *argv]
+            code = request.run()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    launcher = os.pidfd_open(child)
+    try:
+        _say_go(connection, os.dup(launcher))
+        select.select([connection, launcher], [], [])
+        ended, status = os.waitpid(child, os.WNOHANG)
+        if ended:
+            connection.send(b"exit %d" % exit_code(status))
+            return 0
+        return 1  # the caller is gone: so is the launcher, by PR_SET_PDEATHSIG, once this exits
+    finally:
+        os.close(launcher)
 
 
 def _enter_context(fds: list[int]) -> None:

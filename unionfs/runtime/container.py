@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from unionfs.errors import EXIT_LAUNCHER_ERROR, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND
+from unionfs.errors import EXIT_LAUNCHER_ERROR, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, FORWARDED_SIGNALS
 from unionfs.runtime import seccomp, sysns
 from unionfs.runtime.sysns import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC
 
@@ -37,8 +37,6 @@ KEPT_CAPS = {0: "CAP_CHOWN", 1: "CAP_DAC_OVERRIDE", 3: "CAP_FOWNER", 4: "CAP_FSE
              6: "CAP_SETGID", 7: "CAP_SETUID", 8: "CAP_SETPCAP", 10: "CAP_NET_BIND_SERVICE",
              18: "CAP_SYS_CHROOT", 31: "CAP_SETFCAP"}
 LAST_CAP = 40
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                     signal.SIGUSR2, signal.SIGWINCH)
 
 
 @dataclass

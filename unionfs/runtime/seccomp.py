@@ -1,7 +1,8 @@
 """The container's seccomp filter: a profile in podman's format (containers/common seccomp.json:
 defaultAction, archMap and syscalls rules with args, includes and excludes), compiled with
-libseccomp (through cffi, against the system's libseccomp.so.2) and loaded in the command's
-process last before exec.
+libseccomp (through cffi, against the system's libseccomp.so.2) into a BPF program, and loaded in
+the command's process last before exec. A process compiles each profile once (the fork server
+has the default's ready for every container it starts).
 
 The default profile (DEFAULT_PROFILE) is pyunionfs's own, in that format. It refuses what
 podman's default refuses, with the same errno, and is stricter where podman counts on the
@@ -10,6 +11,7 @@ default profile does. Unlike podman's it allows what it does not name (see the R
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import platform
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from unionfs.errors import ConfigError
+from unionfs.runtime import sysns
 
 EPERM, ENOSYS, EINVAL = errno.EPERM, errno.ENOSYS, errno.EINVAL
 CLONE_NAMESPACE_FLAGS = {"CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
@@ -159,27 +162,48 @@ def _kernel() -> tuple[int, ...]:
     return tuple(int(part) for part in release[:2] if part.isdigit())
 
 
+@dataclass(frozen=True)
 class Filter:
-    """A profile compiled by libseccomp for this process, to be loaded later: the library and the
-    compiling are done while the host's files are still in reach, the loading last before exec."""
+    """A profile compiled by libseccomp for this machine: its BPF program, to be loaded later.
+    The library and the compiling are done while the host's files are still in reach, the loading
+    last before exec."""
 
-    def __init__(self, lib: Any, ctx: Any):
-        self._lib, self._ctx = lib, ctx
+    program: bytes
 
     def load(self) -> None:
-        """Load the filter into this process: for good, across exec, for every child."""
-        _check(self._lib.seccomp_load(self._ctx), "seccomp_load")
+        """Load the filter into this process (no_new_privs set): for good, across exec, for every child."""
+        sysns.load_seccomp_filter(self.program)
 
 
 def compile_profile(profile: Profile, caps: set[str]) -> Filter:
     """PROFILE compiled for a process with capabilities CAPS."""
-    from unionfs.runtime._seccomp_lib import NR_SCMP_ERROR, open_library
+    return _compiled(json.dumps(profile.data, sort_keys=True), frozenset(caps))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(profile_json: str, caps: frozenset[str]) -> Filter:
+    from unionfs.runtime._seccomp_lib import open_library
 
     ffi, lib = open_library()
-    data = profile.data
+    data = json.loads(profile_json)
     ctx = lib.seccomp_init(_action(data["defaultAction"], data.get("defaultErrnoRet", EPERM), "defaultAction"))
     if ctx == ffi.NULL:
         raise OSError(errno.ENOMEM, "seccomp_init failed")
+    try:
+        _add_rules(ffi, lib, ctx, data, caps)
+        exported = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
+        try:
+            _check(lib.seccomp_export_bpf(ctx, exported), "seccomp_export_bpf")
+            return Filter(os.pread(exported, os.fstat(exported).st_size, 0))
+        finally:
+            os.close(exported)
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def _add_rules(ffi: Any, lib: Any, ctx: Any, data: dict, caps: frozenset[str]) -> None:
+    from unionfs.runtime._seccomp_lib import NR_SCMP_ERROR
+
     native = lib.seccomp_arch_native()
     for entry in data.get("archMap") or []:
         if lib.seccomp_arch_resolve_name(_arch_token(entry["architecture"])) == native:
@@ -208,7 +232,6 @@ def compile_profile(profile: Profile, caps: set[str]) -> Filter:
                 if rc in (-errno.EEXIST, -errno.EACCES):
                     continue  # the same rule twice, or one with the default action
                 _check(rc, f"seccomp rule for {name}")
-    return Filter(lib, ctx)
 
 
 def _arch_token(name: str) -> bytes:

@@ -89,5 +89,11 @@ def make_read_only(fd: int) -> None:
     _check(lib.ufs_mount_setattr(fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, MOUNT_ATTR_RDONLY), "mount_setattr")
 
 
+def load_seccomp_filter(program: bytes) -> None:
+    """PROGRAM (classic BPF, as libseccomp exports it) as this process's seccomp filter: for
+    good, across exec, for every child. No_new_privs must be set."""
+    _check(lib.ufs_load_seccomp_filter(program, len(program)), "seccomp filter")
+
+
 def setns(fd: int, nstype: int) -> None:
     _check(lib.setns(fd, nstype), "setns")
