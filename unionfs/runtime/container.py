@@ -85,8 +85,9 @@ class Root:
         """Open COMPONENTS, which _resolve() made free of symlinks."""
         return sysns.open_in_root(self.fd, "/".join(components) or ".", flags, sysns.RESOLVE_NO_SYMLINKS)
 
-    def _resolve(self, path: str) -> list[str]:
-        """PATH as components below the root, with the symlinks on the way resolved inside it."""
+    def _resolve(self, path: str) -> tuple[list[str], int]:
+        """PATH as components below the root, with the symlinks on the way resolved inside it;
+        and how many of them (from the first) exist."""
         todo = [part for part in path.split("/") if part not in ("", ".")]
         done: list[str] = []
         links = 0
@@ -101,10 +102,11 @@ class Root:
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 link = os.readlink(name, dir_fd=parent) if stat.S_ISLNK(st.st_mode) else None
             except FileNotFoundError:  # made later, with what follows it: no symlink below
+                found = len(done)
                 done.append(name)
                 for rest in todo:
                     done = done[:-1] if rest == ".." else [*done, rest]
-                return done
+                return done, min(found, len(done))
             finally:
                 os.close(parent)
             if link is None:
@@ -116,12 +118,12 @@ class Root:
             if link.startswith("/"):
                 done = []
             todo = [part for part in link.split("/") if part not in ("", ".")] + todo
-        return done
+        return done, len(done)
 
     @contextlib.contextmanager
     def opened(self, path: str) -> Iterator[str]:
         """A path for mount(2) that leads to PATH in the root (crossing mounts on the way)."""
-        fd = self._open(self._resolve(path), os.O_PATH)
+        fd = self._open(self._resolve(path)[0], os.O_PATH)
         try:
             yield f"/proc/self/fd/{fd}"
         finally:
@@ -138,9 +140,11 @@ class Root:
     @contextlib.contextmanager
     def target(self, path: str, is_dir: bool) -> Iterator[str]:
         """opened(PATH), made first if absent (in the upper layer, as other runtimes do): a
-        directory, or an empty file."""
-        components = self._resolve(path)
-        for i, name in enumerate(components):
+        directory, or an empty file. Only what is missing is made: on FUSE, a mkdir of an entry
+        that exists still costs the server a LOOKUP (O_EXCL lookups are never cached)."""
+        components, found = self._resolve(path)
+        for i in range(found, len(components)):
+            name = components[i]
             parent = self._open(components[:i], os.O_PATH | os.O_DIRECTORY)
             try:
                 if i == len(components) - 1 and not is_dir:
