@@ -1,7 +1,7 @@
 """The data every system is measured on: two lower layers of a generated source-like tree (with
 a 1 GiB file and a git checkout), the same tree merged into one plain directory for `native`, a
-tarball of small files to unpack, a busybox image for container start-up, and (made when the
-image-load workload first wants it) a podman-saved image archive.
+tarball of small files to unpack, a busybox image for container start-up, and (made when a
+workload first wants them) a podman-saved image archive and a layer with one huge directory.
 
 Generated from a fixed seed, so every run and every machine gets the same tree; it is built once
 per scale and kept (a marker file says it is complete)."""
@@ -37,12 +37,14 @@ class Scale:
     chmod_files: int
     random_reads: int
     startup_runs: int  # container starts per measurement (their median is the measurement)
+    huge_dir_entries: int  # empty files in the one directory of the huge-dir layer
 
 
 FULL = Scale("full", dirs=4_600, files_per_dir=10, big_file=1 << 30, repo_files=3_000,
-             untar_files=25_000, chmod_files=1_000, random_reads=5_000, startup_runs=20)
+             untar_files=25_000, chmod_files=1_000, random_reads=5_000, startup_runs=20,
+             huge_dir_entries=300_000)
 QUICK = Scale("quick", dirs=60, files_per_dir=10, big_file=16 << 20, repo_files=100,
-              untar_files=300, chmod_files=50, random_reads=200, startup_runs=3)
+              untar_files=300, chmod_files=50, random_reads=200, startup_runs=3, huge_dir_entries=3_000)
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,25 @@ def prepare(data_dir: Path, scale: Scale, log=print) -> Dataset:
     _merge(dataset.lowers, dataset.native)
     marker.touch()
     return dataset
+
+
+HUGE_DIR = "huge"
+
+
+def huge_dir_layer(dataset: Dataset, log=print) -> Path:
+    """A layer holding one directory, huge/, of the scale's number of empty files (made once)."""
+    layer = dataset.root / "lower-huge"
+    marker = layer / ".complete"
+    if marker.exists():
+        return layer
+    log(f"bench: {dataset.scale.huge_dir_entries} files in one directory for the huge-dir workload (once)")
+    shutil.rmtree(layer, ignore_errors=True)
+    directory = layer / HUGE_DIR
+    directory.mkdir(parents=True)
+    for i in range(dataset.scale.huge_dir_entries):
+        os.close(os.open(directory / f"entry-{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    marker.touch()
+    return layer
 
 
 def saved_image(dataset: Dataset, log=print) -> Path:

@@ -70,7 +70,7 @@ def profile(args: argparse.Namespace) -> str:
                            log=lambda text: print(text, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="pyunionfs-profile.", dir=args.data) as scratch:
         raw = args.raw or Path(scratch) / "stacks.txt"
-        with runner.Mounts(Path(scratch), data) as mounts, mounts.mounted(system) as mnt:
+        with runner.Mounts(Path(scratch), data) as mounts, mounts.mounted(system, workload.lowers(data)) as mnt:
             daemon = runner.find_daemon(mnt)
             if daemon is None:
                 raise BenchError(f"no daemon found for {mnt}")

@@ -185,9 +185,9 @@ class Mounts:
             time.sleep(0.01)
 
     @contextlib.contextmanager
-    def mounted(self, system: System) -> Iterator[Path]:
+    def mounted(self, system: System, lowers: list[Path]) -> Iterator[Path]:
         dirs = self.fresh_dirs(system)
-        self.mount(system, dirs, self.dataset.lowers)
+        self.mount(system, dirs, lowers)
         try:
             yield dirs["mnt"]
         finally:
@@ -201,10 +201,10 @@ def measure(system: System, workload: Workload, round_: int, mounts: Mounts) -> 
         if workload.timed_by_runner:
             result.seconds = STARTERS[workload.starter](system, mounts)
         elif system.is_union:
-            with mounts.mounted(system) as mnt:
+            with mounts.mounted(system, workload.lowers(mounts.dataset)) as mnt:
                 _timed(workload, Context(mnt, mounts.dataset), result, find_daemon(mnt))
         else:
-            ctx = Context(mounts.dataset.native, mounts.dataset)
+            ctx = Context(workload.native(mounts.dataset), mounts.dataset)
             try:
                 _timed(workload, ctx, result, None)
             finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import podman
-from bench.dataset import BIG_FILE, GIT_REPO, Dataset
+from bench.dataset import BIG_FILE, GIT_REPO, HUGE_DIR, Dataset, huge_dir_layer
 
 CHUNK = 1 << 20
 
@@ -39,6 +39,13 @@ class Workload:
     # Timed by the runner, per system: "mount" (the mount alone), "bwrap" (mount, bwrap, umount), "podman" (podman run on
     # the system's storage), "engine" (the system's own run, else podman's), "load" (image load).
     starter: str | None = None
+    huge_dir: bool = False  # on the huge-dir layer (dataset.huge_dir_layer) instead of the tree
+
+    def lowers(self, dataset: Dataset) -> list[Path]:
+        return [huge_dir_layer(dataset)] if self.huge_dir else dataset.lowers
+
+    def native(self, dataset: Dataset) -> Path:
+        return huge_dir_layer(dataset) if self.huge_dir else dataset.native
 
     @property
     def timed_by_runner(self) -> bool:
@@ -64,6 +71,11 @@ def _find_ls(ctx: Context) -> None:
 
 def _ls_lr(ctx: Context) -> None:
     _quiet("ls", "-lR", ctx.root)
+
+
+def _stat_huge_dir(ctx: Context) -> None:
+    """List the huge directory and stat each entry (find's -printf %s needs an lstat of each)."""
+    _quiet("find", ctx.root / HUGE_DIR, "-printf", "%s\n")
 
 
 def _tar_tree(ctx: Context) -> None:
@@ -213,6 +225,8 @@ WORKLOADS = [
     Workload("git-status", "git status in a checked-in tree, second run", _git_status, warm_up=True),
     Workload("two-readers", "two tars at once over the two halves of the tree, caches dropped", _two_readers,
              cold=True),
+    Workload("huge-dir", "list and stat one directory of 300,000 empty files (3,000 at --quick), caches "
+             "dropped: time and the daemon's peak RSS", _stat_huge_dir, cold=True, huge_dir=True),
     Workload("mount-start", "mount the busybox image with an empty upper: the mount command until the "
              "mount is live, unmount untimed (median of several; native: a bind mount)", None, starter="mount"),
     Workload("container-start", "start `true` in a container on a busybox image (median of several)",

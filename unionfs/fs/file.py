@@ -23,7 +23,7 @@ class OpenFile:
         self.flags = flags  # the access mode the layer file is opened with
         self.fh = 0
         self.backing = 0  # the backing id when the kernel serves it (unionfs/fs/passthrough.py)
-        node.open_files.add(self)  # until close()
+        node.add_open_file(self)  # until close()
 
     @property
     def fd(self) -> int:
@@ -45,7 +45,7 @@ class OpenFile:
         os.close(old)
 
     def close(self) -> None:
-        self.node.open_files.discard(self)
+        self.node.remove_open_file(self)
         old, self.fd = self.fd, -1
         if old >= 0:
             os.close(old)

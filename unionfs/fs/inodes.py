@@ -11,6 +11,7 @@ import ctypes
 import errno
 import itertools
 import stat
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -58,8 +59,45 @@ class AttrView:
     static_nlink: bool = False
 
 
+NO_OPEN_FILES: frozenset = frozenset()
+NO_LOWER_PATHS: Mapping[int, bytes] = {}  # never changed: nodes replace their mapping
+
+
+class OneLowerPath(Mapping):
+    """The lower paths of an object in one lower layer, as most are: a mapping in a fifth of a
+    dict's memory."""
+
+    __slots__ = ("layer", "path")
+
+    def __init__(self, layer: int, path: bytes):
+        self.layer, self.path = layer, path
+
+    def __getitem__(self, layer: int) -> bytes:
+        if layer != self.layer:
+            raise KeyError(layer)
+        return self.path
+
+    def __iter__(self) -> Iterator[int]:
+        yield self.layer
+
+    def __len__(self) -> int:
+        return 1
+
+
+def compact(lower_paths: Mapping[int, bytes]) -> Mapping[int, bytes]:
+    """LOWER_PATHS as a node keeps them: the smallest mapping that holds them."""
+    if not lower_paths:
+        return NO_LOWER_PATHS
+    if len(lower_paths) == 1 and not isinstance(lower_paths, OneLowerPath):
+        ((layer, path),) = lower_paths.items()
+        return OneLowerPath(layer, path)
+    return lower_paths
+
+
 class Node:
-    """A union object the kernel knows, found under its parent by name."""
+    """A union object the kernel knows, found under its parent by name. There is one per object
+    the kernel holds (300,000 after listing such a directory): what most nodes never need (open
+    files, more names) is shared and empty until they do."""
 
     __slots__ = ("id", "ino", "parent", "name", "other_names", "layer", "dir_layers", "lower_paths",
                  "entry", "stale", "lookups", "c_dir", "xattr_names", "open_files", "index_name")
@@ -70,13 +108,13 @@ class Node:
         self.ino = ino  # st_ino
         self.parent = parent  # None for the root; a directory has one parent
         self.name = name
-        self.other_names: list[tuple[Node, bytes]] = []  # more hard links the kernel has seen
+        self.other_names: tuple[tuple[Node, bytes], ...] = ()  # more hard links the kernel has seen
         self.layer = found.layer  # the layer that holds the visible object
         self.dir_layers = found.dir_layers  # for a directory, the layers it merges
         # Where the object is in each lower layer it is found in. A lower layer's path can differ
         # from the union path: a renamed directory records where its lower copies are
         # (overlay.redirect), and lower layers never move.
-        self.lower_paths = lower_paths
+        self.lower_paths = compact(lower_paths)
         self.entry = make_entry(node_id, ino, found, view)  # served by lookup, getattr, readdirplus
         self.stale = False  # written since the entry was made: re-read before serving it
         self.lookups = 0
@@ -84,7 +122,7 @@ class Node:
         # The names of the object's xattrs, read on first use: ls -l asks for ACLs and SELinux
         # labels of every file, and most have none, which this answers without a system call.
         self.xattr_names: frozenset[bytes] | None = None
-        self.open_files: set = set()  # open handles, moved to the upper copy on copy-up
+        self.open_files: set | frozenset = NO_OPEN_FILES  # open handles, moved to the upper copy on copy-up
         # A lower hard link whose object another name copied up: its copy in the work index.
         self.index_name: bytes | None = None
 
@@ -107,32 +145,42 @@ class Node:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.entry.st_mode)
 
+    def add_open_file(self, handle: object) -> None:
+        if self.open_files is NO_OPEN_FILES:
+            self.open_files = set()
+        self.open_files.add(handle)
+
+    def remove_open_file(self, handle: object) -> None:
+        self.open_files.discard(handle)
+        if not self.open_files:
+            self.open_files = NO_OPEN_FILES
+
     def detach(self) -> None:
         """The object has no name the node knows of; a later lookup may find one."""
         self.name = None
-        self.other_names.clear()
+        self.other_names = ()
 
     def add_name(self, parent: Node, name: bytes) -> None:
         """Another name (a hard link) of this object."""
         if self.name is None:
             self.parent, self.name = parent, name
         elif (parent, name) != (self.parent, self.name) and (parent, name) not in self.other_names:
-            self.other_names.append((parent, name))
+            self.other_names += ((parent, name),)
 
     def remove_name(self, parent: Node, name: bytes) -> None:
         if (parent, name) == (self.parent, self.name):
             if self.other_names:
-                self.parent, self.name = self.other_names.pop()
+                (self.parent, self.name), self.other_names = self.other_names[-1], self.other_names[:-1]
             else:
                 self.detach()
-        elif (parent, name) in self.other_names:
-            self.other_names.remove((parent, name))
+        else:
+            self.other_names = tuple(other for other in self.other_names if other != (parent, name))
 
     def move_name(self, old: tuple[Node, bytes], new: tuple[Node, bytes]) -> None:
         if old == (self.parent, self.name):
             self.parent, self.name = new
-        elif old in self.other_names:
-            self.other_names[self.other_names.index(old)] = new
+        else:
+            self.other_names = tuple(new if other == old else other for other in self.other_names)
 
     def update(self, found: Found, view: AttrView) -> None:
         """Take new attributes after a change; st_ino and the node id stay."""
@@ -214,7 +262,7 @@ class InodeTable:
         if known is not None:
             if known.name is None:  # the object's known names were removed: this is another
                 known.update(found, self.view)
-                known.lower_paths = lower_paths
+                known.lower_paths = compact(lower_paths)
             if not stat.S_ISDIR(found.attr.mode):
                 known.add_name(parent, name)
             return known

@@ -14,7 +14,7 @@ import trio
 
 from unionfs.fs import core, shim, syscalls, xattrs
 from unionfs.fs.copy_up import build_copy, fill_metacopy
-from unionfs.fs.inodes import AttrView, InodeTable, Node, name_only_entry
+from unionfs.fs.inodes import NO_LOWER_PATHS, AttrView, InodeTable, Node, compact, name_only_entry
 from unionfs.fs.layers import ROOT_PATH, LayerStack
 from unionfs.fs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
 from unionfs.fs.syscalls import SELF
@@ -93,7 +93,7 @@ class Union(Namei):
             return
         found, lower_paths = resolved
         found, node.index_name = self._with_copy_state(found, lower_paths, node.path)
-        node.lower_paths = lower_paths
+        node.lower_paths = compact(lower_paths)
         node.update(found, self.view)
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
@@ -366,7 +366,7 @@ class Union(Namei):
 
     def _now_in_upper(self, node: Node) -> None:
         if not node.is_dir:
-            node.lower_paths = {}  # all of the file is in the upper copy now
+            node.lower_paths = NO_LOWER_PATHS  # all of the file is in the upper copy now
         self.refresh(node)
         for handle in list(node.open_files):
             handle.reopen(self)
