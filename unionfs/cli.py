@@ -195,11 +195,14 @@ def _run_parser() -> OneLineParser:
 
 
 def run(argv: list[str], root: str | None) -> int:
+    return _run(_run_parser().parse_args(argv), root)
+
+
+def _run(args: argparse.Namespace, root: str | None) -> int:
     # The launcher never imports pyfuse3 or trio: it makes namespaces, which a process with
     # threads cannot enter, and runs the filesystem server as a process of its own.
     from unionfs.runtime import containers, launcher, runopts
 
-    args = _run_parser().parse_args(argv)
     if args.lower:
         command = _command_words(args.rest)
         if not command:
@@ -645,20 +648,24 @@ def mount_request(argv: list[str]) -> MountRequest | None:
 
 @dataclass
 class RunRequest:
-    """A container run (`[--root DIR] run ...`), for a process of the fork server to run."""
-    argv: list[str]
-    preserve_fds: int
+    """A container run (`[--root DIR] run ...`), parsed, for a process of the fork server to run."""
+    args: argparse.Namespace
+    root: str | None
+
+    @property
+    def preserve_fds(self) -> int:
+        return self.args.preserve_fds
 
     def run(self) -> int:
-        return main(self.argv)
+        return _reporting_errors("run", lambda: _run(self.args, self.root))
 
 
 def run_request(argv: list[str]) -> RunRequest | None:
     """The container run ARGV is, if it is one, else None; ConfigError for bad arguments."""
-    _, command = _split_root(argv)
+    root, command = _split_root(argv)
     if command[:1] != ["run"]:
         return None
-    return RunRequest(argv, _run_parser().parse_args(command[1:]).preserve_fds)
+    return RunRequest(_run_parser().parse_args(command[1:]), root)
 
 
 def _split_root(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -681,10 +688,16 @@ def dispatch(argv: list[str], root: str | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     root, argv = _split_root(sys.argv[1:] if argv is None else list(argv))
+    if argv[:1] == [ROOT_OPTION]:
+        print(f"pyunionfs: {ROOT_OPTION} takes a directory", file=sys.stderr)
+        return 1
+    return _reporting_errors(argv[0] if argv else None, lambda: dispatch(argv, root))
+
+
+def _reporting_errors(command: str | None, action: Callable[[], int]) -> int:
+    """ACTION's exit code; an error as one line and COMMAND's exit code for errors."""
     try:
-        if argv[:1] == [ROOT_OPTION]:
-            raise ConfigError(f"{ROOT_OPTION} takes a directory")
-        return dispatch(argv, root)
+        return action()
     except (ConfigError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):  # `pyunionfs export C | head`: the reader is done
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
@@ -692,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, OSError):  # the machine's answer (no space left, a permission): one line
             exc = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         print(f"pyunionfs: {exc}", file=sys.stderr)
-        return COMMANDS[argv[0]].exit_on_error if argv and argv[0] in COMMANDS else 1
+        return COMMANDS[command].exit_on_error if command in COMMANDS else 1
     except KeyboardInterrupt:
         return 130
 

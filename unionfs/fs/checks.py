@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 
 from unionfs.fs.core import MAX_LAYERS
@@ -13,6 +14,9 @@ FUSE_DEVICE = "/dev/fuse"
 MAX_LOWERS = 500  # kernel overlayfs's OVL_MAX_STACK, and its message
 assert MAX_LOWERS < MAX_LAYERS  # the C core's layer masks hold them and the upper
 FUSE_DEVICE_NUMBER = os.makedev(10, 229)
+# mountinfo writes spaces and other specials in paths as octal escapes (\040). Decoded by hand:
+# the unicode_escape codec would be imported by every forked server, a millisecond or two.
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
 def _inside(path: str, top: str) -> bool:
@@ -39,9 +43,8 @@ def mount_points() -> set[str]:
     points = set()
     with open("/proc/self/mountinfo", "rb") as mountinfo:
         for line in mountinfo:
-            # Field 5; spaces and other specials are written as octal escapes (\040).
-            field = line.split(b" ")[4].decode("unicode_escape").encode("latin-1")
-            points.add(os.fsdecode(field))
+            field = _OCTAL_ESCAPE.sub(lambda escape: bytes([int(escape[1], 8)]), line.split(b" ")[4])
+            points.add(os.fsdecode(field))  # field 5
     return points
 
 
