@@ -42,9 +42,10 @@ def markdown(summaries: list[Summary], systems: list[str], baselines: list[str])
                                lambda s, b=baseline: _ratio(s.ratios.get(b))))
     daemons = [name for name in systems if any(s.daemon_cpu is not None for s in summaries if s.system == name)]
     if daemons:
-        parts.append(table("FUSE daemon: CPU seconds (median) / peak RSS MiB / peak open fds", daemons,
-            lambda s: "" if s.daemon_cpu is None else
-            f"{s.daemon_cpu.median:.2f} / {(s.daemon_peak_rss_kib or 0) / 1024:.0f} / {s.daemon_peak_fds or 0}"))
+        parts.append(table("FUSE daemon: CPU seconds (median) / peak RSS MiB / PSS MiB at the end / peak open fds",
+            daemons, lambda s: "" if s.daemon_cpu is None else
+            f"{s.daemon_cpu.median:.2f} / {(s.daemon_peak_rss_kib or 0) / 1024:.0f} / "
+            f"{(s.daemon_pss_kib or 0) / 1024:.0f} / {s.daemon_peak_fds or 0}"))
     errors = [f"- {s.system} {s.workload}: {error}" for s in summaries for error in dict.fromkeys(s.errors)]
     if errors:
         parts.append("**Failures**\n\n" + "\n".join(errors) + "\n")

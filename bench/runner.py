@@ -37,6 +37,9 @@ class Measurement:
     daemon_cpu: float | None = None  # user+system seconds of the FUSE daemon during the run
     daemon_peak_rss_kib: int | None = None
     daemon_peak_fds: int | None = None  # the most files it had open, sampled every 10 ms
+    # Its proportional set size once the workload is done: a daemon forked by pyunionfs's fork
+    # server shares the server's pages, which its RSS counts in full.
+    daemon_pss_kib: int | None = None
     error: str | None = None
 
     def to_json(self) -> dict:
@@ -87,6 +90,14 @@ def daemon_peak_rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def daemon_pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     return 0
 
@@ -271,6 +282,7 @@ def _timed(workload: Workload, ctx: Context, result: Measurement, daemon: int | 
         result.daemon_cpu = cpu
         result.daemon_peak_rss_kib = daemon_peak_rss_kib(daemon)
         result.daemon_peak_fds = fds.peak
+        result.daemon_pss_kib = daemon_pss_kib(daemon)
 
 
 def _mount_starts(system: System, mounts: Mounts) -> float:

@@ -28,6 +28,7 @@ class Summary:
     daemon_cpu: Spread | None
     daemon_peak_rss_kib: int | None
     daemon_peak_fds: int | None
+    daemon_pss_kib: int | None  # the largest of the rounds
     errors: list[str]
 
 
@@ -51,10 +52,12 @@ def summarize(measurements: list[Measurement], baselines: list[str]) -> list[Sum
         cpu = [m.daemon_cpu for m in ok if m.daemon_cpu is not None]
         rss = [m.daemon_peak_rss_kib for m in ok if m.daemon_peak_rss_kib is not None]
         fds = [m.daemon_peak_fds for m in ok if m.daemon_peak_fds is not None]
+        pss = [m.daemon_pss_kib for m in ok if m.daemon_pss_kib is not None]
         ratios = {baseline: Spread.of(paired_ratios(measurements, workload, system, baseline))
                   for baseline in baselines if baseline != system}
         summaries.append(Summary(workload, system, Spread.of([m.seconds for m in ok]),
                                  {b: spread for b, spread in ratios.items() if spread},
                                  Spread.of(cpu), max(rss) if rss else None, max(fds) if fds else None,
+                                 max(pss) if pss else None,
                                  [m.error for m in mine if m.error]))
     return summaries

@@ -40,10 +40,11 @@ def test_ratios_are_paired_per_round():
 def test_markdown_and_json_lines(tmp_path):
     data = measured({("find", "native", 0): 0.5, ("find", "fo", 0): 1.0, ("find", "py", 0): 1.5})
     data[2].daemon_cpu, data[2].daemon_peak_rss_kib, data[2].daemon_peak_fds = 0.25, 2048, 7
+    data[2].daemon_pss_kib = 1024
     text = report.markdown(stats.summarize(data, ["fo", "native"]), ["native", "fo", "py"], ["fo", "native"])
     assert "| find | 0.5 [0.5–0.5] | 1 [1–1] | 1.5 [1.5–1.5] |" in text
     assert "| find | 0.50× [0.50–0.50] | 1.50× [1.50–1.50] |" in text  # ratio to fo: native, py
-    assert "| find | 0.25 / 2 / 7 |" in text  # only py has a daemon
+    assert "| find | 0.25 / 2 / 1 / 7 |" in text  # only py has a daemon
     report.write_json_lines(data, tmp_path / "r.jsonl")
     assert report.read_json_lines(tmp_path / "r.jsonl") == data
 
