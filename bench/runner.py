@@ -86,20 +86,21 @@ def daemon_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
-def daemon_peak_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
+def _proc_kib(pid: int, name: str, key: str) -> int:
+    """The "KEY: N kB" line of /proc/PID/NAME, in KiB (0 when it has none)."""
+    with open(f"/proc/{pid}/{name}") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def daemon_peak_rss_kib(pid: int) -> int:
+    return _proc_kib(pid, "status", "VmHWM")
 
 
 def daemon_pss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
+    return _proc_kib(pid, "smaps_rollup", "Pss")
 
 
 def new_podman(system: System) -> podman.Podman:

@@ -19,6 +19,10 @@ class Unlike(Exception):
     """The caller differs in a way this process cannot take on."""
 
 
+def effective_capabilities(pid: int | str) -> int:
+    return int(_status(pid).get("CapEff", "0"), 16)
+
+
 def take_on(pid: int, pidfd: int) -> None:
     """Become like process PID (PIDFD, a pidfd of it, proves it was PID throughout), or raise Unlike."""
     try:

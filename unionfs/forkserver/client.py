@@ -108,8 +108,6 @@ def run_container(argv: list[str]) -> int | None:
     """Run the container ARGV (`[--root DIR] run ...`) in a process of the fork server, passing
     on the signals the launcher forwards: its exit code; or None if the caller must run it by
     itself (no server yet, or it declined), in which case nothing has been done."""
-    if not is_container_run(argv):
-        return None
     connection = server_connection()
     if connection is None:
         return None
@@ -223,8 +221,8 @@ def _send(connection: _socket.socket, argv: list[str], kind: str, title: tuple[s
     finally:
         for fd in opened:
             os.close(fd)
-    received = [int.from_bytes(data[:4], sys.byteorder) for level, kind, data in ancillary
-                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(data) >= 4]
+    received = [int.from_bytes(data[:4], sys.byteorder) for level, message_type, data in ancillary
+                if level == _socket.SOL_SOCKET and message_type == _socket.SCM_RIGHTS and len(data) >= 4]
     if reply == b"go" and received:
         return received[0]
     for fd in received:

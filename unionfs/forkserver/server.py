@@ -33,6 +33,7 @@ from unionfs.runtime.container import exit_code
 
 SO_PEERPIDFD = 77  # Linux 6.5: the peer's pidfd, so that its /proc entry is surely its own
 _OWN_USER_NS = os.stat("/proc/self/ns/user").st_ino
+_OWN_CAPABILITIES = caller.effective_capabilities("self")
 CONTEXT_FDS = 7  # cwd, root, user ns, mount ns, stdin, stdout, stderr (client.request)
 MAX_FDS = 16
 
@@ -200,7 +201,7 @@ def _trusted(connection: socket.socket) -> tuple[int, int] | None:
             return None
     try:
         if (os.stat(f"/proc/{pid}/ns/user").st_ino == _OWN_USER_NS
-                and not _OWN_CAPABILITIES & ~_effective_capabilities(pid)):
+                and not _OWN_CAPABILITIES & ~caller.effective_capabilities(pid)):
             signal.pidfd_send_signal(pidfd, 0)  # still the process we looked at
             return pid, pidfd
     except OSError:
@@ -208,16 +209,6 @@ def _trusted(connection: socket.socket) -> tuple[int, int] | None:
     os.close(pidfd)
     return None
 
-
-def _effective_capabilities(pid: int | str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
-_OWN_CAPABILITIES = _effective_capabilities("self")
 
 
 def _take(connection: socket.socket, listener: socket.socket, readers: Readers) -> None:
@@ -230,8 +221,8 @@ def _take(connection: socket.socket, listener: socket.socket, readers: Readers) 
     try:
         connection.send(b"hello")
         message, ancillary, _, _ = connection.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        for level, message_type, data in ancillary:
+            if level == socket.SOL_SOCKET and message_type == socket.SCM_RIGHTS:
                 fds += struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4])
         if len(fds) < 1 + CONTEXT_FDS:
             return
@@ -328,15 +319,11 @@ def _watch_launcher(connection: socket.socket, request: RunRequest, argv: list[s
     when the caller's connection closes (it died), the launcher dies too (PR_SET_PDEATHSIG); when
     the launcher ends, the caller gets its exit status. Both carry the caller's command line."""
     _set_title("pyunionfs", title)
-    watcher = os.getpid()
-    child = os.fork()
+    child = sysns.fork_dying_with_parent()
     if child == 0:
         code = 1
         try:
             connection.close()
-            sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != watcher:  # the watcher died before we asked
-                os._exit(code)
             os.environ[client.DISABLE] = "off"  # its FUSE server is a fork of it, already imported
             sys.argv = ["pyunionfs", *argv]
             code = request.run()

@@ -52,22 +52,6 @@ def prepare() -> None:
     seccomp.compile_profile(seccomp.default(), set(KEPT_CAPS.values()))
 
 
-def _fork_dying_with_launcher() -> int:
-    """fork(); the child gets SIGKILL when the launcher dies, also when that happens before the
-    child could ask for it: a pipe whose write end only the launcher holds tells."""
-    alive_r, alive_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(alive_w)
-        sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if select.select([alive_r], [], [], 0)[0]:  # end of file: the launcher is gone already
-            os._exit(EXIT_LAUNCHER_ERROR)
-        os.close(alive_r)
-        return 0
-    os.close(alive_r)  # alive_w stays open as long as the launcher lives
-    return pid
-
-
 @dataclass
 class Server:
     """The union's FUSE server, watched through PIDFD: a child of the launcher (CHILD its pid),
@@ -131,7 +115,7 @@ def _fork_server(lowers: list[str], upper: str, workdir: str, mountpoint: str) -
     config = MountConfig(lowers=lowers, mountpoint=mountpoint, upper=upper, workdir=workdir)
     sys.stdout.flush()  # the child must not write out the launcher's buffered output again
     sys.stderr.flush()
-    pid = _fork_dying_with_launcher()
+    pid = sysns.fork_dying_with_parent()
     if pid == 0:
         code = EXIT_LAUNCHER_ERROR
         try:
@@ -218,7 +202,7 @@ def run(config: RunConfig) -> int:
 
 def _run_container(spec: ContainerSpec, server: Server) -> int:
     sysns.unshare(sysns.CLONE_NEWPID)
-    child = _fork_dying_with_launcher()
+    child = sysns.fork_dying_with_parent()
     if child == 0:
         run_in_container(spec)  # never returns
     code = supervise(child, watched_fd=server.pidfd)

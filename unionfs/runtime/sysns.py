@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 
+from unionfs.errors import EXIT_LAUNCHER_ERROR
 from unionfs.runtime._sys import ffi, lib
 
 CLONE_NEWNS = 0x00020000
@@ -97,3 +100,19 @@ def load_seccomp_filter(program: bytes) -> None:
 
 def setns(fd: int, nstype: int) -> None:
     _check(lib.setns(fd, nstype), "setns")
+
+
+def fork_dying_with_parent() -> int:
+    """fork(); the child gets SIGKILL when this process dies, also when that happens before the
+    child could ask for it: a pipe whose write end only this process holds tells."""
+    alive_r, alive_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(alive_w)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if select.select([alive_r], [], [], 0)[0]:  # end of file: the parent is gone already
+            os._exit(EXIT_LAUNCHER_ERROR)
+        os.close(alive_r)
+        return 0
+    os.close(alive_r)  # alive_w stays open as long as this process lives
+    return pid
