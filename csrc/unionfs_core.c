@@ -447,26 +447,28 @@ static void nameset_free(struct nameset *set)
     free(set->slots);
 }
 
-static int listing_push(struct ufs_listing *out, uint64_t *cap, const char *name,
-                        const struct ufs_found *found)
+static int names_push(struct ufs_names *out, uint64_t *cap, int layer, const char *name)
 {
-    if (out->count == *cap) {
-        uint64_t want = *cap ? *cap * 2 : 64;
-        struct ufs_dirent *grown = realloc(out->entries, want * sizeof(*grown));
+    uint16_t layer16 = (uint16_t)layer;
+    size_t len = strlen(name) + 1;
+    if (out->size + sizeof(layer16) + len > *cap) {
+        uint64_t want = *cap ? *cap * 2 : 4096;
+        char *grown = realloc(out->buf, want);
         if (!grown)
             return -ENOMEM;
-        out->entries = grown;
+        out->buf = grown;
         *cap = want;
     }
-    struct ufs_dirent *e = &out->entries[out->count++];
-    snprintf(e->name, sizeof(e->name), "%s", name);
-    e->found = *found;
+    memcpy(out->buf + out->size, &layer16, sizeof(layer16));
+    memcpy(out->buf + out->size + sizeof(layer16), name, len);
+    out->size += sizeof(layer16) + len;
+    out->count++;
     return 0;
 }
 
-/* Read layer I of the directory, adding the names it makes visible and recording those it hides. */
-static int list_layer(const struct ufs_layer *layers, int nlayers, struct loc *locs, int i,
-                      struct nameset *seen, struct ufs_listing *out, uint64_t *cap)
+/* Read layer I of the directory, adding the names it shows first and recording those it hides. */
+static int list_layer(const struct ufs_layer *layers, const struct loc *locs, int i,
+                      struct nameset *seen, struct ufs_names *out, uint64_t *cap)
 {
     int fd = dup(locs[i].fd);
     if (fd < 0)
@@ -491,14 +493,8 @@ static int list_layer(const struct ufs_layer *layers, int nlayers, struct loc *l
             continue;
         }
         rc = nameset_add(seen, name);
-        if (rc <= 0)
-            continue;
-        struct ufs_found found;
-        rc = resolve_from(layers, nlayers, locs, i, name, &found);
-        if (rc == 0)
-            rc = listing_push(out, cap, name, &found);
-        else if (rc == -ENOENT) /* a whiteout, or gone since readdir */
-            rc = 0;
+        if (rc > 0) /* a whiteout is listed too: its resolution drops it, and what it hides */
+            rc = names_push(out, cap, i, name);
     }
     if (rc >= 0 && errno)
         rc = -errno;
@@ -511,29 +507,64 @@ static int list_layer(const struct ufs_layer *layers, int nlayers, struct loc *l
     return rc < 0 ? rc : 0;
 }
 
-int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
-             struct ufs_listing *out)
+int ufs_list_names(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
+                   struct ufs_names *out)
 {
     struct loc locs[UFS_MAX_LAYERS];
-    out->count = 0;
-    out->entries = NULL;
+    out->count = out->size = 0;
+    out->buf = NULL;
     /* getdents needs readable fds, so each taking-part layer's directory is opened O_RDONLY. */
     int rc = locs_init(locs, layers, nlayers, dir_paths, O_RDONLY);
     if (rc < 0)
         return rc;
-    struct nameset seen = {NULL, 256, 0};
+    struct nameset seen = {calloc(256, sizeof(char *)), 256, 0};
     uint64_t cap = 0;
-    if (rc >= 0 && !(seen.slots = calloc(seen.cap, sizeof(char *))))
+    if (!seen.slots)
         rc = -ENOMEM;
     for (int i = 0; rc >= 0 && i < nlayers; i++)
         if (locs[i].fd >= 0)
-            rc = list_layer(layers, nlayers, locs, i, &seen, out, &cap);
+            rc = list_layer(layers, locs, i, &seen, out, &cap);
     if (seen.slots)
         nameset_free(&seen);
     locs_release(locs, nlayers);
     if (rc < 0)
-        ufs_listing_free(out);
+        ufs_names_free(out);
     return rc;
+}
+
+void ufs_names_free(struct ufs_names *names)
+{
+    free(names->buf);
+    names->buf = NULL;
+    names->count = names->size = 0;
+}
+
+int ufs_resolve_names(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
+                      const struct ufs_names *names, uint64_t *pos, struct ufs_dirent *out, int max)
+{
+    struct loc locs[UFS_MAX_LAYERS];
+    if (*pos >= names->size || max < 1)
+        return 0;
+    int rc = locs_init(locs, layers, nlayers, dir_paths, O_PATH);
+    if (rc < 0)
+        return rc;
+    int filled = 0;
+    while (filled < max && *pos < names->size) {
+        uint16_t layer;
+        memcpy(&layer, names->buf + *pos, sizeof(layer));
+        const char *name = names->buf + *pos + sizeof(layer);
+        struct ufs_dirent *e = &out[filled];
+        rc = layer < nlayers ? resolve_from(layers, nlayers, locs, layer, name, &e->found) : -EINVAL;
+        if (rc == 0) {
+            snprintf(e->name, sizeof(e->name), "%s", name);
+            filled++;
+        } else if (rc != -ENOENT) { /* ENOENT: a whiteout, or gone since it was read */
+            break;
+        }
+        *pos += sizeof(layer) + strlen(name) + 1;
+    }
+    locs_release(locs, nlayers);
+    return rc < 0 && rc != -ENOENT ? rc : filled;
 }
 
 int ufs_name_to_handle(int dir_fd, const char *name, unsigned char *handle, unsigned int *len, int *type)
@@ -579,11 +610,4 @@ int ufs_rename(int old_dir_fd, const char *old_name, int new_dir_fd, const char 
                unsigned int flags)
 {
     return renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags) < 0 ? -errno : 0;
-}
-
-void ufs_listing_free(struct ufs_listing *listing)
-{
-    free(listing->entries);
-    listing->entries = NULL;
-    listing->count = 0;
 }

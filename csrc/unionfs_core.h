@@ -90,27 +90,43 @@ struct ufs_found {
 int ufs_resolve(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
                 const char *name, struct ufs_found *out);
 
+/*
+ * A merged directory is listed in two steps, so that a huge directory never has all its entries
+ * resolved at once: ufs_list_names() reads the layers into a small packed list of the visible
+ * names, then ufs_resolve_names() resolves them a batch at a time.
+ */
+
+/* The candidate names of a merged directory, in listing order, packed one after the other: for
+   each, the layer it was first found in (a uint16_t, native order) and the name with its NUL. */
+struct ufs_names {
+    uint64_t count;
+    uint64_t size; /* bytes used in buf */
+    char *buf;     /* owned: release with ufs_names_free() */
+};
+
+/*
+ * Read each taking-part layer of the union directory given by DIR_PATHS from the top, keep the
+ * first occurrence of each name and drop the names that ".wh." markers hide. "." and ".." are not
+ * listed. Names come in layer order, then in the order the layer's directory returns them.
+ */
+int ufs_list_names(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
+                   struct ufs_names *out);
+
+void ufs_names_free(struct ufs_names *names);
+
 /* One visible entry of a merged directory listing. */
 struct ufs_dirent {
     char name[UFS_NAME_MAX + 1];
     struct ufs_found found;
 };
 
-struct ufs_listing {
-    uint64_t count;
-    struct ufs_dirent *entries; /* owned by the listing: release with ufs_listing_free() */
-};
-
 /*
- * List the union directory given by DIR_PATHS: read each taking-part layer from the top, keep the
- * first occurrence of each name, drop whiteouts and the names they hide, and resolve every entry
- * as ufs_resolve() would. "." and ".." are not listed. Entries come in layer order, then in the
- * order the layer's directory returns them.
+ * Resolve NAMES (of the same DIR_PATHS) as ufs_resolve() would, from byte offset *POS: fill OUT
+ * with up to MAX visible entries, skipping whiteouts and names gone since they were read, and
+ * advance *POS. Returns the number of entries filled, 0 at the end, or -errno.
  */
-int ufs_list(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
-             struct ufs_listing *out);
-
-void ufs_listing_free(struct ufs_listing *listing);
+int ufs_resolve_names(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
+                      const struct ufs_names *names, uint64_t *pos, struct ufs_dirent *out, int max);
 
 /* lstat() PATH below ROOT_FD into OUT, with the owner and mode of its override_stat xattr when
    LAYER_FLAGS has a UFS_LAYER_OVERRIDE_* flag (0: as it is). */

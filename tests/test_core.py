@@ -135,7 +135,7 @@ def test_listing_dedupes_in_layer_order(layers):
         for name in ("common", f"only{i}"):
             (layer / name).write_text(str(i))
     stack = stack_of(layers)
-    entries = stack.c.list(dir_paths(stack, ROOT_PATH, 0b111), ROOT_PATH)
+    entries = list(stack.c.list(dir_paths(stack, ROOT_PATH, 0b111), ROOT_PATH))
     names = [name for name, _ in entries]
     assert sorted(names) == sorted([b"common", b"only0", b"only1", b"only2"])
     assert len(names) == len(set(names))

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from unionfs.fs._core import ffi, lib
 
 MAX_LAYERS: int = lib.UFS_MAX_LAYERS
+LIST_BATCH = 256  # entries resolved per call while listing (150 KiB of C structs)
 LAYER_OCI: int = lib.UFS_LAYER_OCI
 LAYER_XWHITEOUT: int = lib.UFS_LAYER_XWHITEOUT
 LAYER_UPPER: dict[bytes, int] = {b"trusted.": lib.UFS_LAYER_UPPER_TRUSTED, b"user.": lib.UFS_LAYER_UPPER_USER}
@@ -92,14 +93,20 @@ class LayerArray:
         _check(rc, name)
         return _copy_found(out)
 
-    def list(self, dir_paths: tuple[Any, Any], path: bytes) -> list[tuple[bytes, Found]]:
-        """The visible entries of a union directory, each resolved."""
-        listing = ffi.new("struct ufs_listing *")
-        _check(lib.ufs_list(self._c_layers, self.count, dir_paths[0], listing), path)
+    def list(self, dir_paths: tuple[Any, Any], path: bytes) -> Iterator[tuple[bytes, Found]]:
+        """The visible entries of a union directory, each resolved, a batch at a time: a huge
+        directory's entries are never all held in C and Python at once."""
+        names = ffi.new("struct ufs_names *")
+        _check(lib.ufs_list_names(self._c_layers, self.count, dir_paths[0], names), path)
         try:
-            return [(ffi.string(e.name), _copy_found(e.found)) for e in listing.entries[0 : listing.count]]
+            batch = ffi.new("struct ufs_dirent[]", LIST_BATCH)
+            pos = ffi.new("uint64_t *")
+            while filled := _check(lib.ufs_resolve_names(self._c_layers, self.count, dir_paths[0], names, pos,
+                                                         batch, LIST_BATCH), path):
+                for e in batch[0:filled]:
+                    yield ffi.string(e.name), _copy_found(e.found)
         finally:
-            lib.ufs_listing_free(listing)
+            lib.ufs_names_free(names)
 
 
 def stat_at(root_fd: int, path: bytes, layer_flags: int = 0) -> Attr:
