@@ -22,6 +22,8 @@ from unionfs.fs.layers import ROOT_PATH
 from unionfs.fs.options import DEFAULT_TIMEOUT
 
 ROOT_ID: int = pyfuse3.ROOT_INODE
+SHRINK_BELOW = 8  # the node tables are rebuilt when they hold this much less than they did
+SHRINK_MIN = 16384  # nodes: under this the tables' room does not matter
 
 
 def _locate_stat_ino() -> int | None:
@@ -44,6 +46,7 @@ def _locate_stat_ino() -> int | None:
 
 
 _STAT_INO_OFFSET = _locate_stat_ino()
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
 SEPARATE_NODE_IDS = _STAT_INO_OFFSET is not None
 
 
@@ -244,6 +247,7 @@ class InodeTable:
         root.lookups = 1  # the kernel never forgets the root
         self._by_id: dict[int, Node] = {ROOT_ID: root}
         self._by_ino: dict[int, Node] = {root_ino: root}
+        self._peak = 1  # the most nodes held since the tables were last rebuilt
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -279,6 +283,7 @@ class InodeTable:
         assert known is node, "remember() takes the current node of an object"
         self._by_id[node.id] = node
         node.lookups += 1
+        self._peak = max(self._peak, len(self._by_id))
         return node
 
     def drop_object(self, node: Node) -> None:
@@ -297,3 +302,14 @@ class InodeTable:
             del self._by_id[node_id]
             if self._by_ino.get(node.ino) is node:
                 del self._by_ino[node.ino]
+            if len(self._by_id) < self._peak // SHRINK_BELOW and self._peak > SHRINK_MIN:
+                self._shrink()
+
+    def _shrink(self) -> None:
+        """Copy the tables: a dict never gives back the room of the entries removed from it, so
+        after the kernel forgot a huge listing, two tables sized for it would stay."""
+        self._by_id, self._by_ino = dict(self._by_id), dict(self._by_ino)
+        self._peak = len(self._by_id)
+        # Hand back the C heap's free room too (the big listing's names): glibc keeps it.
+        if _malloc_trim is not None:
+            _malloc_trim(0)
