@@ -60,6 +60,7 @@ class UnionOperations(pyfuse3.Operations):
         self._handles: dict[int, OpenFile] = {}
         self._free_fhs: list[int] = []  # numbers of closed handles: reused, so they stay small
         self._listings: dict[int, list[tuple[bytes, Node | pyfuse3.EntryAttributes]]] = {}  # dir node id -> entries
+        self._listed_to: dict[int, int] = {}  # dir node id -> where its last pass, replied to the end, ended
         self._next_fh: Iterator[int] = itertools.count(1)
         self.passthrough = Passthrough(union)
 
@@ -161,6 +162,11 @@ class UnionOperations(pyfuse3.Operations):
         self.apply_queued_forgets()
         entries = self._listings.get(fh) if start_id else None
         if entries is None:
+            if start_id and self._listed_to.pop(fh, None) == start_id:
+                # The kernel's closing read after a pass replied to the end: nothing more, and no
+                # second listing of the directory to find that out.
+                return
+            self._listed_to.pop(fh, None)
             entries = self._listings[fh] = self.union.listdir(self._node(fh))
         inodes = self.union.inodes
         for index in range(start_id, len(entries)):
@@ -177,6 +183,7 @@ class UnionOperations(pyfuse3.Operations):
             if index >= DOT_ENTRIES and isinstance(node, Node):
                 inodes.remember(node)
         del self._listings[fh]  # the end of the pass
+        self._listed_to[fh] = len(entries)
 
     @replies_errno
     async def releasedir(self, fh: int) -> None:
