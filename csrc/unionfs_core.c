@@ -139,32 +139,58 @@ static ssize_t overlay_xattr(const struct loc *l, const char *name, const char *
     return -1;
 }
 
-/* The overlay.origin and overlay.metacopy of an upper object, into OUT. One llistxattr() tells
-   which of them there are: most upper objects (new ones) have neither. */
-static void read_upper_xattrs(const struct ufs_layer *layer, const struct loc *l, const char *name,
-                              struct ufs_found *out)
+/* The overlay xattrs an object has, as far as resolution needs them. */
+#define HAS_ORIGIN 1   /* overlay.origin, in the upper layer's namespace */
+#define HAS_METACOPY 2 /* overlay.metacopy, likewise */
+#define HAS_OPAQUE 4   /* overlay.opaque, in either namespace */
+#define HAS_REDIRECT 8 /* overlay.redirect, in either namespace */
+#define HAS_ANY 15
+
+/* Which overlay xattrs LOC/NAME has, from one llistxattr() instead of a lookup per value (most
+   objects have none); UPPER_NS is the upper layer's namespace, NULL elsewhere. HAS_ANY when the
+   list cannot be read whole, so that each value is then looked up. */
+static int overlay_xattrs_of(const struct loc *l, const char *name, const char *upper_ns)
 {
-    const char *ns = (layer->flags & UFS_LAYER_UPPER_USER) ? "user.overlay." : "trusted.overlay.";
-    char path[PATH_MAX], names[1024], origin[64], metacopy[64];
+    static const char *const namespaces[] = {"trusted.overlay.", "user.overlay."};
+    char path[PATH_MAX], names[1024];
     if (proc_path(path, l, name) < 0)
-        return;
-    snprintf(origin, sizeof(origin), "%sorigin", ns);
-    snprintf(metacopy, sizeof(metacopy), "%smetacopy", ns);
+        return HAS_ANY;
     ssize_t size = llistxattr(path, names, sizeof(names));
-    int has_origin = 1, has_metacopy = S_ISREG(out->attr.mode); /* when the list is too long */
-    if (size >= 0) {
-        has_origin = has_metacopy = 0;
-        for (ssize_t at = 0; at < size; at += (ssize_t)strlen(names + at) + 1) {
-            has_origin |= strcmp(names + at, origin) == 0;
-            has_metacopy |= strcmp(names + at, metacopy) == 0;
+    if (size < 0)
+        return HAS_ANY;
+    int has = 0;
+    for (ssize_t at = 0; at < size; at += (ssize_t)strlen(names + at) + 1) {
+        for (size_t i = 0; i < sizeof(namespaces) / sizeof(namespaces[0]); i++) {
+            size_t len = strlen(namespaces[i]);
+            if (strncmp(names + at, namespaces[i], len) != 0)
+                continue;
+            const char *key = names + at + len;
+            int in_upper_ns = upper_ns && strcmp(namespaces[i], upper_ns) == 0;
+            has |= strcmp(key, "opaque") == 0 ? HAS_OPAQUE
+                 : strcmp(key, "redirect") == 0 ? HAS_REDIRECT
+                 : in_upper_ns && strcmp(key, "origin") == 0 ? HAS_ORIGIN
+                 : in_upper_ns && strcmp(key, "metacopy") == 0 ? HAS_METACOPY : 0;
         }
     }
-    if (has_origin) {
-        ssize_t n = lgetxattr(path, origin, out->origin, sizeof(out->origin));
+    return has;
+}
+
+/* The overlay.origin and overlay.metacopy of an upper object, into OUT, as HAS says it has them. */
+static void read_upper_xattrs(const char *ns, const struct loc *l, const char *name, int has,
+                              struct ufs_found *out)
+{
+    char path[PATH_MAX], xname[64];
+    if (proc_path(path, l, name) < 0)
+        return;
+    if (has & HAS_ORIGIN) {
+        snprintf(xname, sizeof(xname), "%sorigin", ns);
+        ssize_t n = lgetxattr(path, xname, out->origin, sizeof(out->origin));
         out->origin_len = n > 0 ? (uint32_t)n : 0;
     }
-    if (has_metacopy && S_ISREG(out->attr.mode))
-        out->metacopy = lgetxattr(path, metacopy, NULL, 0) >= 0;
+    if ((has & HAS_METACOPY) && S_ISREG(out->attr.mode)) {
+        snprintf(xname, sizeof(xname), "%smetacopy", ns);
+        out->metacopy = lgetxattr(path, xname, NULL, 0) >= 0;
+    }
 }
 
 static int opaque_value_is(const struct loc *l, const char *name, char want)
@@ -174,10 +200,11 @@ static int opaque_value_is(const struct loc *l, const char *name, char want)
     return n == 1 && val[0] == want;
 }
 
-/* Is the directory LOC/NAME opaque, so that lower layers do not take part below it? */
-static int dir_is_opaque(const struct ufs_layer *layer, const struct loc *l, const char *name)
+/* Is the directory LOC/NAME, with the overlay xattrs HAS, opaque, so that lower layers do not
+   take part below it? */
+static int dir_is_opaque(const struct ufs_layer *layer, const struct loc *l, const char *name, int has)
 {
-    if (opaque_value_is(l, name, 'y'))
+    if ((has & HAS_OPAQUE) && opaque_value_is(l, name, 'y'))
         return 1;
     if (layer->flags & UFS_LAYER_OCI) {
         char marker[UFS_NAME_MAX + sizeof(OCI_OPAQUE) + 2];
@@ -316,11 +343,16 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
             if (rc == 0) {
                 if (is_whiteout(&layers[i], l, name, &st))
                     break;
+                int has = -1; /* the object's overlay xattrs in this layer, read once when needed */
                 if (out->layer < 0) {
                     out->layer = i;
                     fill_attr(&out->attr, &st);
-                    if (layers[i].flags & (UFS_LAYER_UPPER_TRUSTED | UFS_LAYER_UPPER_USER))
-                        read_upper_xattrs(&layers[i], l, name, out);
+                    if (layers[i].flags & (UFS_LAYER_UPPER_TRUSTED | UFS_LAYER_UPPER_USER)) {
+                        const char *ns = (layers[i].flags & UFS_LAYER_UPPER_USER) ? "user.overlay."
+                                                                                 : "trusted.overlay.";
+                        has = overlay_xattrs_of(l, name, ns);
+                        read_upper_xattrs(ns, l, name, has, out);
+                    }
                     char path[PATH_MAX];
                     if (override_xattr(layers[i].flags) && proc_path(path, l, name) == 0)
                         apply_override(layers[i].flags, path, 0, &out->attr);
@@ -329,11 +361,15 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
                 if (!S_ISDIR(st.st_mode) || !S_ISDIR(out->attr.mode))
                     break;
                 out->dir_layers[i / 64] |= UINT64_C(1) << (i % 64);
-                if (i == nlayers - 1 || dir_is_opaque(&layers[i], l, name))
+                if (i == nlayers - 1)
+                    break;
+                if (has < 0)
+                    has = overlay_xattrs_of(l, name, NULL);
+                if (dir_is_opaque(&layers[i], l, name, has))
                     break;
                 /* An absolute redirect leads into the lower layers even where the parent
                    directory has no lower copy, so it is looked for in any but the last layer. */
-                if (overlay_xattr(l, name, "redirect", NULL, 0) >= 0) {
+                if ((has & HAS_REDIRECT) && overlay_xattr(l, name, "redirect", NULL, 0) >= 0) {
                     out->redirect_layer = i;
                     break;
                 }

@@ -226,7 +226,7 @@ def rmdir(union: Union, parent: Node, name: bytes) -> None:
     node = union.lookup_existing(parent, name)
     if not node.is_dir:
         raise fail(errno.ENOTDIR)
-    if union.listdir(node)[2:]:
+    if not union.is_empty(node):
         raise fail(errno.ENOTEMPTY)
     _remove(union, parent, name, node)
 
@@ -284,7 +284,7 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
     if not union.redirect_dirs and (_is_merged_or_lower(src) or
                                     (flags & RENAME_EXCHANGE and _is_merged_or_lower(dst))):
         raise fail(errno.EXDEV)
-    if dst is not None and not flags & RENAME_EXCHANGE and dst.is_dir and union.listdir(dst)[2:]:
+    if dst is not None and not flags & RENAME_EXCHANGE and dst.is_dir and not union.is_empty(dst):
         raise fail(errno.ENOTEMPTY)
     await union.copy_up(src)
     if flags & RENAME_EXCHANGE:

@@ -127,6 +127,12 @@ class Union(Namei):
                 listing.append((name, name_only_entry(ino, found.attr.mode)))
         return listing
 
+    def is_empty(self, node: Node) -> bool:
+        """Does directory NODE show no entries? Answered from the first one listed, without a
+        node for each."""
+        _, c_dir = self._dir_view(node)
+        return next(iter(self.stack.c.list(c_dir, node.path)), None) is None
+
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable:
             with contextlib.suppress(FileNotFoundError):
