@@ -498,7 +498,6 @@ static int names_push(struct ufs_names *out, uint64_t *cap, int layer, const cha
     memcpy(out->buf + out->size, &layer16, sizeof(layer16));
     memcpy(out->buf + out->size + sizeof(layer16), name, len);
     out->size += sizeof(layer16) + len;
-    out->count++;
     return 0;
 }
 
@@ -547,7 +546,7 @@ int ufs_list_names(const struct ufs_layer *layers, int nlayers, const char *cons
                    struct ufs_names *out)
 {
     struct loc locs[UFS_MAX_LAYERS];
-    out->count = out->size = 0;
+    out->size = 0;
     out->buf = NULL;
     /* getdents needs readable fds, so each taking-part layer's directory is opened O_RDONLY. */
     int rc = locs_init(locs, layers, nlayers, dir_paths, O_RDONLY);
@@ -572,7 +571,7 @@ void ufs_names_free(struct ufs_names *names)
 {
     free(names->buf);
     names->buf = NULL;
-    names->count = names->size = 0;
+    names->size = 0;
 }
 
 int ufs_resolve_names(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,

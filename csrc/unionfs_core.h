@@ -99,7 +99,6 @@ int ufs_resolve(const struct ufs_layer *layers, int nlayers, const char *const *
 /* The candidate names of a merged directory, in listing order, packed one after the other: for
    each, the layer it was first found in (a uint16_t, native order) and the name with its NUL. */
 struct ufs_names {
-    uint64_t count;
     uint64_t size; /* bytes used in buf */
     char *buf;     /* owned: release with ufs_names_free() */
 };

@@ -283,7 +283,8 @@ class InodeTable:
         assert known is node, "remember() takes the current node of an object"
         self._by_id[node.id] = node
         node.lookups += 1
-        self._peak = max(self._peak, len(self._by_id))
+        if len(self._by_id) > self._peak:
+            self._peak = len(self._by_id)
         return node
 
     def drop_object(self, node: Node) -> None:

@@ -166,7 +166,8 @@ class UnionOperations(pyfuse3.Operations):
                 # The kernel's closing read after a pass replied to the end: nothing more, and no
                 # second listing of the directory to find that out.
                 return
-            self._listed_to.pop(fh, None)
+            if not start_id:
+                self._listed_to.pop(fh, None)  # a new pass: the last one's end no longer counts
             entries = self._listings[fh] = self.union.listdir(self._node(fh))
         inodes = self.union.inodes
         for index in range(start_id, len(entries)):
