@@ -76,15 +76,19 @@ def profile(args: argparse.Namespace) -> str:
                 raise BenchError(f"no daemon found for {mnt}")
             ctx = workloads.Context(mnt, data)
             runner.get_ready(workload, ctx)
+            # py-spy reads native stacks only from a stopped process: --native cannot be --nonblocking.
             command = [spy, "record", "--pid", str(daemon), "--rate", str(args.rate), "--format", "raw",
-                       "--output", str(raw), "--nonblocking"] + (["--native"] if args.native else [])
-            sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       "--output", str(raw)] + (["--native"] if args.native else ["--nonblocking"])
+            sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
                 time.sleep(SPY_START)
                 seconds, cpu = runner.run_timed(workload, ctx, daemon)
             finally:
                 sampler.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
-                sampler.wait()
+                _, errors = sampler.communicate()
+        if not raw.exists():
+            last = errors.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise BenchError(f"py-spy recorded nothing: {last[0]}")
         head = f"{workload.name} on {system.name}: {seconds:.2f} s, daemon CPU {cpu:.2f} s"
         return head + "\n" + summarize(raw, args.top)
 

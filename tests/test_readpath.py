@@ -188,6 +188,34 @@ def test_cached_listings_see_changes_made_through_the_mount(tmp_path, mnt):
         assert os.listdir(mnt / "d") == ["c"]
 
 
+def test_a_pass_left_unfinished_is_restarted_from_its_snapshot(tmp_path, mnt):
+    """rm reads one chunk of each directory, then opens it again and reads it all: the second
+    pass is answered from the first one's snapshot, unless a name in the directory changed
+    through the mount since. (A name put into the upper layer behind the mount's back shows
+    which: the layers were read again only when it appears.)"""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    (upper / "d").mkdir()
+    (upper / "d" / "a").touch()
+
+    def read_one_chunk() -> None:
+        with os.scandir(mnt / "d") as entries:
+            next(entries)
+
+    with pyunionfs([lower], mnt, upper=upper, workdir=work):
+        read_one_chunk()
+        (upper / "d" / "behind").touch()
+        assert os.listdir(mnt / "d") == ["a"], "the directory was listed again"
+        read_one_chunk()
+        (mnt / "d" / "b").touch()
+        assert sorted(os.listdir(mnt / "d")) == ["a", "b", "behind"]
+        read_one_chunk()
+        os.unlink(mnt / "d" / "b")
+        assert sorted(os.listdir(mnt / "d")) == ["a", "behind"]
+        read_one_chunk()
+        os.rename(mnt / "d" / "a", mnt / "d" / "c")
+        assert sorted(os.listdir(mnt / "d")) == ["behind", "c"]
+
+
 def test_a_stream_of_reads_answered_in_c_leaves_python_its_turn(tmp_path, mnt):
     """The shim answers reads of an open file itself and waits there for the next request; other
     requests (a lookup, a create, a copy-up in a worker thread) and signals must still get

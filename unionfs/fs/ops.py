@@ -14,6 +14,7 @@ from unionfs.fs import dirops, inode_ops, shim
 from unionfs.fs.dirops import Caller
 from unionfs.fs.file import OpenFile, open_file
 from unionfs.fs.inodes import Node, negative_entry
+from unionfs.fs.listings import Listings
 from unionfs.fs.passthrough import Passthrough
 from unionfs.fs.union import Union
 
@@ -59,8 +60,7 @@ class UnionOperations(pyfuse3.Operations):
         self.enable_acl = acl  # -o noacl (fuse-overlayfs) turns it off
         self._handles: dict[int, OpenFile] = {}
         self._free_fhs: list[int] = []  # numbers of closed handles: reused, so they stay small
-        self._listings: dict[int, list[tuple[bytes, Node | pyfuse3.EntryAttributes]]] = {}  # dir node id -> entries
-        self._listed_to: dict[int, int] = {}  # dir node id -> where its last pass, replied to the end, ended
+        self.listings = Listings(union.listdir)
         self._next_fh: Iterator[int] = itertools.count(1)
         self.passthrough = Passthrough(union)
 
@@ -117,32 +117,39 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx) -> pyfuse3.EntryAttributes:
+        self.listings.changed(parent_inode)
         return dirops.mknod(self.union, self._node(parent_inode), name, mode, rdev, _caller(ctx)).entry
 
     @replies_errno
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx) -> pyfuse3.EntryAttributes:
+        self.listings.changed(parent_inode)
         return dirops.mkdir(self.union, self._node(parent_inode), name, mode, _caller(ctx)).entry
 
     @replies_errno
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx) -> pyfuse3.EntryAttributes:
+        self.listings.changed(parent_inode)
         return dirops.symlink(self.union, self._node(parent_inode), name, target, _caller(ctx)).entry
 
     @replies_errno
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx) -> pyfuse3.EntryAttributes:
+        self.listings.changed(new_parent_inode)
         node = await dirops.link(self.union, self._node(inode), self._node(new_parent_inode), new_name)
         return node.entry
 
     @replies_errno
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+        self.listings.changed(parent_inode)
         await dirops.unlink(self.union, self._node(parent_inode), name)
 
     @replies_errno
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
+        self.listings.changed(parent_inode)
         dirops.rmdir(self.union, self._node(parent_inode), name)
 
     @replies_errno
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx) -> None:
+        self.listings.all_changed()
         await dirops.rename(self.union, self._node(parent_inode_old), name_old,
                             self._node(parent_inode_new), name_new, flags)
 
@@ -157,18 +164,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # One snapshot per listing pass, taken at offset 0 and kept until the pass reaches the
-        # end, so that offsets stay valid from one call to the next.
         self.apply_queued_forgets()
-        entries = self._listings.get(fh) if start_id else None
+        entries = self.listings.entries(self._node(fh), start_id)
         if entries is None:
-            if start_id and self._listed_to.pop(fh, None) == start_id:
-                # The kernel's closing read after a pass replied to the end: nothing more, and no
-                # second listing of the directory to find that out.
-                return
-            if not start_id:
-                self._listed_to.pop(fh, None)  # a new pass: the last one's end no longer counts
-            entries = self._listings[fh] = self.union.listdir(self._node(fh))
+            return
         inodes = self.union.inodes
         for index in range(start_id, len(entries)):
             name, node = entries[index]
@@ -183,8 +182,6 @@ class UnionOperations(pyfuse3.Operations):
             # ".." (the first two), which the kernel does not count (fuse_direntplus_link).
             if index >= DOT_ENTRIES and isinstance(node, Node):
                 inodes.remember(node)
-        del self._listings[fh]  # the end of the pass
-        self._listed_to[fh] = len(entries)
 
     @replies_errno
     async def releasedir(self, fh: int) -> None:
@@ -204,6 +201,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
+        self.listings.changed(parent_inode)
         node, fd = dirops.create(self.union, self._node(parent_inode), name, mode, flags, _caller(ctx))
         handle = OpenFile(node, fd, flags & os.O_ACCMODE)
         fh = self._add_handle(handle)
