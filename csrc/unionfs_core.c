@@ -122,16 +122,21 @@ static int exists_in(const struct loc *l, const char *name)
     return stat_in(l, name, &st) == 0;
 }
 
+/* The two namespaces of overlay xattrs; a value is looked for in them in this order. */
+#define OVERLAY_TRUSTED 0
+#define OVERLAY_USER 1
+static const char *const overlay_namespaces[] = {"trusted.overlay.", "user.overlay."};
+#define OVERLAY_NAMESPACES (sizeof(overlay_namespaces) / sizeof(overlay_namespaces[0]))
+
 /* Value of overlay.KEY on LOC/NAME, in the trusted or the user namespace; -1 when absent. */
 static ssize_t overlay_xattr(const struct loc *l, const char *name, const char *key, char *val,
                              size_t size)
 {
-    static const char *const namespaces[] = {"trusted.overlay.", "user.overlay."};
     char path[PATH_MAX], xname[64];
     if (proc_path(path, l, name) < 0)
         return -1;
-    for (size_t i = 0; i < sizeof(namespaces) / sizeof(namespaces[0]); i++) {
-        snprintf(xname, sizeof(xname), "%s%s", namespaces[i], key);
+    for (size_t i = 0; i < OVERLAY_NAMESPACES; i++) {
+        snprintf(xname, sizeof(xname), "%s%s", overlay_namespaces[i], key);
         ssize_t n = lgetxattr(path, xname, val, size);
         if (n >= 0)
             return n;
@@ -147,11 +152,10 @@ static ssize_t overlay_xattr(const struct loc *l, const char *name, const char *
 #define HAS_ANY 15
 
 /* Which overlay xattrs LOC/NAME has, from one llistxattr() instead of a lookup per value (most
-   objects have none); UPPER_NS is the upper layer's namespace, NULL elsewhere. HAS_ANY when the
-   list cannot be read whole, so that each value is then looked up. */
+   objects have none); UPPER_NS is the upper layer's entry of overlay_namespaces, NULL elsewhere.
+   HAS_ANY when the list cannot be read whole, so that each value is then looked up. */
 static int overlay_xattrs_of(const struct loc *l, const char *name, const char *upper_ns)
 {
-    static const char *const namespaces[] = {"trusted.overlay.", "user.overlay."};
     char path[PATH_MAX], names[1024];
     if (proc_path(path, l, name) < 0)
         return HAS_ANY;
@@ -160,12 +164,12 @@ static int overlay_xattrs_of(const struct loc *l, const char *name, const char *
         return HAS_ANY;
     int has = 0;
     for (ssize_t at = 0; at < size; at += (ssize_t)strlen(names + at) + 1) {
-        for (size_t i = 0; i < sizeof(namespaces) / sizeof(namespaces[0]); i++) {
-            size_t len = strlen(namespaces[i]);
-            if (strncmp(names + at, namespaces[i], len) != 0)
+        for (size_t i = 0; i < OVERLAY_NAMESPACES; i++) {
+            size_t len = strlen(overlay_namespaces[i]);
+            if (strncmp(names + at, overlay_namespaces[i], len) != 0)
                 continue;
             const char *key = names + at + len;
-            int in_upper_ns = upper_ns && strcmp(namespaces[i], upper_ns) == 0;
+            int in_upper_ns = overlay_namespaces[i] == upper_ns;
             has |= strcmp(key, "opaque") == 0 ? HAS_OPAQUE
                  : strcmp(key, "redirect") == 0 ? HAS_REDIRECT
                  : in_upper_ns && strcmp(key, "origin") == 0 ? HAS_ORIGIN
@@ -348,8 +352,8 @@ static int resolve_from(const struct ufs_layer *layers, int nlayers, struct loc 
                     out->layer = i;
                     fill_attr(&out->attr, &st);
                     if (layers[i].flags & (UFS_LAYER_UPPER_TRUSTED | UFS_LAYER_UPPER_USER)) {
-                        const char *ns = (layers[i].flags & UFS_LAYER_UPPER_USER) ? "user.overlay."
-                                                                                 : "trusted.overlay.";
+                        const char *ns = overlay_namespaces[(layers[i].flags & UFS_LAYER_UPPER_USER)
+                                                                ? OVERLAY_USER : OVERLAY_TRUSTED];
                         has = overlay_xattrs_of(l, name, ns);
                         read_upper_xattrs(ns, l, name, has, out);
                     }

@@ -47,10 +47,10 @@ class Listings:
         del self._snapshots[node_id]
         self._unchanged.discard(node_id)
 
-    def changed(self, *dir_ids: int) -> None:
-        """Names in these directories change: their snapshots serve the passes in progress, but
-        no new one."""
-        self._unchanged.difference_update(dir_ids)
+    def changed(self, dir_id: int) -> None:
+        """Names in directory DIR_ID change: its snapshot serves the passes in progress, but no
+        new one."""
+        self._unchanged.discard(dir_id)
 
     def all_changed(self) -> None:
         """A directory may have moved (its ".." is another one): no snapshot serves a new pass."""

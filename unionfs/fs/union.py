@@ -131,7 +131,7 @@ class Union(Namei):
         """Does directory NODE show no entries? Answered from the first one listed, without a
         node for each."""
         _, c_dir = self._dir_view(node)
-        return next(iter(self.stack.c.list(c_dir, node.path)), None) is None
+        return next(self.stack.c.list(c_dir, node.path), None) is None
 
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable:
