@@ -22,7 +22,8 @@
  * (ufs_shim_take_forgets), and registers and drops backing files (ufs_shim_backing_open,
  * ufs_shim_backing_close), from that thread too. It asks for passthrough before the mount
  * (ufs_shim_want_passthrough) and learns at its first open whether the kernel granted it
- * (ufs_shim_passthrough).
+ * (ufs_shim_passthrough). Its request loop may wait for the next request here
+ * (ufs_shim_wait_request) instead of in trio.
  *
  * The real fuse_session_new is found with dlopen(RTLD_NOLOAD): RTLD_NEXT does not reach it,
  * because Python loads extensions, and with them libfuse, with RTLD_LOCAL.
@@ -473,12 +474,30 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
 
 static int (*real_receive_buf)(struct fuse_session *, struct fuse_buf *);
 
+/* Set when ufs_shim_wait_request saw a request waiting: pyfuse3 reads it next, with nothing
+   run in between. */
+static int request_waiting;
+
+int ufs_shim_wait_request(int timeout_ms)
+{
+    struct pollfd waiting = {.fd = session ? session_fd_of(session) : -1, .events = POLLIN};
+    request_waiting = session && poll(&waiting, 1, timeout_ms) > 0;
+    return request_waiting;
+}
+
 /* pyfuse3 waits in its event loop for the FUSE fd, receives one request and processes it: some
    30 us of Python per request, even for one answered here. Instead, a request answered here is
    processed at once, and the next one is awaited here. The first one for Python goes back to
-   pyfuse3 as usual; when none comes in time, EINTR sends pyfuse3 back to its own waiting. */
+   pyfuse3 as usual; when none comes in time, EINTR sends pyfuse3 back to its own waiting.
+   A request is read only when one is waiting: the fd blocks, and a worker that trio woke may
+   find its request taken by one that did not wait in trio (unionfs/fs/shim.py); blocking here
+   would stop the whole event loop. */
 int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
 {
+    struct pollfd ready = {.fd = session_fd_of(se), .events = POLLIN};
+    if (!request_waiting && poll(&ready, 1, 0) == 0)
+        return -EINTR;
+    request_waiting = 0;
     for (int answered = 0;; answered++) {
         int res = real_receive_buf(se, buf);
         if (res <= 0 || !answer_here(se, buf))

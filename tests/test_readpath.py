@@ -216,29 +216,40 @@ def test_a_pass_left_unfinished_is_restarted_from_its_snapshot(tmp_path, mnt):
         assert sorted(os.listdir(mnt / "d")) == ["behind", "c"]
 
 
-def test_a_stream_of_reads_answered_in_c_leaves_python_its_turn(tmp_path, mnt):
-    """The shim answers reads of an open file itself and waits there for the next request; other
-    requests (a lookup, a create, a copy-up in a worker thread) and signals must still get
-    through while another process reads without pause."""
+# Two processes send requests without pause: reads of an open file, which the shim answers in C
+# and waits there for the next one, or setattrs, which Python answers and whose request loop
+# waits for the next one in the shim (unionfs/fs/shim.py) rather than in trio.
+STREAMS = {
+    # O_DIRECT: every read reaches the daemon, none is served from the page cache.
+    "reads answered in C": ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)\n"
+                            "while True:\n    os.pread(fd, 4096, 0)\n"),
+    "setattrs answered in Python": "import os, sys\nwhile True:\n    os.utime(sys.argv[1])\n",
+}
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+def test_a_stream_of_requests_leaves_trio_its_turn(tmp_path, mnt, stream):
+    """While requests follow each other closely they are waited for outside trio; other requests
+    (a lookup, a create), a copy-up finished in a worker thread, and a stop signal must still get
+    through."""
     lower, upper, work = layer_dirs(tmp_path, 3)
     (lower / "data").write_bytes(os.urandom(1 << 20))
     (lower / "big").write_bytes(b"b" * (4 << 20))  # over the inline limit: copied in a thread
-    reader_code = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)\n"
-                   "while True:\n    os.pread(fd, 4096, 0)\n")
     with pyunionfs([lower], mnt, upper=upper, workdir=work) as daemon:
-        # O_DIRECT: every read reaches the daemon, none is served from the page cache.
-        readers = [subprocess.Popen([sys.executable, "-c", reader_code, str(mnt / "data")]) for _ in range(2)]
+        clients = [subprocess.Popen([sys.executable, "-c", STREAMS[stream], str(mnt / "data")],
+                                    stderr=subprocess.DEVNULL) for _ in range(4)]
         try:
             time.sleep(0.5)
-            assert all(reader.poll() is None for reader in readers)
+            assert all(client.poll() is None for client in clients)
             (mnt / "new").write_text("x")
-            with open(mnt / "big", "ab") as f:
-                f.write(b"!")
+            # In a process of its own: if the copy's end never reached trio it would wait forever.
+            appended = subprocess.run(["sh", "-c", f'printf ! >> "{mnt}/big"'], timeout=30)
+            assert appended.returncode == 0
             assert sorted(os.listdir(mnt)) == ["big", "data", "new"]
             assert (upper / "big").stat().st_size == (4 << 20) + 1
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=20) == 0
         finally:
-            for reader in readers:
-                reader.kill()
-                reader.wait()
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=20) == 0
+            for client in clients:
+                client.kill()
+                client.wait()

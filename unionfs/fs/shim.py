@@ -1,7 +1,7 @@
 """The daemon runs with csrc/fuse_shim.c loaded, which gives libfuse a fallocate handler that
 pyfuse3 lacks, serves reads and some GETXATTRs in C, queues FORGETs for Python, lets the
-kernel cache directory listings without OPENDIR round trips, and negotiates FUSE passthrough
-(see the file for the contract). It is opened with RTLD_GLOBAL before
+kernel cache directory listings without OPENDIR round trips, negotiates FUSE passthrough, and
+lets pyfuse3's request loop wait for the next request outside trio (see the file for the contract). It is opened with RTLD_GLOBAL before
 pyfuse3 is imported: pyfuse3's calls into libfuse then bind to the shim's wrappers, because the
 global scope is searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
@@ -11,6 +11,8 @@ import errno
 import importlib.util
 import os
 import sys
+from types import ModuleType
+from typing import Awaitable, Callable
 
 DISABLE = "PYUNIONFS_NO_SHIM"  # set: run without it (fallocate then answers EOPNOTSUPP)
 
@@ -42,7 +44,39 @@ def load() -> bool:
     _loaded.ufs_shim_backing_close.argtypes = [ctypes.c_int]
     _loaded.ufs_shim_take_forgets.argtypes = [ctypes.POINTER(_Forget), ctypes.c_size_t]
     _loaded.ufs_shim_take_forgets.restype = ctypes.c_size_t
+    _loaded.ufs_shim_wait_request.argtypes = [ctypes.c_int]
     return True
+
+
+# How long a request loop waits for the next request in C before it waits in trio, and how many
+# it takes in a row that way before it lets trio run its other tasks (signals, finished copies).
+_NEXT_REQUEST_WAIT_MS = 1
+_REQUESTS_IN_A_ROW = 64
+
+
+def wait_for_requests_here(pyfuse3: ModuleType) -> None:
+    """Let PYFUSE3's request loop wait for the next request in the shim while requests follow
+    each other closely. Waiting in trio (a lock shared by the workers, re-arming the fd in epoll,
+    a pass of the scheduler) is most of pyfuse3's ~70 us of daemon CPU per request; a program
+    working through a tree sends its next request within microseconds. pyfuse3's loop looks its
+    _wait_fuse_readable up by name at each request; without it (another pyfuse3), nothing
+    changes. The trio wait still runs once a request is late or after _REQUESTS_IN_A_ROW, so
+    other workers, signals and finished threads get their turn."""
+    in_trio: Callable[[], Awaitable[bool]] | None = getattr(pyfuse3, "_wait_fuse_readable", None)
+    if _loaded is None or in_trio is None:
+        return
+    wait_here = _loaded.ufs_shim_wait_request
+    in_a_row = 0
+
+    async def wait_fuse_readable() -> bool:
+        nonlocal in_a_row
+        if in_a_row < _REQUESTS_IN_A_ROW and wait_here(_NEXT_REQUEST_WAIT_MS):
+            in_a_row += 1
+            return True
+        in_a_row = 0
+        return await in_trio()
+
+    pyfuse3._wait_fuse_readable = wait_fuse_readable
 
 
 def set_file(fh: int, fd: int, writable: bool, backing_id: int = 0) -> None:
