@@ -1,9 +1,10 @@
 """The daemon runs with csrc/fuse_shim.c loaded, which gives libfuse a fallocate handler that
 pyfuse3 lacks, serves reads and some GETXATTRs in C, queues FORGETs for Python, lets the
 kernel cache directory listings without OPENDIR round trips, negotiates FUSE passthrough, and
-lets pyfuse3's request loop wait for the next request outside trio (see the file for the contract). It is opened with RTLD_GLOBAL before
-pyfuse3 is imported: pyfuse3's calls into libfuse then bind to the shim's wrappers, because the
-global scope is searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
+lets pyfuse3's request loop wait for the next request outside trio (see the file for the
+contract). It is opened with RTLD_GLOBAL before pyfuse3 is imported: pyfuse3's calls into libfuse
+then bind to the shim's wrappers, because the global scope is searched before a library's own
+dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
 
 import ctypes
@@ -61,20 +62,28 @@ def wait_for_requests_here(pyfuse3: ModuleType) -> None:
     working through a tree sends its next request within microseconds. pyfuse3's loop looks its
     _wait_fuse_readable up by name at each request; without it (another pyfuse3), nothing
     changes. The trio wait still runs once a request is late or after _REQUESTS_IN_A_ROW, so
-    other workers, signals and finished threads get their turn."""
+    other workers, signals and finished threads get their turn; and it is skipped unless
+    another worker waits in trio."""
     in_trio: Callable[[], Awaitable[bool]] | None = getattr(pyfuse3, "_wait_fuse_readable", None)
     if _loaded is None or in_trio is None:
         return
     wait_here = _loaded.ufs_shim_wait_request
     in_a_row = 0
+    waiting_in_trio = 0
 
     async def wait_fuse_readable() -> bool:
-        nonlocal in_a_row
-        if in_a_row < _REQUESTS_IN_A_ROW and wait_here(_NEXT_REQUEST_WAIT_MS):
+        nonlocal in_a_row, waiting_in_trio
+        # Only while another worker waits in trio: pyfuse3 starts a new worker after each request
+        # that found no worker waiting there.
+        if waiting_in_trio and in_a_row < _REQUESTS_IN_A_ROW and wait_here(_NEXT_REQUEST_WAIT_MS):
             in_a_row += 1
             return True
         in_a_row = 0
-        return await in_trio()
+        waiting_in_trio += 1
+        try:
+            return await in_trio()
+        finally:
+            waiting_in_trio -= 1
 
     pyfuse3._wait_fuse_readable = wait_fuse_readable
 
