@@ -93,16 +93,17 @@ class LayerArray:
         _check(rc, name)
         return _copy_found(out)
 
-    def list(self, dir_paths: tuple[Any, Any], path: bytes) -> Iterator[tuple[bytes, Found]]:
-        """The visible entries of a union directory, each resolved, a batch at a time: a huge
+    def list(self, dir_paths: tuple[Any, Any], path: bytes, batch_size: int = LIST_BATCH
+             ) -> Iterator[tuple[bytes, Found]]:
+        """The visible entries of a union directory, each resolved, BATCH_SIZE at a time: a huge
         directory's entries are never all held in C and Python at once."""
         names = ffi.new("struct ufs_names *")
         _check(lib.ufs_list_names(self._c_layers, self.count, dir_paths[0], names), path)
         try:
-            batch = ffi.new("struct ufs_dirent[]", LIST_BATCH)
+            batch = ffi.new("struct ufs_dirent[]", batch_size)
             pos = ffi.new("uint64_t *")
             while filled := _check(lib.ufs_resolve_names(self._c_layers, self.count, dir_paths[0], names, pos,
-                                                         batch, LIST_BATCH), path):
+                                                         batch, batch_size), path):
                 for e in batch[0:filled]:
                     yield ffi.string(e.name), _copy_found(e.found)
         finally:

@@ -128,10 +128,10 @@ class Union(Namei):
         return listing
 
     def is_empty(self, node: Node) -> bool:
-        """Does directory NODE show no entries? Answered from the first one listed, without a
-        node for each."""
+        """Does directory NODE show no entries? Answered from the first one listed, resolved
+        alone, without a node for it."""
         _, c_dir = self._dir_view(node)
-        return next(self.stack.c.list(c_dir, node.path), None) is None
+        return next(self.stack.c.list(c_dir, node.path, batch_size=1), None) is None
 
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable:
