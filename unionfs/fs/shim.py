@@ -62,8 +62,8 @@ def wait_for_requests_here(pyfuse3: ModuleType) -> None:
     working through a tree sends its next request within microseconds. pyfuse3's loop looks its
     _wait_fuse_readable up by name at each request; without it (another pyfuse3), nothing
     changes. The trio wait still runs once a request is late or after _REQUESTS_IN_A_ROW, so
-    other workers, signals and finished threads get their turn; and it is skipped unless
-    another worker waits in trio."""
+    other workers, signals and finished threads get their turn; and a worker waits here only
+    while another one waits in trio."""
     in_trio: Callable[[], Awaitable[bool]] | None = getattr(pyfuse3, "_wait_fuse_readable", None)
     if _loaded is None or in_trio is None:
         return
