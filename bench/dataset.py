@@ -38,13 +38,15 @@ class Scale:
     random_reads: int
     startup_runs: int  # container starts per measurement (their median is the measurement)
     huge_dir_entries: int  # empty files in the one directory of the huge-dir layer
+    round_trips: int  # utime() calls of setattr-loop
 
 
 FULL = Scale("full", dirs=4_600, files_per_dir=10, big_file=1 << 30, repo_files=3_000,
              untar_files=25_000, chmod_files=1_000, random_reads=5_000, startup_runs=20,
-             huge_dir_entries=300_000)
+             huge_dir_entries=300_000, round_trips=20_000)
 QUICK = Scale("quick", dirs=60, files_per_dir=10, big_file=16 << 20, repo_files=100,
-              untar_files=300, chmod_files=50, random_reads=200, startup_runs=3, huge_dir_entries=3_000)
+              untar_files=300, chmod_files=50, random_reads=200, startup_runs=3, huge_dir_entries=3_000,
+              round_trips=500)
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,16 @@ def _chmod_to(mode: int) -> Step:
     return chmod
 
 
+def _utime_target(ctx: Context) -> Path:
+    return ctx.root / _lower_files(ctx)[0]
+
+
+def _utime_loop(ctx: Context) -> None:
+    target = _utime_target(ctx)
+    for _ in range(ctx.dataset.scale.round_trips):
+        os.utime(target)
+
+
 def _untar(ctx: Context) -> None:
     _quiet("tar", "xf", ctx.dataset.tarball, "-C", ctx.root)
 
@@ -218,6 +228,8 @@ WORKLOADS = [
     Workload("copy-up-append", "append one byte to the big lower file (copies it up)", _append_byte,
              undo=_truncate_big),
     Workload("copy-up-chmod", "chmod of lower files (copies each up)", _chmod_to(0o600), undo=_chmod_to(0o644)),
+    Workload("setattr-loop", "utime() of one file 20,000 times (500 at --quick): a round trip to the daemon "
+             "each, nothing from disk", _utime_loop, prepare=lambda ctx: os.utime(_utime_target(ctx))),
     Workload("untar", "unpack the small-file tarball", _untar, undo=_remove_untarred),
     Workload("rm-rf", "rm -rf of the unpacked files", lambda ctx: _quiet("rm", "-rf", ctx.root / "untar"),
              prepare=_untar),

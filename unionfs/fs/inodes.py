@@ -191,18 +191,25 @@ class Node:
         if found.dir_layers != self.dir_layers:
             self.dir_layers = found.dir_layers
             self.c_dir = None
-        self.entry = make_entry(self.id, self.ino, found, view)
+        # In place: pyfuse3 copies an entry into its reply at once, so none is held elsewhere.
+        fill_entry(self.entry, found, view)
         self.stale = False
 
 
 def make_entry(node_id: int, ino: int, found: Found, view: AttrView) -> pyfuse3.EntryAttributes:
-    a: Attr = found.attr
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = node_id
     if _STAT_INO_OFFSET is not None:
         ctypes.c_uint64.from_address(id(entry) + _STAT_INO_OFFSET).value = ino
     entry.entry_timeout = view.timeout
     entry.attr_timeout = view.timeout
+    fill_entry(entry, found, view)
+    return entry
+
+
+def fill_entry(entry: pyfuse3.EntryAttributes, found: Found, view: AttrView) -> None:
+    """Set ENTRY's attributes (all but its ids and timeouts) from FOUND."""
+    a: Attr = found.attr
     entry.st_mode = a.mode
     # Like kernel overlayfs: a merged directory's link count is not worth computing, and 1 keeps
     # find and friends from trusting it.
@@ -217,7 +224,6 @@ def make_entry(node_id: int, ino: int, found: Found, view: AttrView) -> pyfuse3.
     entry.st_atime_ns = a.atime_ns
     entry.st_mtime_ns = a.mtime_ns
     entry.st_ctime_ns = a.ctime_ns
-    return entry
 
 
 def name_only_entry(ino: int, mode: int) -> pyfuse3.EntryAttributes:
