@@ -41,6 +41,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
@@ -478,10 +479,30 @@ static int (*real_receive_buf)(struct fuse_session *, struct fuse_buf *);
    run in between. */
 static int request_waiting;
 
+/* How long the next request is looked for without sleeping: a program working through a tree
+   sends it within tens of microseconds, and on a VM a CPU that went idle in between takes
+   longer than that to wake (20,000 utime() calls here: 1.6-1.8 s with it, 2.8-3.3 s without). */
+#define SPIN_NS 50000L
+
+static long ns_since(const struct timespec *start)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - start->tv_sec) * 1000000000L + (now.tv_nsec - start->tv_nsec);
+}
+
 int ufs_shim_wait_request(int timeout_ms)
 {
     struct pollfd waiting = {.fd = session ? session_fd_of(session) : -1, .events = POLLIN};
-    request_waiting = session && poll(&waiting, 1, timeout_ms) > 0;
+    if (!session)
+        return request_waiting = 0;
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    do {
+        if (poll(&waiting, 1, 0) > 0)
+            return request_waiting = 1;
+    } while (ns_since(&start) < SPIN_NS);
+    request_waiting = poll(&waiting, 1, timeout_ms) > 0;
     return request_waiting;
 }
 
