@@ -491,18 +491,18 @@ static long ns_since(const struct timespec *start)
     return (now.tv_sec - start->tv_sec) * 1000000000L + (now.tv_nsec - start->tv_nsec);
 }
 
-int ufs_shim_wait_request(int timeout_ms)
+int ufs_shim_wait_request(void)
 {
-    struct pollfd waiting = {.fd = session ? session_fd_of(session) : -1, .events = POLLIN};
     if (!session)
         return request_waiting = 0;
+    struct pollfd waiting = {.fd = session_fd_of(session), .events = POLLIN};
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
     do {
         if (poll(&waiting, 1, 0) > 0)
             return request_waiting = 1;
     } while (ns_since(&start) < SPIN_NS);
-    request_waiting = poll(&waiting, 1, timeout_ms) > 0;
+    request_waiting = poll(&waiting, 1, NEXT_REQUEST_WAIT_MS) > 0;
     return request_waiting;
 }
 

@@ -45,13 +45,12 @@ def load() -> bool:
     _loaded.ufs_shim_backing_close.argtypes = [ctypes.c_int]
     _loaded.ufs_shim_take_forgets.argtypes = [ctypes.POINTER(_Forget), ctypes.c_size_t]
     _loaded.ufs_shim_take_forgets.restype = ctypes.c_size_t
-    _loaded.ufs_shim_wait_request.argtypes = [ctypes.c_int]
+    _loaded.ufs_shim_wait_request.argtypes = []
     return True
 
 
-# How long a request loop waits for the next request in C before it waits in trio, and how many
-# it takes in a row that way before it lets trio run its other tasks (signals, finished copies).
-_NEXT_REQUEST_WAIT_MS = 1
+# How many requests a loop takes in a row from the shim's wait (which waits as long as its own loop
+# does, NEXT_REQUEST_WAIT_MS) before it lets trio run its other tasks (signals, finished copies).
 _REQUESTS_IN_A_ROW = 64
 
 
@@ -75,7 +74,7 @@ def wait_for_requests_here(pyfuse3: ModuleType) -> None:
         nonlocal in_a_row, waiting_in_trio
         # Only while another worker waits in trio: pyfuse3 starts a new worker after each request
         # that found no worker waiting there.
-        if waiting_in_trio and in_a_row < _REQUESTS_IN_A_ROW and wait_here(_NEXT_REQUEST_WAIT_MS):
+        if waiting_in_trio and in_a_row < _REQUESTS_IN_A_ROW and wait_here():
             in_a_row += 1
             return True
         in_a_row = 0
