@@ -99,15 +99,17 @@ class Namei:
         with self._at(node) as at:
             yield at
 
-    def _data_at(self, node: Node):
+    def _data_at(self, node: Node, object_at: tuple[int, bytes] | None = None):
         """(dir_fd, name) of NODE's data: a kernel metacopy file's data is in a lower layer, and
-        so is that of a lower hard link whose index copy the kernel made with metacopy."""
+        so is that of a lower hard link whose index copy the kernel made with metacopy. Else it is
+        NODE's object: OBJECT_AT, when the caller has it open already (a copy-up), saves opening
+        its directory again."""
         if self.needs_data(node):
             layer = min(node.lower_paths)
             return self.stack.at(layer, node.lower_paths[layer])
         if node.index_name is not None and self._index_is_metacopy(node):
             return self.stack.at(node.layer, node.lower_paths[node.layer])
-        return self._at(node)
+        return self._at(node) if object_at is None else contextlib.nullcontext(object_at)
 
     def _index_is_metacopy(self, node: Node) -> bool:
         return syscalls.getxattr_or_none(self.work.index_fd, node.index_name, self.xattr_namespace + METACOPY) \

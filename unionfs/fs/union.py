@@ -324,7 +324,7 @@ class Union(Namei):
         # A lower hard link is copied once, into the index, where its other names find it.
         indexed = node.layer != UPPER and node.entry.st_nlink > 1
         index_name = self._index_name(node.layer, self.layer_path(node, node.layer)) if indexed else None
-        with self._at(node) as meta, self._data_at(node) as data:
+        with self._at(node) as meta, self._data_at(node, meta) as data:
             try:
                 args = (*meta, *data, self.work, tmp, with_data, self.origin_xattr, self.sync)
                 if node.entry.st_size <= INLINE_COPY_MAX:
