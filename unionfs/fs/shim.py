@@ -49,8 +49,9 @@ def load() -> bool:
     return True
 
 
-# How many requests a loop takes in a row from the shim's wait (which waits as long as its own loop
-# does, NEXT_REQUEST_WAIT_MS) before it lets trio run its other tasks (signals, finished copies).
+# How many requests a loop takes in a row from the shim's wait (SPIN_NS without sleeping, then up to
+# NEXT_REQUEST_WAIT_MS: csrc/fuse_shim.c) before it lets trio run its other tasks (signals, finished
+# copies).
 _REQUESTS_IN_A_ROW = 64
 
 
