@@ -482,7 +482,7 @@ static int request_waiting;
 /* How long the next request is looked for without sleeping: a program working through a tree
    sends it within tens of microseconds, and on a VM a CPU that went idle in between takes
    longer than that to wake (20,000 utime() calls here: 1.6-1.8 s with it, 2.8-3.3 s without). */
-#define SPIN_NS 50000L
+#define SPIN_NS 100000L
 
 static long ns_since(const struct timespec *start)
 {
