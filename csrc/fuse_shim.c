@@ -8,6 +8,7 @@
  *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
  *    (it drops a cached listing when the directory changes through the mount),
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
+ *  - answer GETATTR of directories of the upper layer that Python handed over, reading them itself,
  *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
  *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
  *  - negotiate FUSE passthrough (Linux 6.9) at INIT, which libfuse 3.14 does not know, and mark
@@ -17,13 +18,14 @@
  *
  * The contract with unionfs/: Python publishes the layer fd behind each open file handle, and
  * its backing id when the kernel is to serve it (ufs_shim_set_file), and which node ids have no
- * xattrs (ufs_shim_mark_no_xattrs), from the thread that runs the request handlers, before it
- * replies to the request that changes them; it takes the queued forgets
- * (ufs_shim_take_forgets), and registers and drops backing files (ufs_shim_backing_open,
- * ufs_shim_backing_close), from that thread too. It asks for passthrough before the mount
- * (ufs_shim_want_passthrough) and learns at its first open whether the kernel granted it
- * (ufs_shim_passthrough). Its request loop may wait for the next request here
- * (ufs_shim_wait_request) instead of in trio.
+ * xattrs (ufs_shim_mark_no_xattrs), and which upper directories the shim may stat for a node
+ * id (ufs_shim_set_upper once, ufs_shim_cache_dir_attr, ufs_shim_forget_dir_attr), from the
+ * thread that runs the request handlers, before it replies to the request that changes them; it
+ * takes the queued forgets (ufs_shim_take_forgets), and registers and drops backing files
+ * (ufs_shim_backing_open, ufs_shim_backing_close), from that thread too. It asks for
+ * passthrough before the mount (ufs_shim_want_passthrough) and learns at its first open whether
+ * the kernel granted it (ufs_shim_passthrough). Its request loop may wait for the next request
+ * here (ufs_shim_wait_request) instead of in trio.
  *
  * The real fuse_session_new is found with dlopen(RTLD_NOLOAD): RTLD_NEXT does not reach it,
  * because Python loads extensions, and with them libfuse, with RTLD_LOCAL.
@@ -40,9 +42,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "unionfs_core.h"
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                 size_t, void *);
@@ -52,6 +57,7 @@ static struct fuse_lowlevel_ops ops;
 static int (*reply_err)(fuse_req_t req, int err);
 static int (*reply_data)(fuse_req_t req, struct fuse_bufvec *bufv, enum fuse_buf_copy_flags flags);
 static int (*reply_write)(fuse_req_t req, size_t count);
+static int (*reply_attr)(fuse_req_t req, const struct stat *attr, double attr_timeout);
 static size_t (*buf_size)(const struct fuse_bufvec *bufv);
 static ssize_t (*buf_copy)(struct fuse_bufvec *dst, struct fuse_bufvec *src, enum fuse_buf_copy_flags flags);
 static int (*session_fd_of)(struct fuse_session *);
@@ -215,6 +221,106 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
         return;
     }
     python_getxattr(req, ino, name, size);
+}
+
+/* The attributes of upper-layer directories, read here: the kernel asks for a directory's
+   attributes again after each change in it (its permission check before the next unlink or
+   create in it), so `rm -rf` and `tar -x` would cost a round trip into Python per file for an
+   fstat. Python hands over, per directory node it has answered for, the directory's path in the
+   upper layer and what it found there (ufs_shim_cache_dir_attr): only directories of the upper
+   layer alone, whose attributes the union shows as they are stored. A GETATTR is answered here
+   when the path still leads, beneath the upper root and through no symlink (the C core's
+   ufs_stat_at), to that same directory: a renamed or replaced one goes to Python, which hands
+   over its new path. Python drops a node whose directory it removed (an inode number may then
+   be reused at the same path). A small cache: a node id takes the slot of its low bits. */
+#define DIR_ATTR_SLOTS 1024
+struct dir_attr {
+    uint64_t node_id;   /* 0: an empty slot */
+    uint64_t shown_ino; /* st_ino as the union shows it */
+    uint64_t dev, ino;  /* the upper directory's own */
+    char *path;         /* beneath the upper root ("." for the root) */
+};
+static struct dir_attr dir_attrs[DIR_ATTR_SLOTS];
+static int upper_root_fd = -1;
+static int upper_layer_flags;
+static double dir_attr_timeout;
+static int (*upper_stat_at)(int root_fd, const char *path, int layer_flags, struct ufs_attr *out);
+
+void ufs_shim_set_upper(int root_fd, int layer_flags, double attr_timeout,
+                        int (*stat_at)(int, const char *, int, struct ufs_attr *))
+{
+    upper_root_fd = root_fd;
+    upper_layer_flags = layer_flags;
+    dir_attr_timeout = attr_timeout;
+    upper_stat_at = stat_at;
+}
+
+static struct dir_attr *dir_attr_slot(uint64_t node_id)
+{
+    return &dir_attrs[node_id % DIR_ATTR_SLOTS];
+}
+
+void ufs_shim_forget_dir_attr(uint64_t node_id)
+{
+    struct dir_attr *slot = dir_attr_slot(node_id);
+    if (slot->node_id != node_id)
+        return;
+    free(slot->path);
+    *slot = (struct dir_attr){0};
+}
+
+int ufs_shim_cache_dir_attr(uint64_t node_id, const char *path, uint64_t dev, uint64_t ino, uint64_t shown_ino)
+{
+    if (!node_id)
+        return -EINVAL;
+    char *copy = strdup(path);
+    if (!copy)
+        return -ENOMEM;
+    struct dir_attr *slot = dir_attr_slot(node_id);
+    free(slot->path);
+    *slot = (struct dir_attr){.node_id = node_id, .shown_ino = shown_ino, .dev = dev, .ino = ino, .path = copy};
+    return 0;
+}
+
+/* The attributes read for the GETATTR being answered, and its node id (0: none). */
+static struct stat dir_stat;
+static uint64_t dir_stat_of;
+
+/* Read the attributes of node NODE_ID's directory for its GETATTR, if the cache holds it and it is
+   still there: 1 if so. */
+static int read_dir_attr(uint64_t node_id)
+{
+    struct dir_attr *slot = dir_attr_slot(node_id);
+    struct ufs_attr a;
+    if (slot->node_id != node_id || !node_id || !upper_stat_at)
+        return 0;
+    if (upper_stat_at(upper_root_fd, slot->path, upper_layer_flags, &a) < 0 || a.dev != slot->dev ||
+        a.ino != slot->ino || !S_ISDIR(a.mode)) {
+        ufs_shim_forget_dir_attr(node_id);
+        return 0;
+    }
+    dir_stat = (struct stat){
+        .st_ino = slot->shown_ino, .st_mode = a.mode, .st_nlink = a.nlink, .st_uid = a.uid, .st_gid = a.gid,
+        .st_rdev = a.rdev, .st_size = (off_t)a.size, .st_blksize = a.blksize, .st_blocks = (blkcnt_t)a.blocks,
+        .st_atim = {a.atime_ns / 1000000000, a.atime_ns % 1000000000},
+        .st_mtim = {a.mtime_ns / 1000000000, a.mtime_ns % 1000000000},
+        .st_ctim = {a.ctime_ns / 1000000000, a.ctime_ns % 1000000000},
+    };
+    dir_stat_of = node_id;
+    return 1;
+}
+
+typedef void (*getattr_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static getattr_fn python_getattr;
+
+static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (!ino || dir_stat_of != ino) {
+        python_getattr(req, ino, fi);
+        return;
+    }
+    dir_stat_of = 0;
+    reply_attr(req, &dir_stat, dir_attr_timeout);
 }
 
 /* The kernel's FORGETs (node id, lookups to drop), kept until Python takes them: a forget has
@@ -447,6 +553,9 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
     case FUSE_GETXATTR:
         here = ops.getxattr == shim_getxattr && has_no_xattrs(in->nodeid);
         break;
+    case FUSE_GETATTR:
+        here = ops.getattr == shim_getattr && read_dir_attr(in->nodeid);
+        break;
     case FUSE_OPENDIR:
         here = ops.opendir == shim_opendir;
         break;
@@ -540,6 +649,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     reply_data = (int (*)(fuse_req_t, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
         libfuse, "fuse_reply_data");
     reply_write = (int (*)(fuse_req_t, size_t))dlsym(libfuse, "fuse_reply_write");
+    reply_attr = (int (*)(fuse_req_t, const struct stat *, double))dlsym(libfuse, "fuse_reply_attr");
     buf_size = (size_t (*)(const struct fuse_bufvec *))dlsym(libfuse, "fuse_buf_size");
     buf_copy = (ssize_t (*)(struct fuse_bufvec *, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
         libfuse, "fuse_buf_copy");
@@ -567,6 +677,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (ops.write_buf && reply_write && buf_size && buf_copy) {
         python_write_buf = ops.write_buf;
         ops.write_buf = shim_write_buf;
+    }
+    if (ops.getattr && reply_attr) {
+        python_getattr = ops.getattr;
+        ops.getattr = shim_getattr;
     }
     if (ops.getxattr && reply_err) {
         python_getxattr = ops.getxattr;

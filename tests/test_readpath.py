@@ -188,6 +188,66 @@ def test_cached_listings_see_changes_made_through_the_mount(tmp_path, mnt):
         assert os.listdir(mnt / "d") == ["c"]
 
 
+def test_directory_attributes_read_by_the_shim_follow_changes(tmp_path, mnt):
+    """After each change in a directory the kernel asks for its attributes again; for a directory
+    of the upper layer alone the shim answers from the upper directory once Python has answered
+    once. Every answer must be the directory as it is now, with the union's inode number."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    with pyunionfs([lower], mnt, upper=upper, workdir=work):
+        d = mnt / "d"
+        d.mkdir()
+        (d / "first").touch()
+        shown_ino = os.stat(d).st_ino  # answered by Python, which hands the directory over
+        changes = [lambda: (d / "f").touch(), lambda: (d / "sub").mkdir(), lambda: os.chmod(d, 0o700),
+                   lambda: os.unlink(d / "f"), lambda: os.rmdir(d / "sub"), lambda: os.chown(d, 1234, 5678),
+                   lambda: os.utime(d, ns=(10**18, 2 * 10**18)), lambda: (d / "g").touch()]
+        for change in changes:
+            change()
+            (d / "probe").touch()  # a change in D: its attributes are asked for again
+            seen, stored = os.stat(d), os.stat(upper / "d")
+            assert seen.st_ino == shown_ino
+            assert (seen.st_mode, seen.st_nlink, seen.st_uid, seen.st_gid, seen.st_mtime_ns, seen.st_size) == \
+                (stored.st_mode, stored.st_nlink, stored.st_uid, stored.st_gid, stored.st_mtime_ns, stored.st_size)
+            os.unlink(d / "probe")
+        assert os.stat(d).st_nlink == 2 and os.stat(d).st_mode & 0o7777 == 0o700
+
+
+def test_directory_attributes_read_by_the_shim_follow_renames_and_removal(tmp_path, mnt):
+    """A directory the shim reads by its path is renamed, or removed while a process keeps it open
+    and another directory takes its name (and, on ext4, its inode number): each node must still
+    show its own directory."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    with pyunionfs([lower], mnt, upper=upper, workdir=work):
+        for name in ("a", "gone"):
+            (mnt / name).mkdir()
+            (mnt / name / "f").touch()
+        ino = {name: os.stat(mnt / name).st_ino for name in ("a", "gone")}  # handed to the shim
+        os.rename(mnt / "a", mnt / "b")
+        (mnt / "a").mkdir(mode=0o711)
+        (mnt / "b" / "g").touch()
+        assert os.stat(mnt / "b").st_ino == ino["a"]
+        assert os.stat(mnt / "a").st_mode & 0o777 == 0o711 and os.stat(mnt / "a").st_ino != ino["a"]
+        assert os.stat(mnt / "b").st_mode & 0o777 == 0o755
+
+        gone = mnt / "gone"
+        os.chmod(gone, 0o700)
+        (gone / "g").touch()
+        assert os.stat(gone).st_mode & 0o777 == 0o700
+        stored_ino = os.stat(upper / "gone").st_ino
+        fd = os.open(gone, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.unlink(gone / "f")
+            os.unlink(gone / "g")
+            os.rmdir(gone)
+            gone.mkdir(mode=0o755)
+            (gone / "h").touch()
+            assert os.stat(gone).st_mode & 0o777 == 0o755
+            kept = os.fstat(fd)
+            assert kept.st_mode & 0o777 == 0o700, (stored_ino, os.stat(upper / "gone").st_ino)
+        finally:
+            os.close(fd)
+
+
 def test_a_pass_left_unfinished_is_restarted_from_its_snapshot(tmp_path, mnt):
     """rm reads one chunk of each directory, then opens it again and reads it all: the second
     pass is answered from the first one's snapshot, unless a name in the directory changed

@@ -118,6 +118,12 @@ def stat_at(root_fd: int, path: bytes, layer_flags: int = 0) -> Attr:
     return _copy_attr(out)
 
 
+def stat_at_address() -> int:
+    """The address of the C function behind stat_at(), for the shim (csrc/fuse_shim.c), which
+    reads upper directories with it."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, "ufs_stat_at")))
+
+
 def stat_fd(fd: int, layer_flags: int = 0) -> Attr:
     """stat_at() of the object open as FD."""
     out = ffi.new("struct ufs_attr *")

@@ -205,7 +205,7 @@ def _gone(union: Union, node: Node, parent: Node, name: bytes) -> None:
     """NODE's object lost the name NAME in PARENT: forget the object, unless other hard links
     keep it; then the node only needs another name if this was the one it knew."""
     if node.is_dir or node.entry.st_nlink <= 1:
-        union.inodes.drop_object(node)
+        union.drop_object(node)
     else:
         node.remove_name(parent, name)
         union.reresolve(node)

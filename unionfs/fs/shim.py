@@ -46,6 +46,12 @@ def load() -> bool:
     _loaded.ufs_shim_take_forgets.argtypes = [ctypes.POINTER(_Forget), ctypes.c_size_t]
     _loaded.ufs_shim_take_forgets.restype = ctypes.c_size_t
     _loaded.ufs_shim_wait_request.argtypes = []
+    _loaded.ufs_shim_set_upper.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_void_p]
+    _loaded.ufs_shim_set_upper.restype = None
+    _loaded.ufs_shim_cache_dir_attr.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint64,
+                                                ctypes.c_uint64, ctypes.c_uint64]
+    _loaded.ufs_shim_forget_dir_attr.argtypes = [ctypes.c_uint64]
+    _loaded.ufs_shim_forget_dir_attr.restype = None
     return True
 
 
@@ -119,6 +125,26 @@ def mark_no_xattrs(node_id: int, none: bool) -> None:
     """Tell the shim whether node NODE_ID has no visible xattrs (it then answers GETXATTR)."""
     if _loaded is not None:
         _loaded.ufs_shim_mark_no_xattrs(node_id, int(none))
+
+
+def set_upper(root_fd: int, layer_flags: int, attr_timeout: float, stat_at_address: int) -> None:
+    """The upper layer's root and flags, the attribute timeout, and the C core's ufs_stat_at, with
+    which the shim reads the directories handed to cache_dir_attr()."""
+    if _loaded is not None:
+        _loaded.ufs_shim_set_upper(root_fd, layer_flags, attr_timeout, stat_at_address)
+
+
+def cache_dir_attr(node_id: int, path: bytes, dev: int, ino: int, shown_ino: int) -> None:
+    """Let the shim answer GETATTR of node NODE_ID itself while PATH in the upper layer is the
+    directory DEV:INO, shown with st_ino SHOWN_INO and its attributes as stored."""
+    if _loaded is not None:
+        _loaded.ufs_shim_cache_dir_attr(node_id, path, dev, ino, shown_ino)
+
+
+def forget_dir_attr(node_id: int) -> None:
+    """Node NODE_ID's directory is gone: the shim must not answer for it any more."""
+    if _loaded is not None:
+        _loaded.ufs_shim_forget_dir_attr(node_id)
 
 
 def take_forgets() -> list[tuple[int, int]]:

@@ -57,6 +57,12 @@ class Union(Namei):
         root_lower_paths = {i: ROOT_PATH for i in range(len(stack.layers)) if not stack.layers[i].is_upper}
         self.inodes = InodeTable(root_ino, found, root_lower_paths, view)
         self._copy_locks: dict[int, trio.Lock] = {}
+        # The shim answers GETATTR of upper directories itself where the union shows their
+        # attributes as stored (cache_dir_attr below).
+        self._shim_reads_dirs = (self.writable and view.uids.identity and view.gids.identity
+                                 and not view.static_nlink)
+        if self._shim_reads_dirs:
+            shim.set_upper(upper.root_fd, upper.flags, view.timeout, core.stat_at_address())
 
     def close(self) -> None:
         """Close the layers and the work directory (stopping its spare-file thread)."""
@@ -136,8 +142,18 @@ class Union(Namei):
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable:
             with contextlib.suppress(FileNotFoundError):
-                self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
+                attr = self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
+                if self._shim_reads_dirs and node.dir_layers == UPPER_BIT:
+                    # A directory of the upper layer alone: the kernel asks again after each
+                    # change in it, and the shim can answer that with one stat.
+                    shim.cache_dir_attr(node.id, node.path, attr.dev, attr.ino, node.ino)
         return node.entry
+
+    def drop_object(self, node: Node) -> None:
+        """NODE's object is gone from the union (see InodeTable.drop_object); the shim no longer
+        answers for it, as a new directory may take its inode number and path."""
+        self.inodes.drop_object(node)
+        shim.forget_dir_attr(node.id)
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """NODE's attributes for a reply. After writes they are read again: a reply with an old
