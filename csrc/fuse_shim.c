@@ -600,18 +600,23 @@ static long ns_since(const struct timespec *start)
     return (now.tv_sec - start->tv_sec) * 1000000000L + (now.tv_nsec - start->tv_nsec);
 }
 
-int ufs_shim_wait_request(void)
+/* Is a request waiting on the FUSE fd FD, or does one come in time: within SPIN_NS, looked for
+   without sleeping, then NEXT_REQUEST_WAIT_MS? */
+static int next_request_comes(int fd)
 {
-    if (!session)
-        return request_waiting = 0;
-    struct pollfd waiting = {.fd = session_fd_of(session), .events = POLLIN};
+    struct pollfd waiting = {.fd = fd, .events = POLLIN};
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
     do {
         if (poll(&waiting, 1, 0) > 0)
-            return request_waiting = 1;
+            return 1;
     } while (ns_since(&start) < SPIN_NS);
-    request_waiting = poll(&waiting, 1, NEXT_REQUEST_WAIT_MS) > 0;
+    return poll(&waiting, 1, NEXT_REQUEST_WAIT_MS) > 0;
+}
+
+int ufs_shim_wait_request(void)
+{
+    request_waiting = session && next_request_comes(session_fd_of(session));
     return request_waiting;
 }
 
@@ -632,8 +637,7 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
         int res = real_receive_buf(se, buf);
         if (res <= 0 || !answer_here(se, buf))
             return res;
-        struct pollfd waiting = {.fd = session_fd_of(se), .events = POLLIN};
-        if (answered + 1 >= MAX_ANSWERED_IN_A_ROW || poll(&waiting, 1, NEXT_REQUEST_WAIT_MS) <= 0)
+        if (answered + 1 >= MAX_ANSWERED_IN_A_ROW || !next_request_comes(session_fd_of(se)))
             return -EINTR;
     }
 }
