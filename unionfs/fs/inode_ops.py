@@ -35,7 +35,9 @@ async def setattr(union: Union, node: Node, attr: pyfuse3.EntryAttributes, field
                 _chown(union, at, uid, gid)
             if mode is not None:
                 syscalls.chmod(*at, mode)
-        if fields.update_atime or fields.update_mtime:
+        if fields.update_atime and fields.update_mtime:  # touch, tar: no need to read the old ones
+            syscalls.utime(*at, (attr.st_atime_ns, attr.st_mtime_ns))
+        elif fields.update_atime or fields.update_mtime:
             current = syscalls.lstat(*at)
             times = (attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
                      attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns)
