@@ -286,6 +286,18 @@ int ufs_shim_cache_dir_attr(uint64_t node_id, const char *path, uint64_t dev, ui
 static struct stat dir_stat;
 static uint64_t dir_stat_of;
 
+/* NS nanoseconds since the epoch as a struct timespec, whose tv_nsec is never negative (a time
+   before 1970 has a negative tv_sec, and C's division rounds toward zero). */
+static struct timespec timespec_of(int64_t ns)
+{
+    int64_t sec = ns / 1000000000, nsec = ns % 1000000000;
+    if (nsec < 0) {
+        sec--;
+        nsec += 1000000000;
+    }
+    return (struct timespec){.tv_sec = sec, .tv_nsec = nsec};
+}
+
 /* Read the attributes of node NODE_ID's directory for its GETATTR, if the cache holds it and it is
    still there: 1 if so. */
 static int read_dir_attr(uint64_t node_id)
@@ -302,9 +314,7 @@ static int read_dir_attr(uint64_t node_id)
     dir_stat = (struct stat){
         .st_ino = slot->shown_ino, .st_mode = a.mode, .st_nlink = a.nlink, .st_uid = a.uid, .st_gid = a.gid,
         .st_rdev = a.rdev, .st_size = (off_t)a.size, .st_blksize = a.blksize, .st_blocks = (blkcnt_t)a.blocks,
-        .st_atim = {a.atime_ns / 1000000000, a.atime_ns % 1000000000},
-        .st_mtim = {a.mtime_ns / 1000000000, a.mtime_ns % 1000000000},
-        .st_ctim = {a.ctime_ns / 1000000000, a.ctime_ns % 1000000000},
+        .st_atim = timespec_of(a.atime_ns), .st_mtim = timespec_of(a.mtime_ns), .st_ctim = timespec_of(a.ctime_ns),
     };
     dir_stat_of = node_id;
     return 1;

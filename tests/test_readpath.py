@@ -200,14 +200,16 @@ def test_directory_attributes_read_by_the_shim_follow_changes(tmp_path, mnt):
         shown_ino = os.stat(d).st_ino  # answered by Python, which hands the directory over
         changes = [lambda: (d / "f").touch(), lambda: (d / "sub").mkdir(), lambda: os.chmod(d, 0o700),
                    lambda: os.unlink(d / "f"), lambda: os.rmdir(d / "sub"), lambda: os.chown(d, 1234, 5678),
-                   lambda: os.utime(d, ns=(10**18, 2 * 10**18)), lambda: (d / "g").touch()]
+                   lambda: os.utime(d, ns=(10**18, 2 * 10**18)), lambda: (d / "g").touch(),
+                   lambda: os.utime(d, ns=(-10**18 - 123, -10**18 - 456))]  # 1938: before the epoch
         for change in changes:
             change()
             (d / "probe").touch()  # a change in D: its attributes are asked for again
             seen, stored = os.stat(d), os.stat(upper / "d")
             assert seen.st_ino == shown_ino
-            assert (seen.st_mode, seen.st_nlink, seen.st_uid, seen.st_gid, seen.st_mtime_ns, seen.st_size) == \
-                (stored.st_mode, stored.st_nlink, stored.st_uid, stored.st_gid, stored.st_mtime_ns, stored.st_size)
+            assert (seen.st_mode, seen.st_nlink, seen.st_uid, seen.st_gid, seen.st_atime_ns, seen.st_mtime_ns,
+                    seen.st_size) == (stored.st_mode, stored.st_nlink, stored.st_uid, stored.st_gid,
+                                      stored.st_atime_ns, stored.st_mtime_ns, stored.st_size)
             os.unlink(d / "probe")
         assert os.stat(d).st_nlink == 2 and os.stat(d).st_mode & 0o7777 == 0o700
 
