@@ -153,7 +153,8 @@ class Union(Namei):
         """NODE's object is gone from the union (see InodeTable.drop_object); the shim no longer
         answers for it, as a new directory may take its inode number and path."""
         self.inodes.drop_object(node)
-        shim.forget_dir_attr(node.id)
+        if node.is_dir:  # only directories are handed to the shim: no call per removed file
+            shim.forget_dir_attr(node.id)
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """NODE's attributes for a reply. After writes they are read again: a reply with an old
