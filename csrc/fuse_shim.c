@@ -8,7 +8,8 @@
  *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
  *    (it drops a cached listing when the directory changes through the mount),
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
- *  - answer GETATTR of directories of the upper layer that Python handed over, reading them itself,
+ *  - answer GETATTR, and SETATTR of modes, owners and times, of upper-layer objects that Python
+ *    handed over, reading and changing them itself (and queueing the changed ones for Python),
  *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
  *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
  *  - negotiate FUSE passthrough (Linux 6.9) at INIT, which libfuse 3.14 does not know, and mark
@@ -18,10 +19,11 @@
  *
  * The contract with unionfs/: Python publishes the layer fd behind each open file handle, and
  * its backing id when the kernel is to serve it (ufs_shim_set_file), and which node ids have no
- * xattrs (ufs_shim_mark_no_xattrs), and which upper directories the shim may stat for a node
- * id (ufs_shim_set_upper once, ufs_shim_cache_dir_attr, ufs_shim_forget_dir_attr), from the
+ * xattrs (ufs_shim_mark_no_xattrs), and which upper objects the shim may read and change for a
+ * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), from the
  * thread that runs the request handlers, before it replies to the request that changes them; it
- * takes the queued forgets (ufs_shim_take_forgets), and registers and drops backing files
+ * takes the queued forgets and changed nodes (ufs_shim_take_forgets, ufs_shim_take_changed) before
+ * it hands out references or attributes, and registers and drops backing files
  * (ufs_shim_backing_open, ufs_shim_backing_close), from that thread too. It asks for
  * passthrough before the mount (ufs_shim_want_passthrough) and learns at its first open whether
  * the kernel granted it (ufs_shim_passthrough). Its request loop may wait for the next request
@@ -39,6 +41,7 @@
 #include <linux/fuse.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -223,68 +226,103 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
     python_getxattr(req, ino, name, size);
 }
 
-/* The attributes of upper-layer directories, read here: the kernel asks for a directory's
-   attributes again after each change in it (its permission check before the next unlink or
-   create in it), so `rm -rf` and `tar -x` would cost a round trip into Python per file for an
-   fstat. Python hands over, per directory node it has answered for, the directory's path in the
-   upper layer and what it found there (ufs_shim_cache_dir_attr): only directories of the upper
-   layer alone, whose attributes the union shows as they are stored. A GETATTR is answered here
-   when the path still leads, beneath the upper root and through no symlink (the C core's
-   ufs_stat_at), to that same directory: a renamed or replaced one goes to Python, which hands
-   over its new path. Python drops a node whose directory it removed (an inode number may then
-   be reused at the same path). A small cache: a node id takes the slot of its low bits. */
-#define DIR_ATTR_SLOTS 1024
-struct dir_attr {
+/* Objects of the upper layer whose attributes the shim reads and changes itself. The kernel asks
+   for a directory's attributes again after each change in it (its permission check before the
+   next unlink or create in it), and tar sets the owner, mode and times of each file it unpacks:
+   each a round trip into Python for one or two system calls. Python hands over, per node it has
+   answered for, the object's path in the upper layer and what it found there
+   (ufs_shim_hand_over): only directories of the upper layer alone and regular files with their
+   own data and one link, whose attributes the union shows as they are stored. A GETATTR, or a
+   SETATTR of the mode, times or (for an object without xattrs: a chown may drop
+   security.capability) owner, is answered here when the path still leads, beneath the upper root
+   and through no symlink (the C core's ufs_open_at), to that same object; else it goes to Python,
+   which hands over the new path after a rename. A changed node is queued for Python
+   (ufs_shim_take_changed): its own copy of the attributes is then stale. Python takes back a
+   node whose object it removed (an inode number may be reused at the same path). A small cache:
+   a node id takes the slot of its low bits. */
+#define UPPER_OBJECT_SLOTS 1024
+struct upper_object {
     uint64_t node_id;   /* 0: an empty slot */
     uint64_t shown_ino; /* st_ino as the union shows it */
-    uint64_t dev, ino;  /* the upper directory's own */
+    uint64_t dev, ino;  /* the upper object's own */
+    uint32_t type;      /* S_IFDIR or S_IFREG */
+    int queued;         /* in the queue of changed nodes (once is enough) */
     char *path;         /* beneath the upper root ("." for the root) */
 };
-static struct dir_attr dir_attrs[DIR_ATTR_SLOTS];
+static struct upper_object upper_objects[UPPER_OBJECT_SLOTS];
 static int upper_root_fd = -1;
 static int upper_layer_flags;
-static double dir_attr_timeout;
-static int (*upper_stat_at)(int root_fd, const char *path, int layer_flags, struct ufs_attr *out);
+static int upper_changes_here; /* SETATTR may be answered here (no override_stat xattr in use) */
+static double upper_attr_timeout;
+/* The C core's (unionfs_core.h), whose address Python passes: the core is another library. */
+static int (*core_open_at)(int root_fd, const char *path, int flags);
+static int (*core_stat_fd)(int fd, int layer_flags, struct ufs_attr *out);
 
-void ufs_shim_set_upper(int root_fd, int layer_flags, double attr_timeout,
-                        int (*stat_at)(int, const char *, int, struct ufs_attr *))
+void ufs_shim_set_upper(int root_fd, int layer_flags, int changes_here, double attr_timeout,
+                        int (*open_at)(int, const char *, int), int (*stat_fd)(int, int, struct ufs_attr *))
 {
     upper_root_fd = root_fd;
     upper_layer_flags = layer_flags;
-    dir_attr_timeout = attr_timeout;
-    upper_stat_at = stat_at;
+    upper_changes_here = changes_here;
+    upper_attr_timeout = attr_timeout;
+    core_open_at = open_at;
+    core_stat_fd = stat_fd;
 }
 
-static struct dir_attr *dir_attr_slot(uint64_t node_id)
+static struct upper_object *upper_object_slot(uint64_t node_id)
 {
-    return &dir_attrs[node_id % DIR_ATTR_SLOTS];
+    return &upper_objects[node_id % UPPER_OBJECT_SLOTS];
 }
 
-void ufs_shim_forget_dir_attr(uint64_t node_id)
+void ufs_shim_take_back(uint64_t node_id)
 {
-    struct dir_attr *slot = dir_attr_slot(node_id);
+    struct upper_object *slot = upper_object_slot(node_id);
     if (slot->node_id != node_id)
         return;
     free(slot->path);
-    *slot = (struct dir_attr){0};
+    *slot = (struct upper_object){0};
 }
 
-int ufs_shim_cache_dir_attr(uint64_t node_id, const char *path, uint64_t dev, uint64_t ino, uint64_t shown_ino)
+int ufs_shim_hand_over(uint64_t node_id, const char *path, uint64_t dev, uint64_t ino, uint32_t type,
+                       uint64_t shown_ino)
 {
-    if (!node_id)
+    if (!node_id || (type != S_IFDIR && type != S_IFREG))
         return -EINVAL;
     char *copy = strdup(path);
     if (!copy)
         return -ENOMEM;
-    struct dir_attr *slot = dir_attr_slot(node_id);
+    struct upper_object *slot = upper_object_slot(node_id);
+    int queued = slot->node_id == node_id && slot->queued;
     free(slot->path);
-    *slot = (struct dir_attr){.node_id = node_id, .shown_ino = shown_ino, .dev = dev, .ino = ino, .path = copy};
+    *slot = (struct upper_object){.node_id = node_id, .shown_ino = shown_ino, .dev = dev, .ino = ino,
+                                  .type = type, .queued = queued, .path = copy};
     return 0;
 }
 
-/* The attributes read for the GETATTR being answered, and its node id (0: none). */
-static struct stat dir_stat;
-static uint64_t dir_stat_of;
+/* Nodes whose attributes were changed here, until Python takes them. */
+#define CHANGED_MAX 4096
+static uint64_t changed[CHANGED_MAX];
+static size_t changed_queued;
+
+size_t ufs_shim_take_changed(uint64_t *out, size_t max)
+{
+    size_t taken = changed_queued < max ? changed_queued : max;
+    for (size_t i = 0; i < taken; i++) {
+        struct upper_object *slot = upper_object_slot(changed[i]);
+        if (slot->node_id == changed[i])
+            slot->queued = 0;
+    }
+    memcpy(out, changed, taken * sizeof(*changed));
+    memmove(changed, changed + taken, (changed_queued - taken) * sizeof(*changed));
+    changed_queued -= taken;
+    return taken;
+}
+
+/* The reply worked out for the GETATTR or SETATTR being answered: its node id (0: none), and
+   an errno or the attributes. */
+static uint64_t answer_of;
+static int answer_errno;
+static struct stat answer_stat;
 
 /* NS nanoseconds since the epoch as a struct timespec, whose tv_nsec is never negative (a time
    before 1970 has a negative tv_sec, and C's division rounds toward zero). */
@@ -298,25 +336,110 @@ static struct timespec timespec_of(int64_t ns)
     return (struct timespec){.tv_sec = sec, .tv_nsec = nsec};
 }
 
-/* Read the attributes of node NODE_ID's directory for its GETATTR, if the cache holds it and it is
-   still there: 1 if so. */
-static int read_dir_attr(uint64_t node_id)
+/* An O_PATH fd of node NODE_ID's upper object, if the cache holds it and its path still leads
+   to it; else -1 (and the node is dropped from the cache). */
+static int open_upper_object(uint64_t node_id, struct upper_object **found)
 {
-    struct dir_attr *slot = dir_attr_slot(node_id);
-    struct ufs_attr a;
-    if (slot->node_id != node_id || !node_id || !upper_stat_at)
-        return 0;
-    if (upper_stat_at(upper_root_fd, slot->path, upper_layer_flags, &a) < 0 || a.dev != slot->dev ||
-        a.ino != slot->ino || !S_ISDIR(a.mode)) {
-        ufs_shim_forget_dir_attr(node_id);
-        return 0;
+    struct upper_object *slot = upper_object_slot(node_id);
+    if (slot->node_id != node_id || !node_id || !core_open_at)
+        return -1;
+    int fd = core_open_at(upper_root_fd, slot->path, O_PATH);
+    struct stat st;
+    if (fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == slot->dev && st.st_ino == slot->ino &&
+        (st.st_mode & S_IFMT) == slot->type && (slot->type == S_IFDIR || st.st_nlink == 1)) {
+        *found = slot;
+        return fd;
     }
-    dir_stat = (struct stat){
-        .st_ino = slot->shown_ino, .st_mode = a.mode, .st_nlink = a.nlink, .st_uid = a.uid, .st_gid = a.gid,
+    /* A file with more links may carry overlay.nlink, which Python reads. */
+    if (fd >= 0)
+        close(fd);
+    ufs_shim_take_back(node_id);
+    return -1;
+}
+
+/* Fill in the answer for node NODE_ID from FD, its object: 1, or 0 if it cannot be read. */
+static int answer_with(uint64_t node_id, const struct upper_object *object, int fd)
+{
+    struct ufs_attr a;
+    if (core_stat_fd(fd, upper_layer_flags, &a) < 0)
+        return 0;
+    answer_stat = (struct stat){
+        .st_ino = object->shown_ino, .st_mode = a.mode, .st_nlink = a.nlink, .st_uid = a.uid, .st_gid = a.gid,
         .st_rdev = a.rdev, .st_size = (off_t)a.size, .st_blksize = a.blksize, .st_blocks = (blkcnt_t)a.blocks,
         .st_atim = timespec_of(a.atime_ns), .st_mtim = timespec_of(a.mtime_ns), .st_ctim = timespec_of(a.ctime_ns),
     };
-    dir_stat_of = node_id;
+    answer_of = node_id;
+    answer_errno = 0;
+    return 1;
+}
+
+/* Work out the answer to a GETATTR of node NODE_ID here: 1 if it can be. */
+static int read_upper_attr(uint64_t node_id)
+{
+    struct upper_object *object;
+    int fd = open_upper_object(node_id, &object);
+    if (fd < 0)
+        return 0;
+    int here = answer_with(node_id, object, fd);
+    close(fd);
+    return here;
+}
+
+/* The changes of a SETATTR made here; any other (a size, a lock owner's) goes to Python. */
+#define SETATTR_HERE (FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_ATIME | FATTR_MTIME | FATTR_ATIME_NOW | \
+                      FATTR_MTIME_NOW | FATTR_FH)
+
+static struct timespec time_to_set(int set, int now, uint64_t sec, uint32_t nsec)
+{
+    if (!set)
+        return (struct timespec){.tv_nsec = UTIME_OMIT};
+    if (now)
+        return (struct timespec){.tv_nsec = UTIME_NOW};
+    return (struct timespec){.tv_sec = (time_t)sec, .tv_nsec = nsec};
+}
+
+/* Make the changes of a SETATTR of node NODE_ID here, in the order Python makes them (a chown
+   clears set-ID bits, so the mode comes after it): 1 if they were made, with the answer ready
+   (an errno if one failed), 0 if the request is for Python (nothing was changed). */
+static int change_upper_attr(uint64_t node_id, const struct fuse_setattr_in *arg)
+{
+    if (!upper_changes_here || (arg->valid & ~SETATTR_HERE) ||
+        ((arg->valid & (FATTR_UID | FATTR_GID)) && !has_no_xattrs(node_id)))
+        return 0;
+    struct upper_object *object;
+    int fd = open_upper_object(node_id, &object);
+    if (fd < 0)
+        return 0;
+    if (!object->queued) {
+        if (changed_queued == CHANGED_MAX) {
+            close(fd);
+            return 0;
+        }
+        changed[changed_queued++] = node_id;
+        object->queued = 1;
+    }
+    int rc = 0;
+    if (arg->valid & (FATTR_UID | FATTR_GID))
+        rc = fchownat(fd, "", arg->valid & FATTR_UID ? arg->uid : (uid_t)-1,
+                      arg->valid & FATTR_GID ? arg->gid : (gid_t)-1, AT_EMPTY_PATH);
+    if (rc == 0 && (arg->valid & FATTR_MODE)) {
+        char proc[64]; /* fchmod() refuses an O_PATH fd; the object is a file or a directory */
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+        rc = chmod(proc, arg->mode & 07777);
+    }
+    if (rc == 0 && (arg->valid & (FATTR_ATIME | FATTR_MTIME))) {
+        struct timespec times[2] = {
+            time_to_set(arg->valid & FATTR_ATIME, arg->valid & FATTR_ATIME_NOW, arg->atime, arg->atimensec),
+            time_to_set(arg->valid & FATTR_MTIME, arg->valid & FATTR_MTIME_NOW, arg->mtime, arg->mtimensec),
+        };
+        rc = utimensat(fd, "", times, AT_EMPTY_PATH);
+    }
+    int failed = rc < 0 ? errno : 0;
+    if (failed || !answer_with(node_id, object, fd)) {
+        answer_of = node_id;
+        answer_errno = failed ? failed : EIO;
+    }
+    close(fd);
     return 1;
 }
 
@@ -325,12 +448,28 @@ static getattr_fn python_getattr;
 
 static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    if (!ino || dir_stat_of != ino) {
+    if (!ino || answer_of != ino) {
         python_getattr(req, ino, fi);
         return;
     }
-    dir_stat_of = 0;
-    reply_attr(req, &dir_stat, dir_attr_timeout);
+    answer_of = 0;
+    reply_attr(req, &answer_stat, upper_attr_timeout);
+}
+
+typedef void (*setattr_fn)(fuse_req_t, fuse_ino_t, struct stat *, int, struct fuse_file_info *);
+static setattr_fn python_setattr;
+
+static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
+{
+    if (!ino || answer_of != ino) {
+        python_setattr(req, ino, attr, to_set, fi);
+        return;
+    }
+    answer_of = 0;
+    if (answer_errno)
+        reply_err(req, answer_errno);
+    else
+        reply_attr(req, &answer_stat, upper_attr_timeout);
 }
 
 /* The kernel's FORGETs (node id, lookups to drop), kept until Python takes them: a forget has
@@ -564,7 +703,11 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
         here = ops.getxattr == shim_getxattr && has_no_xattrs(in->nodeid);
         break;
     case FUSE_GETATTR:
-        here = ops.getattr == shim_getattr && read_dir_attr(in->nodeid);
+        here = ops.getattr == shim_getattr && read_upper_attr(in->nodeid);
+        break;
+    case FUSE_SETATTR:
+        here = ops.setattr == shim_setattr && arg_size >= sizeof(struct fuse_setattr_in) &&
+               change_upper_attr(in->nodeid, (const struct fuse_setattr_in *)(in + 1));
         break;
     case FUSE_OPENDIR:
         here = ops.opendir == shim_opendir;
@@ -581,8 +724,10 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
     default:
         here = 0;
     }
-    if (here)
+    if (here) {
         real_process_buf(se, buf);
+        answer_of = 0; /* used up, or libfuse answered without the handler: never for a later one */
+    }
     return here;
 }
 
@@ -695,6 +840,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (ops.getattr && reply_attr) {
         python_getattr = ops.getattr;
         ops.getattr = shim_getattr;
+    }
+    if (ops.setattr && reply_attr && reply_err) {
+        python_setattr = ops.setattr;
+        ops.setattr = shim_setattr;
     }
     if (ops.getxattr && reply_err) {
         python_getxattr = ops.getxattr;

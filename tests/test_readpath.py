@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -248,6 +249,85 @@ def test_directory_attributes_read_by_the_shim_follow_renames_and_removal(tmp_pa
             assert kept.st_mode & 0o777 == 0o700, (stored_ino, os.stat(upper / "gone").st_ino)
         finally:
             os.close(fd)
+
+
+def _shown(st: os.stat_result) -> tuple:
+    return st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, st.st_size
+
+
+def test_file_attributes_changed_by_the_shim_follow_changes(tmp_path, mnt):
+    """The shim changes the mode, owner and times of upper files Python handed over (one made
+    through the mount, one copied up, which keeps its lower inode number), and reads them for
+    GETATTR: every answer must be the upper file as it is now, with the union's inode number.
+    A chown of a file with a file capability must drop it (the kernel removes it first, through
+    REMOVEXATTR; the shim leaves the chown of a file with xattrs to Python all the same)."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    (lower / "copied").write_text("lower\n")
+    with pyunionfs([lower], mnt, upper=upper, workdir=work):
+        (mnt / "made").write_text("made\n")
+        os.chmod(mnt / "copied", 0o640)  # copies it up (Python), which hands it over
+        shown_ino = {name: os.stat(mnt / name).st_ino for name in ("made", "copied")}
+        assert shown_ino["copied"] == os.stat(lower / "copied").st_ino
+        changes = [lambda p: os.chmod(p, 0o4751), lambda p: os.chown(p, 1234, 5678), lambda p: os.chown(p, -1, 42),
+                   lambda p: os.utime(p, ns=(10**18, 2 * 10**18)), lambda p: os.utime(p),
+                   lambda p: os.utime(p, ns=(-10**18 - 123, -10**18 - 456)), lambda p: os.chmod(p, 0o600)]
+        for name in ("made", "copied"):
+            for change in changes:
+                change(mnt / name)
+                seen, stored = os.stat(mnt / name), os.stat(upper / name)
+                assert seen.st_ino == shown_ino[name]
+                assert _shown(seen) == _shown(stored)
+        capability = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # v2: cap_net_bind_service
+        os.setxattr(mnt / "made", "security.capability", capability)
+        assert "security.capability" in os.listxattr(mnt / "made")  # Python holds its xattr names
+        os.chown(mnt / "made", 4321, 4321)
+        assert "security.capability" not in os.listxattr(upper / "made")
+        assert "security.capability" not in os.listxattr(mnt / "made")
+
+
+def test_a_listing_after_the_shim_changed_a_file_shows_the_change(tmp_path, mnt):
+    """A listing pass goes on from its snapshot, whose entries carry attributes; the kernel takes
+    them for the files it has cached. A file whose mode the shim changed in between must not be
+    shown with its old mode (Python learns of the change from the shim's queue)."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    with pyunionfs([lower], mnt, upper=upper, workdir=work):
+        d = mnt / "d"
+        d.mkdir()
+        names = [f"file-with-a-long-name-{i:04d}" for i in range(400)]
+        for name in names:
+            (d / name).touch()  # made through the mount: handed to the shim
+        with os.scandir(d) as entries:
+            next(entries)  # the first chunk of the pass: the snapshot is taken
+            for name in names:
+                os.chmod(d / name, 0o600)  # answered by the shim
+            rest = list(entries)  # the pass goes on from the snapshot
+        assert len(rest) == len(names) - 1
+        assert {oct(os.stat(d / name).st_mode & 0o777) for name in names} == {"0o600"}
+
+
+def test_a_removed_file_is_not_confused_with_its_successor(tmp_path, mnt):
+    """A file the shim knows by its path is removed while a process keeps an O_PATH fd of it (so
+    the daemon holds nothing open), and a new file takes its name and, on ext4, often its inode
+    number: a change through the old fd must not reach the new file."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    with pyunionfs([lower], mnt, upper=upper, workdir=work):
+        path = mnt / "f"
+        for _ in range(50):
+            path.write_text("old\n")
+            os.chmod(path, 0o644)  # handed to the shim
+            fd = os.open(path, os.O_PATH)
+            try:
+                os.unlink(path)
+                path.write_text("new\n")
+                try:
+                    os.chmod(f"/proc/self/fd/{fd}", 0o700)
+                except FileNotFoundError:
+                    pass  # the object is gone from the layers: nothing to change
+                assert os.stat(path).st_mode & 0o777 == 0o644
+                assert os.stat(upper / "f").st_mode & 0o777 == 0o644
+            finally:
+                os.close(fd)
+            os.unlink(path)
 
 
 def test_a_pass_left_unfinished_is_restarted_from_its_snapshot(tmp_path, mnt):

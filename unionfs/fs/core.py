@@ -118,10 +118,10 @@ def stat_at(root_fd: int, path: bytes, layer_flags: int = 0) -> Attr:
     return _copy_attr(out)
 
 
-def stat_at_address() -> int:
-    """The address of the C function behind stat_at(), for the shim (csrc/fuse_shim.c), which
-    reads upper directories with it."""
-    return int(ffi.cast("uintptr_t", ffi.addressof(lib, "ufs_stat_at")))
+def function_address(name: str) -> int:
+    """The address of C core function NAME (ufs_open_at, ufs_stat_fd), for the shim
+    (csrc/fuse_shim.c), which reads and changes upper objects with them."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
 
 
 def stat_fd(fd: int, layer_flags: int = 0) -> Attr:

@@ -58,7 +58,7 @@ async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
                         # As in fuse-overlayfs: the size of the inode table, seen from outside.
-                        ops.apply_queued_forgets()
+                        ops.apply_shim_queues()
                         print(f"pyunionfs: nodes={len(ops.union.inodes)} passthrough={ops.passthrough.nodes}",
                               file=sys.stderr, flush=True)
                         continue

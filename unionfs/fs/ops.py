@@ -81,7 +81,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
-        self.apply_queued_forgets()
+        self.apply_shim_queues()
         node = self.union.lookup(self._node(parent_inode), name)
         if node is None:
             return negative_entry(self.union.view.timeout)
@@ -89,18 +89,23 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        self.apply_queued_forgets()  # a FORGET reaches Python when the shim's queue is full
+        self.apply_shim_queues()  # a FORGET reaches Python when the shim's queue is full
         self._apply_forgets(inode_list)
 
     def _apply_forgets(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.union.inodes.forget(ino, count)
 
-    def apply_queued_forgets(self) -> None:
-        """Drop the lookups the kernel gave back while the shim answered: done where lookups are
-        handed out, so the nodes of removed files do not pile up (node ids are never reused, so
-        a forget applied late is still right)."""
+    def apply_shim_queues(self) -> None:
+        """Drop the lookups the kernel gave back while the shim answered, and mark the nodes
+        whose attributes it changed as stale: done where lookups and attributes are handed out
+        (LOOKUP, READDIRPLUS), so the nodes of removed files do not pile up and no old attributes
+        are served (node ids are never reused, so a forget applied late is still right)."""
         self._apply_forgets(shim.take_forgets())
+        for node_id in shim.take_changed():
+            node = self.union.inodes.find(node_id)
+            if node is not None:
+                node.stale = True
 
     @replies_errno
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
@@ -164,7 +169,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        self.apply_queued_forgets()
+        self.apply_shim_queues()
         entries = self.listings.entries(self._node(fh), start_id)
         if entries is None:
             return

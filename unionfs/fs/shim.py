@@ -27,6 +27,8 @@ class _Forget(ctypes.Structure):
 
 _FORGETS_AT_ONCE = 4096  # the shim's queue holds as many
 _forgets = (_Forget * _FORGETS_AT_ONCE)()
+_CHANGED_AT_ONCE = 4096  # as many as the shim's queue of changed nodes
+_changed = (ctypes.c_uint64 * _CHANGED_AT_ONCE)()
 
 
 def load() -> bool:
@@ -46,12 +48,15 @@ def load() -> bool:
     _loaded.ufs_shim_take_forgets.argtypes = [ctypes.POINTER(_Forget), ctypes.c_size_t]
     _loaded.ufs_shim_take_forgets.restype = ctypes.c_size_t
     _loaded.ufs_shim_wait_request.argtypes = []
-    _loaded.ufs_shim_set_upper.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_void_p]
+    _loaded.ufs_shim_set_upper.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double,
+                                           ctypes.c_void_p, ctypes.c_void_p]
     _loaded.ufs_shim_set_upper.restype = None
-    _loaded.ufs_shim_cache_dir_attr.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint64,
-                                                ctypes.c_uint64, ctypes.c_uint64]
-    _loaded.ufs_shim_forget_dir_attr.argtypes = [ctypes.c_uint64]
-    _loaded.ufs_shim_forget_dir_attr.restype = None
+    _loaded.ufs_shim_hand_over.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64,
+                                           ctypes.c_uint32, ctypes.c_uint64]
+    _loaded.ufs_shim_take_back.argtypes = [ctypes.c_uint64]
+    _loaded.ufs_shim_take_back.restype = None
+    _loaded.ufs_shim_take_changed.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    _loaded.ufs_shim_take_changed.restype = ctypes.c_size_t
     return True
 
 
@@ -127,24 +132,36 @@ def mark_no_xattrs(node_id: int, none: bool) -> None:
         _loaded.ufs_shim_mark_no_xattrs(node_id, int(none))
 
 
-def set_upper(root_fd: int, layer_flags: int, attr_timeout: float, stat_at_address: int) -> None:
-    """The upper layer's root and flags, the attribute timeout, and the C core's ufs_stat_at, with
-    which the shim reads the directories handed to cache_dir_attr()."""
+def set_upper(root_fd: int, layer_flags: int, changes_here: bool, attr_timeout: float, open_at_address: int,
+              stat_fd_address: int) -> None:
+    """The upper layer's root and flags, whether the shim may change attributes (SETATTR), the
+    attribute timeout, and the C core's ufs_open_at and ufs_stat_fd, with which the shim reads
+    and changes the objects handed to hand_over()."""
     if _loaded is not None:
-        _loaded.ufs_shim_set_upper(root_fd, layer_flags, attr_timeout, stat_at_address)
+        _loaded.ufs_shim_set_upper(root_fd, layer_flags, int(changes_here), attr_timeout, open_at_address,
+                                   stat_fd_address)
 
 
-def cache_dir_attr(node_id: int, path: bytes, dev: int, ino: int, shown_ino: int) -> None:
-    """Let the shim answer GETATTR of node NODE_ID itself while PATH in the upper layer is the
-    directory DEV:INO, shown with st_ino SHOWN_INO and its attributes as stored."""
+def hand_over(node_id: int, path: bytes, dev: int, ino: int, file_type: int, shown_ino: int) -> None:
+    """Let the shim answer GETATTR and SETATTR of node NODE_ID itself while PATH in the upper
+    layer is the object DEV:INO of FILE_TYPE (stat.S_IFDIR or S_IFREG), shown with st_ino
+    SHOWN_INO and its attributes as stored."""
     if _loaded is not None:
-        _loaded.ufs_shim_cache_dir_attr(node_id, path, dev, ino, shown_ino)
+        _loaded.ufs_shim_hand_over(node_id, path, dev, ino, file_type, shown_ino)
 
 
-def forget_dir_attr(node_id: int) -> None:
-    """Node NODE_ID's directory is gone: the shim must not answer for it any more."""
+def take_back(node_id: int) -> None:
+    """Node NODE_ID's object is gone: the shim must not answer for it any more."""
     if _loaded is not None:
-        _loaded.ufs_shim_forget_dir_attr(node_id)
+        _loaded.ufs_shim_take_back(node_id)
+
+
+def take_changed() -> list[int]:
+    """The node ids whose attributes the shim changed since the last call."""
+    if _loaded is None:
+        return []
+    taken = _loaded.ufs_shim_take_changed(_changed, _CHANGED_AT_ONCE)
+    return _changed[:taken]
 
 
 def take_forgets() -> list[tuple[int, int]]:

@@ -57,12 +57,14 @@ class Union(Namei):
         root_lower_paths = {i: ROOT_PATH for i in range(len(stack.layers)) if not stack.layers[i].is_upper}
         self.inodes = InodeTable(root_ino, found, root_lower_paths, view)
         self._copy_locks: dict[int, trio.Lock] = {}
-        # The shim answers GETATTR of upper directories itself where the union shows their
-        # attributes as stored (cache_dir_attr below).
-        self._shim_reads_dirs = (self.writable and view.uids.identity and view.gids.identity
-                                 and not view.static_nlink)
-        if self._shim_reads_dirs:
-            shim.set_upper(upper.root_fd, upper.flags, view.timeout, core.stat_at_address())
+        # The shim answers GETATTR and SETATTR of upper objects itself where the union shows their
+        # attributes as stored (_hand_to_shim below); it changes owners and modes only where they
+        # are stored as such, not in an override_stat xattr.
+        self._shim_serves_upper = (self.writable and view.uids.identity and view.gids.identity
+                                   and not view.static_nlink)
+        if self._shim_serves_upper:
+            shim.set_upper(upper.root_fd, upper.flags, not self.override, view.timeout,
+                           core.function_address("ufs_open_at"), core.function_address("ufs_stat_fd"))
 
     def close(self) -> None:
         """Close the layers and the work directory (stopping its spare-file thread)."""
@@ -107,7 +109,11 @@ class Union(Namei):
         resolved = self.resolve(parent, name)
         if resolved is None:
             return None
-        return self.inodes.remember(self._node_for(parent, name, resolved))
+        node = self.inodes.remember(self._node_for(parent, name, resolved))
+        found = resolved[0]
+        if found.layer == UPPER and node.layer == UPPER:
+            self._hand_to_shim(node, node.path, found.attr)
+        return node
 
     def lookup_existing(self, parent: Node, name: bytes) -> Node:
         """The node for NAME, not counted as a kernel reference; ENOENT when absent."""
@@ -142,19 +148,29 @@ class Union(Namei):
     def getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.layer == UPPER and self.writable:
             with contextlib.suppress(FileNotFoundError):
-                attr = self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
-                if self._shim_reads_dirs and node.dir_layers == UPPER_BIT:
-                    # A directory of the upper layer alone: the kernel asks again after each
-                    # change in it, and the shim can answer that with one stat.
-                    shim.cache_dir_attr(node.id, node.path, attr.dev, attr.ino, node.ino)
+                self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
         return node.entry
+
+    def _hand_to_shim(self, node: Node, path: bytes, attr: core.Attr) -> None:
+        """Let the shim read and change the attributes of NODE's upper object (PATH, ATTR) itself, if
+        the union shows them as stored: a directory of the upper layer alone (the kernel asks
+        for its attributes after each change in it), or a regular file with its own data and
+        one link (tar sets the owner, mode and times of each file it unpacks)."""
+        if not self._shim_serves_upper:
+            return
+        if stat.S_ISDIR(attr.mode):
+            served = node.dir_layers == UPPER_BIT
+        else:  # a file with more links may carry overlay.nlink; one still below is a metacopy
+            served = (stat.S_ISREG(attr.mode) and attr.nlink == 1 and node.index_name is None
+                      and not node.lower_paths)
+        if served:
+            shim.hand_over(node.id, path, attr.dev, attr.ino, stat.S_IFMT(attr.mode), node.ino)
 
     def drop_object(self, node: Node) -> None:
         """NODE's object is gone from the union (see InodeTable.drop_object); the shim no longer
-        answers for it, as a new directory may take its inode number and path."""
+        answers for it, as a new object may take its inode number and path."""
         self.inodes.drop_object(node)
-        if node.is_dir:  # only directories are handed to the shim: no call per removed file
-            shim.forget_dir_attr(node.id)
+        shim.take_back(node.id)
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """NODE's attributes for a reply. After writes they are read again: a reply with an old
@@ -251,6 +267,7 @@ class Union(Namei):
         and chown, and the shim answers that only for names Python has read). A removed file that
         is still open shows what its open files reach (st_nlink 0, as in the kernel)."""
         upper = self.stack.layers[UPPER]
+        path = None
         if node.name is None and node.parent is not None:
             if not node.open_files:
                 raise FileNotFoundError(errno.ENOENT, "the name of this object was removed")
@@ -263,6 +280,8 @@ class Union(Namei):
         if xattrs_changed:
             self.forget_xattr_names(node)
             self.xattr_names(node)
+        if path is not None:
+            self._hand_to_shim(node, path, attr)
         return attr
 
     def set_union_nlink(self, node: Node, nlink: int) -> None:
