@@ -57,7 +57,10 @@ def _build(union: Union, dir_fd: int, name: bytes, make: Callable[[int, bytes], 
             # -o xattr_permissions: the owner and mode go to the override_stat xattr only.
             set_override(dir_fd, name, union.override, uid, gid, stat.S_IMODE(mode))
         else:
-            syscalls.chown(dir_fd, name, uid, gid)
+            # A new object is the daemon's, or has a set-group-ID parent's group; a caller who is
+            # the daemon's own user and group (tar as root) needs no chown.
+            if (uid, gid) != (os.geteuid(), os.getegid()):
+                syscalls.chown(dir_fd, name, uid, gid)
             if not stat.S_ISLNK(mode):  # after chown, which clears set-ID bits
                 syscalls.chmod(dir_fd, name, stat.S_IMODE(mode))
         if opaque_namespace:
@@ -118,9 +121,13 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
             _build(union, dir_fd, build_name, make, uid, gid, mode, union.xattr_namespace if opaque else None)
 
         _place(union, parent_fd, name, build)
-    node = union.lookup(parent, name)
+        if not stat.S_ISDIR(mode):
+            node = union.remember_new(parent, name, parent_fd)
+            union.xattr_names(node, (parent_fd, name))  # before the kernel asks (security.capability)
+            return node
+    node = union.lookup(parent, name)  # a directory: resolved across the layers, as any lookup
     assert node is not None
-    union.xattr_names(node)  # before the kernel asks (security.capability, at the first write)
+    union.xattr_names(node)
     return node
 
 

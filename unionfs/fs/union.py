@@ -109,6 +109,16 @@ class Union(Namei):
         resolved = self.resolve(parent, name)
         if resolved is None:
             return None
+        return self._remember(parent, name, resolved)
+
+    def remember_new(self, parent: Node, name: bytes, parent_fd: int) -> Node:
+        """The counted node for NAME, a non-directory just made in PARENT's upper directory
+        PARENT_FD: nothing below merges with it or is found through it, so its lstat is all
+        there is to look up."""
+        attr = core.stat_at(parent_fd, name, self.stack.layers[UPPER].flags)
+        return self._remember(parent, name, (core.Found(UPPER, attr, 0), {}))
+
+    def _remember(self, parent: Node, name: bytes, resolved: Resolved) -> Node:
         node = self.inodes.remember(self._node_for(parent, name, resolved))
         found = resolved[0]
         if found.layer == UPPER and node.layer == UPPER:
@@ -192,10 +202,12 @@ class Union(Namei):
         with self._data_at(node) as (dir_fd, name):
             return syscalls.open_beneath(dir_fd, name, flags)
 
-    def xattr_names(self, node: Node) -> frozenset[bytes]:
+    def xattr_names(self, node: Node, at: tuple[int, bytes] | None = None) -> frozenset[bytes]:
+        """The names of NODE's xattrs, read once (from AT, NODE's (dir_fd, name), if the caller
+        has it open)."""
         if node.xattr_names is None:
-            with self.object_at(node) as at:
-                node.xattr_names = frozenset(syscalls.listxattr(*at))
+            with self.object_at(node) if at is None else contextlib.nullcontext(at) as where:
+                node.xattr_names = frozenset(syscalls.listxattr(*where))
             if self.xattrs and not xattrs.visible(list(node.xattr_names), self.stack.hidden_xattrs):
                 shim.mark_no_xattrs(node.id, True)
         return node.xattr_names
