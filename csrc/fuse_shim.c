@@ -10,6 +10,7 @@
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
  *  - answer GETATTR, and SETATTR of modes, owners and times, of upper-layer objects that Python
  *    handed over, reading and changing them itself (and queueing the changed ones for Python),
+ *    and UNLINK of such files in such directories (queued for Python too),
  *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
  *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
  *  - negotiate FUSE passthrough (Linux 6.9) at INIT, which libfuse 3.14 does not know, and mark
@@ -22,8 +23,9 @@
  * xattrs (ufs_shim_mark_no_xattrs), and which upper objects the shim may read and change for a
  * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), from the
  * thread that runs the request handlers, before it replies to the request that changes them; it
- * takes the queued forgets and changed nodes (ufs_shim_take_forgets, ufs_shim_take_changed) before
- * it hands out references or attributes, and registers and drops backing files
+ * takes the queued forgets, changed nodes and removed files (ufs_shim_take_forgets,
+ * ufs_shim_take_changed, ufs_shim_take_removed) before it handles the next request, whenever
+ * ufs_shim_queued says there are any, and registers and drops backing files
  * (ufs_shim_backing_open, ufs_shim_backing_close), from that thread too. It asks for
  * passthrough before the mount (ufs_shim_want_passthrough) and learns at its first open whether
  * the kernel granted it (ufs_shim_passthrough). Its request loop may wait for the next request
@@ -226,6 +228,16 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
     python_getxattr(req, ino, name, size);
 }
 
+/* How many forgets, changed nodes and removed files are queued for Python, which looks at this
+   before each request it handles and takes them all then (ufs_shim_take_*). */
+size_t ufs_shim_queued;
+static size_t forgets_queued, changed_queued, removed_queued;
+
+static void recount_queued(void)
+{
+    ufs_shim_queued = forgets_queued + changed_queued + removed_queued;
+}
+
 /* Objects of the upper layer whose attributes the shim reads and changes itself. The kernel asks
    for a directory's attributes again after each change in it (its permission check before the
    next unlink or create in it), and tar sets the owner, mode and times of each file it unpacks:
@@ -292,6 +304,13 @@ int ufs_shim_hand_over(uint64_t node_id, const char *path, uint64_t dev, uint64_
     if (!copy)
         return -ENOMEM;
     struct upper_object *slot = upper_object_slot(node_id);
+    /* One slot per object: an UNLINK is matched to its node by the object's dev:ino, and the
+       node handed over last is the one Python counts (an older one was forgotten, or listed
+       in a pass the kernel gave up). */
+    for (size_t i = 0; i < UPPER_OBJECT_SLOTS; i++)
+        if (upper_objects[i].ino == ino && upper_objects[i].dev == dev && &upper_objects[i] != slot &&
+            upper_objects[i].node_id)
+            ufs_shim_take_back(upper_objects[i].node_id);
     int queued = slot->node_id == node_id && slot->queued;
     free(slot->path);
     *slot = (struct upper_object){.node_id = node_id, .shown_ino = shown_ino, .dev = dev, .ino = ino,
@@ -302,7 +321,6 @@ int ufs_shim_hand_over(uint64_t node_id, const char *path, uint64_t dev, uint64_
 /* Nodes whose attributes were changed here, until Python takes them. */
 #define CHANGED_MAX 4096
 static uint64_t changed[CHANGED_MAX];
-static size_t changed_queued;
 
 size_t ufs_shim_take_changed(uint64_t *out, size_t max)
 {
@@ -315,6 +333,7 @@ size_t ufs_shim_take_changed(uint64_t *out, size_t max)
     memcpy(out, changed, taken * sizeof(*changed));
     memmove(changed, changed + taken, (changed_queued - taken) * sizeof(*changed));
     changed_queued -= taken;
+    recount_queued();
     return taken;
 }
 
@@ -417,6 +436,7 @@ static int change_upper_attr(uint64_t node_id, const struct fuse_setattr_in *arg
         }
         changed[changed_queued++] = node_id;
         object->queued = 1;
+        recount_queued();
     }
     int rc = 0;
     if (arg->valid & (FATTR_UID | FATTR_GID))
@@ -472,13 +492,93 @@ static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
         reply_attr(req, &answer_stat, upper_attr_timeout);
 }
 
+/* UNLINK of a regular file with one link that Python handed over, in a directory it handed over
+   (of the upper layer alone: no layer below has the name, so no whiteout is due), under the
+   name Python knows it by: unlinked here, and queued for Python (ufs_shim_take_removed), which
+   forgets the object as its own unlink would, before it handles any other request. `rm -rf`
+   then costs no round trip into Python per file. Anything else (a directory, hard links, an
+   OCI whiteout name, a name the shim does not hold) goes to Python. */
+#define REMOVED_MAX 4096
+struct removed_file {
+    uint64_t node_id, parent_id;
+};
+static struct removed_file removed[REMOVED_MAX];
+
+size_t ufs_shim_take_removed(struct removed_file *out, size_t max)
+{
+    size_t taken = removed_queued < max ? removed_queued : max;
+    memcpy(out, removed, taken * sizeof(*removed));
+    memmove(removed, removed + taken, (removed_queued - taken) * sizeof(*removed));
+    removed_queued -= taken;
+    recount_queued();
+    return taken;
+}
+
+/* The slot of the handed-over regular file DEV:INO at PARENT_PATH/NAME, or NULL. */
+static struct upper_object *handed_over_file(uint64_t dev, uint64_t ino, const char *parent_path, const char *name)
+{
+    size_t parent_len = strcmp(parent_path, ".") == 0 ? 0 : strlen(parent_path);
+    for (size_t i = 0; i < UPPER_OBJECT_SLOTS; i++) {
+        struct upper_object *slot = &upper_objects[i];
+        if (!slot->node_id || slot->ino != ino || slot->dev != dev || slot->type != S_IFREG)
+            continue;
+        const char *path = slot->path;
+        if (parent_len && (strncmp(path, parent_path, parent_len) != 0 || path[parent_len] != '/'))
+            continue;
+        if (strcmp(path + (parent_len ? parent_len + 1 : 0), name) == 0)
+            return slot;
+    }
+    return NULL;
+}
+
+/* Unlink NAME (ARG_SIZE bytes with its NUL) in node PARENT_ID's upper directory here: 1 if it
+   was removed, with the answer ready; 0 if the request is for Python (nothing was changed). */
+static int remove_upper_file(uint64_t parent_id, const char *name, size_t arg_size)
+{
+    if (removed_queued == REMOVED_MAX || !arg_size || strnlen(name, arg_size) != arg_size - 1 ||
+        strncmp(name, ".wh.", 4) == 0 || strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, ".."))
+        return 0;
+    struct upper_object *parent;
+    int parent_fd = open_upper_object(parent_id, &parent);
+    if (parent_fd < 0)
+        return 0;
+    int here = 0;
+    struct stat st;
+    struct upper_object *file;
+    if (parent->type == S_IFDIR && fstatat(parent_fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISREG(st.st_mode) && st.st_nlink == 1 &&
+        (file = handed_over_file(st.st_dev, st.st_ino, parent->path, name)) != NULL &&
+        unlinkat(parent_fd, name, 0) == 0) {
+        removed[removed_queued++] = (struct removed_file){.node_id = file->node_id, .parent_id = parent_id};
+        recount_queued();
+        ufs_shim_take_back(file->node_id);
+        answer_of = parent_id;
+        answer_errno = 0;
+        here = 1;
+    }
+    close(parent_fd);
+    return here;
+}
+
+typedef void (*unlink_fn)(fuse_req_t, fuse_ino_t, const char *);
+static unlink_fn python_unlink;
+
+static void shim_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    if (!parent || answer_of != parent) {
+        python_unlink(req, parent, name);
+        return;
+    }
+    answer_of = 0;
+    reply_err(req, answer_errno);
+}
+
 /* The kernel's FORGETs (node id, lookups to drop), kept until Python takes them: a forget has
    no reply, and since node ids are never reused, dropping the lookups a little later only keeps
    a node alive a little longer. That saves a round trip into Python per file a `rm -rf` removes
    (the kernel forgets each one). When the queue is full, FORGET goes to Python as before. */
 #define FORGETS_MAX 4096
 static struct fuse_forget_one forgets[FORGETS_MAX];
-static size_t forgets_queued;
 static int queue_forgets_here; /* Python registered a forget handler, so it will take them */
 
 size_t ufs_shim_take_forgets(struct fuse_forget_one *out, size_t max)
@@ -487,6 +587,7 @@ size_t ufs_shim_take_forgets(struct fuse_forget_one *out, size_t max)
     memcpy(out, forgets, taken * sizeof(*forgets));
     memmove(forgets, forgets + taken, (forgets_queued - taken) * sizeof(*forgets));
     forgets_queued -= taken;
+    recount_queued();
     return taken;
 }
 
@@ -500,6 +601,7 @@ static int queue_forgets(const struct fuse_in_header *in, size_t arg_size)
             return 0;
         const struct fuse_forget_in *arg = (const struct fuse_forget_in *)(in + 1);
         forgets[forgets_queued++] = (struct fuse_forget_one){.nodeid = in->nodeid, .nlookup = arg->nlookup};
+        recount_queued();
         return 1;
     }
     if (arg_size < sizeof(struct fuse_batch_forget_in))
@@ -511,6 +613,7 @@ static int queue_forgets(const struct fuse_in_header *in, size_t arg_size)
         return 0;
     memcpy(forgets + forgets_queued, arg + 1, count * sizeof(struct fuse_forget_one));
     forgets_queued += count;
+    recount_queued();
     return 1;
 }
 
@@ -705,6 +808,9 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
     case FUSE_GETATTR:
         here = ops.getattr == shim_getattr && read_upper_attr(in->nodeid);
         break;
+    case FUSE_UNLINK:
+        here = ops.unlink == shim_unlink && remove_upper_file(in->nodeid, (const char *)(in + 1), arg_size);
+        break;
     case FUSE_SETATTR:
         here = ops.setattr == shim_setattr && arg_size >= sizeof(struct fuse_setattr_in) &&
                change_upper_attr(in->nodeid, (const struct fuse_setattr_in *)(in + 1));
@@ -840,6 +946,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (ops.getattr && reply_attr) {
         python_getattr = ops.getattr;
         ops.getattr = shim_getattr;
+    }
+    if (ops.unlink && reply_err) {
+        python_unlink = ops.unlink;
+        ops.unlink = shim_unlink;
     }
     if (ops.setattr && reply_attr && reply_err) {
         python_setattr = ops.setattr;

@@ -330,6 +330,47 @@ def test_a_removed_file_is_not_confused_with_its_successor(tmp_path, mnt):
             os.unlink(path)
 
 
+def test_files_the_shim_unlinks_are_forgotten(tmp_path, mnt):
+    """The shim unlinks files of upper directories itself (rm -rf) and Python forgets them before
+    its next request: a new file that takes a removed one's inode number (ext4 reuses them at
+    once) while the kernel still holds the old one (an O_PATH fd here) is an object of its own,
+    reachable by its own name. Hard links and names with a lower copy are left to Python, which
+    keeps the other link's count right and leaves a whiteout."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    (lower / "merged").mkdir()
+    (lower / "merged" / "below").write_text("lower\n")
+    with pyunionfs([lower], mnt, upper=upper, workdir=work):
+        d = mnt / "d"
+        d.mkdir()
+        for round_ in range(20):
+            (d / "old").write_text("old\n")
+            os.listdir(d)  # listed, as rm -rf lists before it unlinks: handed to the shim
+            stored_ino = os.stat(upper / "d" / "old").st_ino
+            held = os.open(d / "old", os.O_PATH)
+            try:
+                os.unlink(d / "old")
+                new = d / f"new{round_}"
+                new.write_text("new content\n")
+                assert new.read_text() == "new content\n"
+                os.chmod(new, 0o600)
+                assert os.stat(new).st_mode & 0o777 == 0o600 == os.stat(upper / "d" / new.name).st_mode & 0o777
+                assert not (d / "old").exists() and not (upper / "d" / "old").exists()
+            finally:
+                os.close(held)
+            if os.stat(upper / "d" / new.name).st_ino == stored_ino:
+                break
+        (d / "one").write_text("linked\n")
+        os.link(d / "one", d / "two")
+        os.unlink(d / "one")
+        assert os.stat(d / "two").st_nlink == 1 and (d / "two").read_text() == "linked\n"
+        (mnt / "merged" / "below").read_text()
+        (mnt / "merged" / "new").touch()
+        for name in ("below", "new"):
+            os.unlink(mnt / "merged" / name)
+        assert os.listdir(mnt / "merged") == []
+        assert os.listdir(upper / "merged") == ["below"]  # the whiteout
+
+
 def test_a_pass_left_unfinished_is_restarted_from_its_snapshot(tmp_path, mnt):
     """rm reads one chunk of each directory, then opens it again and reads it all: the second
     pass is answered from the first one's snapshot, unless a name in the directory changed

@@ -218,6 +218,15 @@ def _gone(union: Union, node: Node, parent: Node, name: bytes) -> None:
         union.reresolve(node)
 
 
+def unlinked_by_shim(union: Union, node: Node | None, parent: Node | None) -> None:
+    """The shim unlinked the only name of NODE's file, in PARENT (csrc/fuse_shim.c): what
+    unlink() does after the removal."""
+    if node is not None:
+        union.drop_object(node)
+    if parent is not None:
+        parent.stale = True
+
+
 async def unlink(union: Union, parent: Node, name: bytes) -> None:
     union.require_writable()
     node = union.lookup_existing(parent, name)

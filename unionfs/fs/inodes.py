@@ -300,10 +300,11 @@ class InodeTable:
         if self._by_ino.get(node.ino) is node:
             del self._by_ino[node.ino]
 
-    def forget(self, node_id: int, count: int) -> None:
+    def forget(self, node_id: int, count: int) -> bool:
+        """Drop COUNT of the kernel's references to node NODE_ID; whether the node went."""
         node = self._by_id.get(node_id)
         if node is None or node_id == ROOT_ID:
-            return
+            return False
         node.lookups -= count
         if node.lookups <= 0:
             del self._by_id[node_id]
@@ -311,6 +312,8 @@ class InodeTable:
                 del self._by_ino[node.ino]
             if len(self._by_id) < self._peak // SHRINK_BELOW and self._peak > SHRINK_MIN:
                 self._shrink()
+            return True
+        return False
 
     def _shrink(self) -> None:
         """Copy the tables: a dict never gives back the room of the entries removed from it, so

@@ -26,12 +26,15 @@ DOT_ENTRIES = 2  # "." and ".." open every listing
 def replies_errno(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Turn an OSError from the layers into the FUSE reply with its errno. Any other error is a
     bug: it is logged and answered with EIO, because letting it out would end the daemon and
-    leave every user of the mount with ENOTCONN."""
+    leave every user of the mount with ENOTCONN. What the shim did since the last request is
+    taken in first."""
 
     @functools.wraps(method)
-    async def wrapper(*args: object) -> T:
+    async def wrapper(self: UnionOperations, *args: object) -> T:
+        if shim.queued():
+            self.apply_shim_queues()
         try:
-            return await method(*args)
+            return await method(self, *args)
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
@@ -81,7 +84,6 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
-        self.apply_shim_queues()
         node = self.union.lookup(self._node(parent_inode), name)
         if node is None:
             return negative_entry(self.union.view.timeout)
@@ -89,18 +91,21 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        self.apply_shim_queues()  # a FORGET reaches Python when the shim's queue is full
-        self._apply_forgets(inode_list)
+        self._apply_forgets(inode_list)  # a FORGET reaches Python when the shim's queue is full
 
     def _apply_forgets(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.union.inodes.forget(ino, count)
+            self.union.forget(ino, count)
 
     def apply_shim_queues(self) -> None:
-        """Drop the lookups the kernel gave back while the shim answered, and mark the nodes
-        whose attributes it changed as stale: done where lookups and attributes are handed out
-        (LOOKUP, READDIRPLUS), so the nodes of removed files do not pile up and no old attributes
-        are served (node ids are never reused, so a forget applied late is still right)."""
+        """Take in what the shim did while it answered: forget the files it unlinked, drop the
+        lookups the kernel gave back, and mark the nodes whose attributes it changed as stale.
+        Done before Python handles a request, so that no request sees the nodes as they were
+        (node ids are never reused, so a forget applied late is still right)."""
+        inodes = self.union.inodes
+        for node_id, parent_id in shim.take_removed():
+            self.listings.changed(parent_id)
+            dirops.unlinked_by_shim(self.union, inodes.find(node_id), inodes.find(parent_id))
         self._apply_forgets(shim.take_forgets())
         for node_id in shim.take_changed():
             node = self.union.inodes.find(node_id)
@@ -169,7 +174,6 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        self.apply_shim_queues()
         entries = self.listings.entries(self._node(fh), start_id)
         if entries is None:
             return

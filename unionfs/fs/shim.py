@@ -31,6 +31,15 @@ _CHANGED_AT_ONCE = 4096  # as many as the shim's queue of changed nodes
 _changed = (ctypes.c_uint64 * _CHANGED_AT_ONCE)()
 
 
+class _Removed(ctypes.Structure):
+    _fields_ = [("node_id", ctypes.c_uint64), ("parent_id", ctypes.c_uint64)]  # struct removed_file
+
+
+_REMOVED_AT_ONCE = 4096  # as many as the shim's queue of removed files
+_removed = (_Removed * _REMOVED_AT_ONCE)()
+_queued: ctypes.c_size_t | None = None  # how many of the above the shim holds for Python
+
+
 def load() -> bool:
     """Load the shim, if it can still take effect (pyfuse3 not imported yet) and is wanted."""
     global _loaded
@@ -57,6 +66,10 @@ def load() -> bool:
     _loaded.ufs_shim_take_back.restype = None
     _loaded.ufs_shim_take_changed.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
     _loaded.ufs_shim_take_changed.restype = ctypes.c_size_t
+    _loaded.ufs_shim_take_removed.argtypes = [ctypes.POINTER(_Removed), ctypes.c_size_t]
+    _loaded.ufs_shim_take_removed.restype = ctypes.c_size_t
+    global _queued
+    _queued = ctypes.c_size_t.in_dll(_loaded, "ufs_shim_queued")
     return True
 
 
@@ -145,7 +158,7 @@ def set_upper(root_fd: int, layer_flags: int, changes_here: bool, attr_timeout: 
 def hand_over(node_id: int, path: bytes, dev: int, ino: int, file_type: int, shown_ino: int) -> None:
     """Let the shim answer GETATTR and SETATTR of node NODE_ID itself while PATH in the upper
     layer is the object DEV:INO of FILE_TYPE (stat.S_IFDIR or S_IFREG), shown with st_ino
-    SHOWN_INO and its attributes as stored."""
+    SHOWN_INO and its attributes as stored; and UNLINK of such a file in such a directory."""
     if _loaded is not None:
         _loaded.ufs_shim_hand_over(node_id, path, dev, ino, file_type, shown_ino)
 
@@ -154,6 +167,19 @@ def take_back(node_id: int) -> None:
     """Node NODE_ID's object is gone: the shim must not answer for it any more."""
     if _loaded is not None:
         _loaded.ufs_shim_take_back(node_id)
+
+
+def queued() -> bool:
+    """Does the shim hold forgets, changed nodes or removed files for Python?"""
+    return _queued is not None and _queued.value != 0
+
+
+def take_removed() -> list[tuple[int, int]]:
+    """The (node id, parent node id) of the files the shim unlinked since the last call."""
+    if _loaded is None:
+        return []
+    taken = _loaded.ufs_shim_take_removed(_removed, _REMOVED_AT_ONCE)
+    return [(entry.node_id, entry.parent_id) for entry in _removed[:taken]]
 
 
 def take_changed() -> list[int]:

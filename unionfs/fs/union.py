@@ -120,9 +120,7 @@ class Union(Namei):
 
     def _remember(self, parent: Node, name: bytes, resolved: Resolved) -> Node:
         node = self.inodes.remember(self._node_for(parent, name, resolved))
-        found = resolved[0]
-        if found.layer == UPPER and node.layer == UPPER:
-            self._hand_to_shim(node, node.path, found.attr)
+        self._hand_found_to_shim(node, resolved[0])
         return node
 
     def lookup_existing(self, parent: Node, name: bytes) -> Node:
@@ -143,7 +141,10 @@ class Union(Namei):
         listing: list[tuple[bytes, Node | pyfuse3.EntryAttributes]] = [(b".", node), (b"..", node.parent or node)]
         for name, found in self.stack.c.list(c_dir, path):
             try:
-                listing.append((name, self._node_for(node, name, self._resolve_in(dir_paths, name, found), path)))
+                resolved = self._resolve_in(dir_paths, name, found)
+                entry_node = self._node_for(node, name, resolved, path)
+                listing.append((name, entry_node))
+                self._hand_found_to_shim(entry_node, resolved[0])  # rm -rf unlinks what it lists
             except OSError:
                 ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
                 listing.append((name, name_only_entry(ino, found.attr.mode)))
@@ -160,6 +161,11 @@ class Union(Namei):
             with contextlib.suppress(FileNotFoundError):
                 self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
         return node.entry
+
+    def _hand_found_to_shim(self, node: Node, found: core.Found) -> None:
+        """_hand_to_shim() for NODE, just resolved as FOUND."""
+        if found.layer == UPPER and node.layer == UPPER and self._shim_serves_upper:
+            self._hand_to_shim(node, node.path, found.attr)
 
     def _hand_to_shim(self, node: Node, path: bytes, attr: core.Attr) -> None:
         """Let the shim read and change the attributes of NODE's upper object (PATH, ATTR) itself, if
@@ -181,6 +187,12 @@ class Union(Namei):
         answers for it, as a new object may take its inode number and path."""
         self.inodes.drop_object(node)
         shim.take_back(node.id)
+
+    def forget(self, node_id: int, count: int) -> None:
+        """The kernel gave back COUNT references to node NODE_ID; once it holds none, the shim
+        no longer answers for it."""
+        if self.inodes.forget(node_id, count):
+            shim.take_back(node_id)
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """NODE's attributes for a reply. After writes they are read again: a reply with an old
