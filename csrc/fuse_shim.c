@@ -10,7 +10,8 @@
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
  *  - answer GETATTR, and SETATTR of modes, owners and times, of upper-layer objects that Python
  *    handed over, reading and changing them itself (and queueing the changed ones for Python),
- *    and UNLINK of such files in such directories (queued for Python too),
+ *    UNLINK of such files in such directories (queued for Python too), and LOOKUP of names absent
+ *    from such directories,
  *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
  *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
  *  - negotiate FUSE passthrough (Linux 6.9) at INIT, which libfuse 3.14 does not know, and mark
@@ -63,6 +64,7 @@ static int (*reply_err)(fuse_req_t req, int err);
 static int (*reply_data)(fuse_req_t req, struct fuse_bufvec *bufv, enum fuse_buf_copy_flags flags);
 static int (*reply_write)(fuse_req_t req, size_t count);
 static int (*reply_attr)(fuse_req_t req, const struct stat *attr, double attr_timeout);
+static int (*reply_entry)(fuse_req_t req, const struct fuse_entry_param *e);
 static size_t (*buf_size)(const struct fuse_bufvec *bufv);
 static ssize_t (*buf_copy)(struct fuse_bufvec *dst, struct fuse_bufvec *src, enum fuse_buf_copy_flags flags);
 static int (*session_fd_of)(struct fuse_session *);
@@ -492,6 +494,52 @@ static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
         reply_attr(req, &answer_stat, upper_attr_timeout);
 }
 
+/* A plain name for the handed-over directory's own calls: not "." or "..", no '/', and not an
+   OCI ".wh." name (a whiteout marker, which the union never shows); NAME is the request's
+   argument of ARG_SIZE bytes, which must end at its NUL. */
+static int plain_name(const char *name, size_t arg_size)
+{
+    return arg_size && strnlen(name, arg_size) == arg_size - 1 && strncmp(name, ".wh.", 4) != 0 &&
+           !strchr(name, '/') && strcmp(name, ".") != 0 && strcmp(name, "..") != 0;
+}
+
+/* LOOKUP of a name absent from a handed-over directory, which is of the upper layer alone, so
+   the name is absent from the union: answered here with the negative entry Python answers
+   (the kernel caches it for the entry timeout). tar, compileall and git look a name up before
+   they create it. A name that is there (a whiteout too) goes to Python. */
+static int find_absent(uint64_t parent_id, const char *name, size_t arg_size)
+{
+    if (!plain_name(name, arg_size))
+        return 0;
+    struct upper_object *parent;
+    int parent_fd = open_upper_object(parent_id, &parent);
+    if (parent_fd < 0)
+        return 0;
+    struct stat st;
+    int absent = parent->type == S_IFDIR && fstatat(parent_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 &&
+                 errno == ENOENT;
+    close(parent_fd);
+    if (absent) {
+        answer_of = parent_id;
+        answer_errno = 0;
+    }
+    return absent;
+}
+
+typedef void (*lookup_fn)(fuse_req_t, fuse_ino_t, const char *);
+static lookup_fn python_lookup;
+
+static void shim_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    if (!parent || answer_of != parent) {
+        python_lookup(req, parent, name);
+        return;
+    }
+    answer_of = 0;
+    struct fuse_entry_param absent = {.ino = 0, .entry_timeout = upper_attr_timeout};
+    reply_entry(req, &absent);
+}
+
 /* UNLINK of a regular file with one link that Python handed over, in a directory it handed over
    (of the upper layer alone: no layer below has the name, so no whiteout is due), under the
    name Python knows it by: unlinked here, and queued for Python (ufs_shim_take_removed), which
@@ -535,8 +583,7 @@ static struct upper_object *handed_over_file(uint64_t dev, uint64_t ino, const c
    was removed, with the answer ready; 0 if the request is for Python (nothing was changed). */
 static int remove_upper_file(uint64_t parent_id, const char *name, size_t arg_size)
 {
-    if (removed_queued == REMOVED_MAX || !arg_size || strnlen(name, arg_size) != arg_size - 1 ||
-        strncmp(name, ".wh.", 4) == 0 || strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, ".."))
+    if (removed_queued == REMOVED_MAX || !plain_name(name, arg_size))
         return 0;
     struct upper_object *parent;
     int parent_fd = open_upper_object(parent_id, &parent);
@@ -808,6 +855,9 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
     case FUSE_GETATTR:
         here = ops.getattr == shim_getattr && read_upper_attr(in->nodeid);
         break;
+    case FUSE_LOOKUP:
+        here = ops.lookup == shim_lookup && find_absent(in->nodeid, (const char *)(in + 1), arg_size);
+        break;
     case FUSE_UNLINK:
         here = ops.unlink == shim_unlink && remove_upper_file(in->nodeid, (const char *)(in + 1), arg_size);
         break;
@@ -915,6 +965,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         libfuse, "fuse_reply_data");
     reply_write = (int (*)(fuse_req_t, size_t))dlsym(libfuse, "fuse_reply_write");
     reply_attr = (int (*)(fuse_req_t, const struct stat *, double))dlsym(libfuse, "fuse_reply_attr");
+    reply_entry = (int (*)(fuse_req_t, const struct fuse_entry_param *))dlsym(libfuse, "fuse_reply_entry");
     buf_size = (size_t (*)(const struct fuse_bufvec *))dlsym(libfuse, "fuse_buf_size");
     buf_copy = (ssize_t (*)(struct fuse_bufvec *, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
         libfuse, "fuse_buf_copy");
@@ -946,6 +997,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (ops.getattr && reply_attr) {
         python_getattr = ops.getattr;
         ops.getattr = shim_getattr;
+    }
+    if (ops.lookup && reply_entry) {
+        python_lookup = ops.lookup;
+        ops.lookup = shim_lookup;
     }
     if (ops.unlink && reply_err) {
         python_unlink = ops.unlink;

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -369,6 +370,25 @@ def test_files_the_shim_unlinks_are_forgotten(tmp_path, mnt):
             os.unlink(mnt / "merged" / name)
         assert os.listdir(mnt / "merged") == []
         assert os.listdir(upper / "merged") == ["below"]  # the whiteout
+
+
+def test_absent_names_answered_by_the_shim_keep_the_entry_timeout(tmp_path, mnt):
+    """The shim answers the lookup of a name absent from an upper directory Python handed over
+    with a negative entry, as Python does, cached only for the entry timeout: with timeout=0 a
+    name put into the upper layer behind the mount's back shows at once. Names that are there
+    (a whiteout too) and ".wh." names still go to Python."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    with pyunionfs([lower], mnt, "-o", "timeout=0", upper=upper, workdir=work):
+        d = mnt / "d"
+        d.mkdir()
+        os.listdir(d)
+        for name in ("later", ".wh.later", "whited"):
+            assert not (d / name).exists()
+        (upper / "d" / "later").write_text("behind\n")
+        os.mknod(upper / "d" / "whited", stat.S_IFCHR | 0o600, 0)  # a whiteout: nothing shows
+        assert (d / "later").read_text() == "behind\n"
+        assert not (d / "whited").exists() and not (d / ".wh.later").exists()
+        assert sorted(os.listdir(d)) == ["later"]
 
 
 def test_a_pass_left_unfinished_is_restarted_from_its_snapshot(tmp_path, mnt):
