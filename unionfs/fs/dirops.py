@@ -49,9 +49,14 @@ def _owner_and_mode(union: Union, parent_fd: int, caller: Caller, mode: int) -> 
     return uid, union.view.gids.stored(caller.gid), mode
 
 
-def _build(union: Union, dir_fd: int, name: bytes, make: Callable[[int, bytes], None], uid: int, gid: int,
-           mode: int, opaque_namespace: bytes | None) -> None:
-    make(dir_fd, name)
+# Makes NAME in DIR_FD; returns an fd of the new object if it opened one (a created file).
+Maker = Callable[[int, bytes], int | None]
+
+
+def _build(union: Union, dir_fd: int, name: bytes, make: Maker, uid: int, gid: int, mode: int,
+           opaque_namespace: bytes | None) -> int | None:
+    """Make NAME with MAKE and give it its owner, mode and opacity; MAKE's fd, if any."""
+    fd = make(dir_fd, name)
     try:
         if union.override:
             # -o xattr_permissions: the owner and mode go to the override_stat xattr only.
@@ -60,14 +65,16 @@ def _build(union: Union, dir_fd: int, name: bytes, make: Callable[[int, bytes], 
             # A new object is the daemon's, or has a set-group-ID parent's group; a caller who is
             # the daemon's own user and group (tar as root) needs no chown.
             if (uid, gid) != (os.geteuid(), os.getegid()):
-                syscalls.chown(dir_fd, name, uid, gid)
+                os.fchown(fd, uid, gid) if fd is not None else syscalls.chown(dir_fd, name, uid, gid)
             if not stat.S_ISLNK(mode):  # after chown, which clears set-ID bits
-                syscalls.chmod(dir_fd, name, stat.S_IMODE(mode))
+                permissions = stat.S_IMODE(mode)
+                os.fchmod(fd, permissions) if fd is not None else syscalls.chmod(dir_fd, name, permissions)
         if opaque_namespace:
             set_opaque(dir_fd, name, opaque_namespace)
     except BaseException:
         _discard(dir_fd, name)
         raise
+    return fd
 
 
 def _check_name(name: bytes) -> None:
@@ -86,25 +93,25 @@ def _check_new_name(union: Union, parent: Node, name: bytes) -> None:
         raise fail(errno.EEXIST)
 
 
-def _place(union: Union, parent_fd: int, name: bytes, build: Callable[[int, bytes, bool], None]) -> None:
-    """Give NAME in PARENT_FD a new object made by BUILD(dir_fd, name, over_whiteout). Over a
-    whiteout the object is built in the work directory and swapped in with RENAME_EXCHANGE, so
-    the lower object never shows through."""
+def _place(union: Union, parent_fd: int, name: bytes, build: Callable[[int, bytes, bool], int | None]
+           ) -> int | None:
+    """Give NAME in PARENT_FD a new object made by BUILD(dir_fd, name, over_whiteout), and return
+    what BUILD returns. Over a whiteout the object is built in the work directory and swapped in
+    with RENAME_EXCHANGE, so the lower object never shows through."""
     adopt_oci_whiteout(parent_fd, name)
     if not _whiteout_at(parent_fd, name):
-        build(parent_fd, name, False)
-        return
+        return build(parent_fd, name, False)
     work = union.work
     tmp = work.temp_name()
-    build(work.fd, tmp, True)
+    fd = build(work.fd, tmp, True)
     try:
         syscalls.rename(work.fd, tmp, parent_fd, name, RENAME_EXCHANGE)
     finally:
         work.remove(tmp)  # the whiteout after the exchange, or the new object if it failed
+    return fd
 
 
-def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
-            make: Callable[[int, bytes], None]) -> Node:
+def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int, make: Maker) -> Node:
     """Create NAME in PARENT with MAKE(dir_fd, name), owned by the caller, and return its node
     (counted as a kernel reference). A directory made over a whiteout is opaque, so the lower
     directory's entries stay hidden."""
@@ -116,14 +123,16 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int,
     with union.upper_dir(parent) as parent_fd:
         uid, gid, mode = _owner_and_mode(union, parent_fd, caller, mode)
 
-        def build(dir_fd: int, build_name: bytes, over_whiteout: bool) -> None:
+        def build(dir_fd: int, build_name: bytes, over_whiteout: bool) -> int | None:
             opaque = stat.S_ISDIR(mode) and (over_whiteout or opaque_here)
-            _build(union, dir_fd, build_name, make, uid, gid, mode, union.xattr_namespace if opaque else None)
+            return _build(union, dir_fd, build_name, make, uid, gid, mode,
+                          union.xattr_namespace if opaque else None)
 
-        _place(union, parent_fd, name, build)
+        fd = _place(union, parent_fd, name, build)
         if not stat.S_ISDIR(mode):
-            node = union.remember_new(parent, name, parent_fd)
-            union.xattr_names(node, (parent_fd, name))  # before the kernel asks (security.capability)
+            node = union.remember_new(parent, name, parent_fd, fd)
+            # Before the kernel asks (security.capability, at the first write).
+            union.xattr_names(node, (parent_fd, name) if fd is None else (fd, SELF))
             return node
     node = union.lookup(parent, name)  # a directory: resolved across the layers, as any lookup
     assert node is not None
@@ -152,9 +161,9 @@ def create(union: Union, parent: Node, name: bytes, mode: int, flags: int, calle
     """Create and open a regular file; returns its node and an fd opened with FLAGS' access mode."""
     opened: list[int] = []
 
-    def make(dir_fd: int, n: bytes) -> None:
-        access = flags & os.O_ACCMODE
-        opened.append(syscalls.create(dir_fd, n, access, 0o600))
+    def make(dir_fd: int, n: bytes) -> int:
+        opened.append(syscalls.create(dir_fd, n, flags & os.O_ACCMODE, 0o600))
+        return opened[-1]
 
     try:
         node = install(union, parent, name, caller, stat.S_IFREG | mode, make)

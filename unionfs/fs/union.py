@@ -111,11 +111,12 @@ class Union(Namei):
             return None
         return self._remember(parent, name, resolved)
 
-    def remember_new(self, parent: Node, name: bytes, parent_fd: int) -> Node:
+    def remember_new(self, parent: Node, name: bytes, parent_fd: int, fd: int | None = None) -> Node:
         """The counted node for NAME, a non-directory just made in PARENT's upper directory
-        PARENT_FD: nothing below merges with it or is found through it, so its lstat is all
-        there is to look up."""
-        attr = core.stat_at(parent_fd, name, self.stack.layers[UPPER].flags)
+        PARENT_FD (open as FD, if given): nothing below merges with it or is found through it, so
+        its lstat is all there is to look up."""
+        flags = self.stack.layers[UPPER].flags
+        attr = core.stat_at(parent_fd, name, flags) if fd is None else core.stat_fd(fd, flags)
         return self._remember(parent, name, (core.Found(UPPER, attr, 0), {}))
 
     def _remember(self, parent: Node, name: bytes, resolved: Resolved) -> Node:
