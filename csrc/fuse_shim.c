@@ -240,6 +240,17 @@ static void recount_queued(void)
     ufs_shim_queued = forgets_queued + changed_queued + removed_queued;
 }
 
+/* Move up to MAX of the *QUEUED entries (SIZE bytes each) at the head of QUEUE to OUT: how many. */
+static size_t take_queued(void *queue, size_t *queued, size_t size, void *out, size_t max)
+{
+    size_t taken = *queued < max ? *queued : max;
+    memcpy(out, queue, taken * size);
+    memmove(queue, (char *)queue + taken * size, (*queued - taken) * size);
+    *queued -= taken;
+    recount_queued();
+    return taken;
+}
+
 /* Objects of the upper layer whose attributes the shim reads and changes itself. The kernel asks
    for a directory's attributes again after each change in it (its permission check before the
    next unlink or create in it), and tar sets the owner, mode and times of each file it unpacks:
@@ -326,16 +337,12 @@ static uint64_t changed[CHANGED_MAX];
 
 size_t ufs_shim_take_changed(uint64_t *out, size_t max)
 {
-    size_t taken = changed_queued < max ? changed_queued : max;
+    size_t taken = take_queued(changed, &changed_queued, sizeof(*changed), out, max);
     for (size_t i = 0; i < taken; i++) {
-        struct upper_object *slot = upper_object_slot(changed[i]);
-        if (slot->node_id == changed[i])
+        struct upper_object *slot = upper_object_slot(out[i]);
+        if (slot->node_id == out[i])
             slot->queued = 0;
     }
-    memcpy(out, changed, taken * sizeof(*changed));
-    memmove(changed, changed + taken, (changed_queued - taken) * sizeof(*changed));
-    changed_queued -= taken;
-    recount_queued();
     return taken;
 }
 
@@ -344,6 +351,16 @@ size_t ufs_shim_take_changed(uint64_t *out, size_t max)
 static uint64_t answer_of;
 static int answer_errno;
 static struct stat answer_stat;
+
+/* Is the answer worked out for node ID's request (the one a handler below is called for)? It is
+   then used up; else the handler hands the request to Python. */
+static int take_answer(uint64_t id)
+{
+    if (!id || answer_of != id)
+        return 0;
+    answer_of = 0;
+    return 1;
+}
 
 /* NS nanoseconds since the epoch as a struct timespec, whose tv_nsec is never negative (a time
    before 1970 has a negative tv_sec, and C's division rounds toward zero). */
@@ -470,11 +487,10 @@ static getattr_fn python_getattr;
 
 static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    if (!ino || answer_of != ino) {
+    if (!take_answer(ino)) {
         python_getattr(req, ino, fi);
         return;
     }
-    answer_of = 0;
     reply_attr(req, &answer_stat, upper_attr_timeout);
 }
 
@@ -483,11 +499,10 @@ static setattr_fn python_setattr;
 
 static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi)
 {
-    if (!ino || answer_of != ino) {
+    if (!take_answer(ino)) {
         python_setattr(req, ino, attr, to_set, fi);
         return;
     }
-    answer_of = 0;
     if (answer_errno)
         reply_err(req, answer_errno);
     else
@@ -531,11 +546,10 @@ static lookup_fn python_lookup;
 
 static void shim_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    if (!parent || answer_of != parent) {
+    if (!take_answer(parent)) {
         python_lookup(req, parent, name);
         return;
     }
-    answer_of = 0;
     struct fuse_entry_param absent = {.ino = 0, .entry_timeout = upper_attr_timeout};
     reply_entry(req, &absent);
 }
@@ -554,12 +568,7 @@ static struct removed_file removed[REMOVED_MAX];
 
 size_t ufs_shim_take_removed(struct removed_file *out, size_t max)
 {
-    size_t taken = removed_queued < max ? removed_queued : max;
-    memcpy(out, removed, taken * sizeof(*removed));
-    memmove(removed, removed + taken, (removed_queued - taken) * sizeof(*removed));
-    removed_queued -= taken;
-    recount_queued();
-    return taken;
+    return take_queued(removed, &removed_queued, sizeof(*removed), out, max);
 }
 
 /* The slot of the handed-over regular file DEV:INO at PARENT_PATH/NAME, or NULL. */
@@ -612,11 +621,10 @@ static unlink_fn python_unlink;
 
 static void shim_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    if (!parent || answer_of != parent) {
+    if (!take_answer(parent)) {
         python_unlink(req, parent, name);
         return;
     }
-    answer_of = 0;
     reply_err(req, answer_errno);
 }
 
@@ -630,12 +638,7 @@ static int queue_forgets_here; /* Python registered a forget handler, so it will
 
 size_t ufs_shim_take_forgets(struct fuse_forget_one *out, size_t max)
 {
-    size_t taken = forgets_queued < max ? forgets_queued : max;
-    memcpy(out, forgets, taken * sizeof(*forgets));
-    memmove(forgets, forgets + taken, (forgets_queued - taken) * sizeof(*forgets));
-    forgets_queued -= taken;
-    recount_queued();
-    return taken;
+    return take_queued(forgets, &forgets_queued, sizeof(*forgets), out, max);
 }
 
 /* Queue the forgets of a FORGET or BATCH_FORGET request, if all of them fit. */

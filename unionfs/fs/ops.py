@@ -108,7 +108,7 @@ class UnionOperations(pyfuse3.Operations):
             dirops.unlinked_by_shim(self.union, inodes.find(node_id), inodes.find(parent_id))
         self._apply_forgets(shim.take_forgets())
         for node_id in shim.take_changed():
-            node = self.union.inodes.find(node_id)
+            node = inodes.find(node_id)
             if node is not None:
                 node.stale = True
 
