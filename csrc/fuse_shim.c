@@ -13,6 +13,7 @@
  *    UNLINK of such files in such directories (queued for Python too), and LOOKUP of names absent
  *    from such directories,
  *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
+ *    and RELEASEs of the handles it published, for Python to close (ufs_shim_take_released),
  *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
  *  - negotiate FUSE passthrough (Linux 6.9) at INIT, which libfuse 3.14 does not know, and mark
  *    the open and create replies of files Python gave a backing id (see "passthrough" below),
@@ -24,10 +25,11 @@
  * xattrs (ufs_shim_mark_no_xattrs), and which upper objects the shim may read and change for a
  * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), from the
  * thread that runs the request handlers, before it replies to the request that changes them; it
- * takes the queued forgets, changed nodes and removed files (ufs_shim_take_forgets,
- * ufs_shim_take_changed, ufs_shim_take_removed) before it handles the next request, whenever
- * ufs_shim_queued says there are any, and registers and drops backing files
- * (ufs_shim_backing_open, ufs_shim_backing_close), from that thread too. It asks for
+ * takes the queued forgets, changed nodes, removed files and released handles
+ * (ufs_shim_take_forgets, ufs_shim_take_changed, ufs_shim_take_removed, ufs_shim_take_released)
+ * before it handles the next request and before it waits for one, whenever ufs_shim_queued says
+ * there are any (it keeps a released handle's number until then), and registers and drops
+ * backing files (ufs_shim_backing_open, ufs_shim_backing_close), from that thread too. It asks for
  * passthrough before the mount (ufs_shim_want_passthrough) and learns at its first open whether
  * the kernel granted it (ufs_shim_passthrough). Its request loop may wait for the next request
  * here (ufs_shim_wait_request) instead of in trio.
@@ -230,23 +232,26 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
     python_getxattr(req, ino, name, size);
 }
 
-/* How many forgets, changed nodes and removed files are queued for Python, which looks at this
-   before each request it handles and takes them all then (ufs_shim_take_*). */
-size_t ufs_shim_queued;
-static size_t forgets_queued, changed_queued, removed_queued;
+/* How many forgets, changed nodes, removed files and released handles are queued for Python,
+   which looks at the total before each request it handles and then takes the queues that hold
+   any (ufs_shim_take_*: a call each, so the counts save it the empty ones). */
+struct shim_queued {
+    size_t forgets, changed, removed, released, total;
+} ufs_shim_queued;
+static struct shim_queued *const queued = &ufs_shim_queued;
 
 static void recount_queued(void)
 {
-    ufs_shim_queued = forgets_queued + changed_queued + removed_queued;
+    queued->total = queued->forgets + queued->changed + queued->removed + queued->released;
 }
 
-/* Move up to MAX of the *QUEUED entries (SIZE bytes each) at the head of QUEUE to OUT: how many. */
-static size_t take_queued(void *queue, size_t *queued, size_t size, void *out, size_t max)
+/* Move up to MAX of the *COUNT entries (SIZE bytes each) at the head of QUEUE to OUT: how many. */
+static size_t take_queued(void *queue, size_t *count, size_t size, void *out, size_t max)
 {
-    size_t taken = *queued < max ? *queued : max;
+    size_t taken = *count < max ? *count : max;
     memcpy(out, queue, taken * size);
-    memmove(queue, (char *)queue + taken * size, (*queued - taken) * size);
-    *queued -= taken;
+    memmove(queue, (char *)queue + taken * size, (*count - taken) * size);
+    *count -= taken;
     recount_queued();
     return taken;
 }
@@ -324,10 +329,10 @@ int ufs_shim_hand_over(uint64_t node_id, const char *path, uint64_t dev, uint64_
         if (upper_objects[i].ino == ino && upper_objects[i].dev == dev && &upper_objects[i] != slot &&
             upper_objects[i].node_id)
             ufs_shim_take_back(upper_objects[i].node_id);
-    int queued = slot->node_id == node_id && slot->queued;
+    int was_queued = slot->node_id == node_id && slot->queued;
     free(slot->path);
     *slot = (struct upper_object){.node_id = node_id, .shown_ino = shown_ino, .dev = dev, .ino = ino,
-                                  .type = type, .queued = queued, .path = copy};
+                                  .type = type, .queued = was_queued, .path = copy};
     return 0;
 }
 
@@ -337,7 +342,7 @@ static uint64_t changed[CHANGED_MAX];
 
 size_t ufs_shim_take_changed(uint64_t *out, size_t max)
 {
-    size_t taken = take_queued(changed, &changed_queued, sizeof(*changed), out, max);
+    size_t taken = take_queued(changed, &queued->changed, sizeof(*changed), out, max);
     for (size_t i = 0; i < taken; i++) {
         struct upper_object *slot = upper_object_slot(out[i]);
         if (slot->node_id == out[i])
@@ -449,11 +454,11 @@ static int change_upper_attr(uint64_t node_id, const struct fuse_setattr_in *arg
     if (fd < 0)
         return 0;
     if (!object->queued) {
-        if (changed_queued == CHANGED_MAX) {
+        if (queued->changed == CHANGED_MAX) {
             close(fd);
             return 0;
         }
-        changed[changed_queued++] = node_id;
+        changed[queued->changed++] = node_id;
         object->queued = 1;
         recount_queued();
     }
@@ -568,7 +573,7 @@ static struct removed_file removed[REMOVED_MAX];
 
 size_t ufs_shim_take_removed(struct removed_file *out, size_t max)
 {
-    return take_queued(removed, &removed_queued, sizeof(*removed), out, max);
+    return take_queued(removed, &queued->removed, sizeof(*removed), out, max);
 }
 
 /* The slot of the handed-over regular file DEV:INO at PARENT_PATH/NAME, or NULL. */
@@ -592,7 +597,7 @@ static struct upper_object *handed_over_file(uint64_t dev, uint64_t ino, const c
    was removed, with the answer ready; 0 if the request is for Python (nothing was changed). */
 static int remove_upper_file(uint64_t parent_id, const char *name, size_t arg_size)
 {
-    if (removed_queued == REMOVED_MAX || !plain_name(name, arg_size))
+    if (queued->removed == REMOVED_MAX || !plain_name(name, arg_size))
         return 0;
     struct upper_object *parent;
     int parent_fd = open_upper_object(parent_id, &parent);
@@ -605,7 +610,7 @@ static int remove_upper_file(uint64_t parent_id, const char *name, size_t arg_si
         S_ISREG(st.st_mode) && st.st_nlink == 1 &&
         (file = handed_over_file(st.st_dev, st.st_ino, parent->path, name)) != NULL &&
         unlinkat(parent_fd, name, 0) == 0) {
-        removed[removed_queued++] = (struct removed_file){.node_id = file->node_id, .parent_id = parent_id};
+        removed[queued->removed++] = (struct removed_file){.node_id = file->node_id, .parent_id = parent_id};
         recount_queued();
         ufs_shim_take_back(file->node_id);
         answer_of = parent_id;
@@ -638,7 +643,7 @@ static int queue_forgets_here; /* Python registered a forget handler, so it will
 
 size_t ufs_shim_take_forgets(struct fuse_forget_one *out, size_t max)
 {
-    return take_queued(forgets, &forgets_queued, sizeof(*forgets), out, max);
+    return take_queued(forgets, &queued->forgets, sizeof(*forgets), out, max);
 }
 
 /* Queue the forgets of a FORGET or BATCH_FORGET request, if all of them fit. */
@@ -647,10 +652,10 @@ static int queue_forgets(const struct fuse_in_header *in, size_t arg_size)
     if (!queue_forgets_here)
         return 0;
     if (in->opcode == FUSE_FORGET) {
-        if (arg_size < sizeof(struct fuse_forget_in) || forgets_queued == FORGETS_MAX)
+        if (arg_size < sizeof(struct fuse_forget_in) || queued->forgets == FORGETS_MAX)
             return 0;
         const struct fuse_forget_in *arg = (const struct fuse_forget_in *)(in + 1);
-        forgets[forgets_queued++] = (struct fuse_forget_one){.nodeid = in->nodeid, .nlookup = arg->nlookup};
+        forgets[queued->forgets++] = (struct fuse_forget_one){.nodeid = in->nodeid, .nlookup = arg->nlookup};
         recount_queued();
         return 1;
     }
@@ -659,12 +664,48 @@ static int queue_forgets(const struct fuse_in_header *in, size_t arg_size)
     const struct fuse_batch_forget_in *arg = (const struct fuse_batch_forget_in *)(in + 1);
     size_t count = arg->count;
     if ((arg_size - sizeof(*arg)) / sizeof(struct fuse_forget_one) < count ||
-        FORGETS_MAX - forgets_queued < count)
+        FORGETS_MAX - queued->forgets < count)
         return 0;
-    memcpy(forgets + forgets_queued, arg + 1, count * sizeof(struct fuse_forget_one));
-    forgets_queued += count;
+    memcpy(forgets + queued->forgets, arg + 1, count * sizeof(struct fuse_forget_one));
+    queued->forgets += count;
     recount_queued();
     return 1;
+}
+
+/* RELEASE of a handle Python published: answered here and queued (ufs_shim_take_released), and
+   Python closes the layer fd and drops the backing file when it takes the queue. The client's
+   close does not wait for a RELEASE, but the daemon's one thread does: every file read or
+   written through the union (tar, compileall, git) costs a round trip into Python less. The
+   handle keeps its number until then, and its entry here (no request names it after RELEASE). */
+#define RELEASED_MAX 4096
+static uint64_t released[RELEASED_MAX];
+
+size_t ufs_shim_take_released(uint64_t *out, size_t max)
+{
+    return take_queued(released, &queued->released, sizeof(*released), out, max);
+}
+
+static int queue_release(uint64_t node_id, const struct fuse_release_in *arg)
+{
+    if (!node_id || queued->released == RELEASED_MAX || !file_at(arg->fh))
+        return 0;
+    released[queued->released++] = arg->fh;
+    recount_queued();
+    answer_of = node_id;
+    answer_errno = 0;
+    return 1;
+}
+
+typedef void (*release_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static release_fn python_release;
+
+static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (!take_answer(ino)) {
+        python_release(req, ino, fi);
+        return;
+    }
+    reply_err(req, 0);
 }
 
 /* How many asynchronous requests the kernel may have outstanding (its default is 12). RELEASE
@@ -868,6 +909,10 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
         here = ops.setattr == shim_setattr && arg_size >= sizeof(struct fuse_setattr_in) &&
                change_upper_attr(in->nodeid, (const struct fuse_setattr_in *)(in + 1));
         break;
+    case FUSE_RELEASE:
+        here = ops.release == shim_release && arg_size >= sizeof(struct fuse_release_in) &&
+               queue_release(in->nodeid, (const struct fuse_release_in *)(in + 1));
+        break;
     case FUSE_OPENDIR:
         here = ops.opendir == shim_opendir;
         break;
@@ -1012,6 +1057,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (ops.setattr && reply_attr && reply_err) {
         python_setattr = ops.setattr;
         ops.setattr = shim_setattr;
+    }
+    if (ops.release && reply_err) {
+        python_release = ops.release;
+        ops.release = shim_release;
     }
     if (ops.getxattr && reply_err) {
         python_getxattr = ops.getxattr;

@@ -4,6 +4,7 @@ behind a queue of 200 busy clients' requests the daemon heard of their closes so
 held 15,000 and more files open, then failed them with EMFILE."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -90,3 +91,36 @@ def test_200_clients_get_no_emfile_and_the_daemon_holds_few_fds(tmp_path):
     print(f"peak fds: pyunionfs {ours}, fuse-overlayfs {theirs}")
     assert our_errors == {} and their_errors == {}
     assert ours <= 2 * theirs, f"the daemon held {ours} fds at most, fuse-overlayfs {theirs}"
+
+
+def test_files_closed_through_the_union_are_closed_in_an_idle_daemon(tmp_path):
+    """The shim answers RELEASE in C and queues it; Python closes the layer file when it next
+    handles a request or, as here, when the daemon goes idle: an idle daemon keeps no file open
+    that its clients closed."""
+    lower, upper, work, mnt = (tmp_path / part for part in ("lower", "upper", "work", "mnt"))
+    for path in (lower, upper, work, mnt):
+        path.mkdir()
+    for f in range(100):
+        (lower / f"f{f}").write_text("lower\n")
+    subprocess.run([PYUNIONFS, "-o", overlay_options([lower], upper, work), str(mnt)], check=True,
+                   capture_output=True)
+    try:
+        daemon = daemons_for(mnt, PYUNIONFS)[0]
+
+        def open_layer_files() -> int:  # not the spare files the work directory keeps ready
+            targets = []
+            for fd in Path(f"/proc/{daemon}/fd").iterdir():
+                with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                    targets.append(os.readlink(fd))
+            return sum(1 for target in targets if target.startswith((f"{lower}/", f"{upper}/")))
+
+        files = [open(mnt / f"f{f}", "rb" if f % 2 else "ab") for f in range(100)]
+        assert open_layer_files() == 100
+        for file in files:
+            file.close()
+        deadline = time.monotonic() + 10
+        while open_layer_files() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert open_layer_files() == 0
+    finally:
+        force_unmount(mnt)

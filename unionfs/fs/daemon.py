@@ -109,7 +109,7 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
     # A stop signal between the mount and the signal receiver would kill the daemon and leave
     # the mount behind: hold them until _serve listens.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    shim.wait_for_requests_here(pyfuse3)
+    shim.wait_for_requests_here(pyfuse3, ops.apply_shim_queues)
     try:
         pyfuse3.init(ops, config.mountpoint, options)
     except RuntimeError as exc:

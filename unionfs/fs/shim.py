@@ -10,11 +10,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib.util
+import logging
 import os
 import sys
 from types import ModuleType
 from typing import Awaitable, Callable
 
+log = logging.getLogger("pyunionfs")
 DISABLE = "PYUNIONFS_NO_SHIM"  # set: run without it (fallocate then answers EOPNOTSUPP)
 
 
@@ -25,19 +27,26 @@ class _Forget(ctypes.Structure):
     _fields_ = [("nodeid", ctypes.c_uint64), ("nlookup", ctypes.c_uint64)]  # struct fuse_forget_one
 
 
-_FORGETS_AT_ONCE = 4096  # the shim's queue holds as many
-_forgets = (_Forget * _FORGETS_AT_ONCE)()
-_CHANGED_AT_ONCE = 4096  # as many as the shim's queue of changed nodes
-_changed = (ctypes.c_uint64 * _CHANGED_AT_ONCE)()
-
-
 class _Removed(ctypes.Structure):
     _fields_ = [("node_id", ctypes.c_uint64), ("parent_id", ctypes.c_uint64)]  # struct removed_file
 
 
-_REMOVED_AT_ONCE = 4096  # as many as the shim's queue of removed files
-_removed = (_Removed * _REMOVED_AT_ONCE)()
-_queued: ctypes.c_size_t | None = None  # how many of the above the shim holds for Python
+# Buffers for the shim's queues, each as long as its queue (csrc/fuse_shim.c: FORGETS_MAX,
+# CHANGED_MAX, REMOVED_MAX, RELEASED_MAX), so that one call takes all it holds.
+_QUEUE_LENGTH = 4096
+_forgets = (_Forget * _QUEUE_LENGTH)()
+_changed = (ctypes.c_uint64 * _QUEUE_LENGTH)()
+_removed = (_Removed * _QUEUE_LENGTH)()
+_released = (ctypes.c_uint64 * _QUEUE_LENGTH)()
+
+
+class _Queued(ctypes.Structure):
+    """How many entries the shim holds for Python in each queue (struct shim_queued)."""
+    _fields_ = [("forgets", ctypes.c_size_t), ("changed", ctypes.c_size_t), ("removed", ctypes.c_size_t),
+                ("released", ctypes.c_size_t), ("total", ctypes.c_size_t)]
+
+
+_queued: _Queued | None = None
 
 
 def load() -> bool:
@@ -68,8 +77,10 @@ def load() -> bool:
     _loaded.ufs_shim_take_changed.restype = ctypes.c_size_t
     _loaded.ufs_shim_take_removed.argtypes = [ctypes.POINTER(_Removed), ctypes.c_size_t]
     _loaded.ufs_shim_take_removed.restype = ctypes.c_size_t
+    _loaded.ufs_shim_take_released.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    _loaded.ufs_shim_take_released.restype = ctypes.c_size_t
     global _queued
-    _queued = ctypes.c_size_t.in_dll(_loaded, "ufs_shim_queued")
+    _queued = _Queued.in_dll(_loaded, "ufs_shim_queued")
     return True
 
 
@@ -79,7 +90,7 @@ def load() -> bool:
 _REQUESTS_IN_A_ROW = 64
 
 
-def wait_for_requests_here(pyfuse3: ModuleType) -> None:
+def wait_for_requests_here(pyfuse3: ModuleType, take_queues: Callable[[], None]) -> None:
     """Let PYFUSE3's request loop wait for the next request in the shim while requests follow
     each other closely. Waiting in trio (a lock shared by the workers, re-arming the fd in epoll,
     a pass of the scheduler) is most of pyfuse3's ~70 us of daemon CPU per request; a program
@@ -87,7 +98,8 @@ def wait_for_requests_here(pyfuse3: ModuleType) -> None:
     _wait_fuse_readable up by name at each request; without it (another pyfuse3), nothing
     changes. The trio wait still runs once a request is late or after _REQUESTS_IN_A_ROW, so
     other workers, signals and finished threads get their turn; and a worker waits here only
-    while another one waits in trio."""
+    while another one waits in trio. Before it waits in trio, TAKE_QUEUES takes in what the
+    shim queued (a closed file is then closed in the daemon too, however long it stays idle)."""
     in_trio: Callable[[], Awaitable[bool]] | None = getattr(pyfuse3, "_wait_fuse_readable", None)
     if _loaded is None or in_trio is None:
         return
@@ -103,6 +115,11 @@ def wait_for_requests_here(pyfuse3: ModuleType) -> None:
             in_a_row += 1
             return True
         in_a_row = 0
+        if queued():
+            try:
+                take_queues()
+            except Exception:  # a bug, but the loop must go on: it serves the mount
+                log.exception("taking in the shim's queues failed")
         waiting_in_trio += 1
         try:
             return await in_trio()
@@ -170,29 +187,33 @@ def take_back(node_id: int) -> None:
 
 
 def queued() -> bool:
-    """Does the shim hold forgets, changed nodes or removed files for Python?"""
-    return _queued is not None and _queued.value != 0
+    """Does the shim hold forgets, changed nodes, removed files or released handles for Python?"""
+    return _queued is not None and _queued.total != 0
+
+
+def _take(queue: str, buffer: ctypes.Array) -> list:
+    """The entries the shim holds in QUEUE ("forgets", "changed", "removed" or "released"),
+    taken into BUFFER (as long as the queue); one call into the shim, if it holds any."""
+    if _queued is None or not getattr(_queued, queue):
+        return []
+    return buffer[:getattr(_loaded, "ufs_shim_take_" + queue)(buffer, len(buffer))]
 
 
 def take_removed() -> list[tuple[int, int]]:
     """The (node id, parent node id) of the files the shim unlinked since the last call."""
-    if _loaded is None:
-        return []
-    taken = _loaded.ufs_shim_take_removed(_removed, _REMOVED_AT_ONCE)
-    return [(entry.node_id, entry.parent_id) for entry in _removed[:taken]]
+    return [(entry.node_id, entry.parent_id) for entry in _take("removed", _removed)]
+
+
+def take_released() -> list[int]:
+    """The open file handles whose RELEASE the shim answered since the last call."""
+    return _take("released", _released)
 
 
 def take_changed() -> list[int]:
     """The node ids whose attributes the shim changed since the last call."""
-    if _loaded is None:
-        return []
-    taken = _loaded.ufs_shim_take_changed(_changed, _CHANGED_AT_ONCE)
-    return _changed[:taken]
+    return _take("changed", _changed)
 
 
 def take_forgets() -> list[tuple[int, int]]:
     """The (node id, lookup count) forgets the shim queued since the last call."""
-    if _loaded is None:
-        return []
-    taken = _loaded.ufs_shim_take_forgets(_forgets, _FORGETS_AT_ONCE)
-    return [(forget.nodeid, forget.nlookup) for forget in _forgets[:taken]]
+    return [(forget.nodeid, forget.nlookup) for forget in _take("forgets", _forgets)]
