@@ -74,6 +74,9 @@ struct ufs_found {
     uint32_t origin_len;
     uint32_t metacopy;
     unsigned char origin[UFS_ORIGIN_MAX];
+    /* 1 when the visible object has no extended attributes at all (its layer lists none), 0
+       when it has some or they could not be listed. */
+    uint32_t no_xattrs;
 };
 
 /*

@@ -87,3 +87,22 @@ def test_lower_hard_links_as_kernel_index(kind, tmp_path, mnt):
     assert results["pyunionfs"] == results["kernel"]
     assert results["kernel"][0][-1] == 1  # one object, one inode number
     assert checksum(lower) == before
+
+
+def test_xattrs_set_through_one_lower_hard_link_show_through_the_others(tmp_path, mnt):
+    """A name looked up after another name of its object was copied up shows the copy's xattrs
+    (the index copy's), not the lower object's, which has none."""
+    lower = tmp_path / "lower"
+    (lower / "d").mkdir(parents=True)
+    make_three_links(lower / "d", "file")
+    results = {}
+    for name, mount, options, where in (("kernel", kernel_overlay, "index=on,redirect_dir=on", tmp_path / "kmnt"),
+                                        ("pyunionfs", pyunionfs, None, mnt)):
+        upper, work = tmp_path / f"{name}-upper", tmp_path / f"{name}-work"
+        for path in (upper, work, where):
+            path.mkdir(exist_ok=True)
+        extra = {"options": options} if options else {}
+        with mount([lower], where, upper=upper, workdir=work, **extra):
+            os.setxattr(where / "d" / "file1", "user.note", b"set")
+            results[name] = [os.getxattr(where / "d" / f"file{n}", "user.note") for n in (2, 3)]
+    assert results["pyunionfs"] == results["kernel"] == [b"set", b"set"]

@@ -63,6 +63,35 @@ def test_oci_and_user_namespace_forms(tmp_path, mnt):
         assert os.listxattr(mnt) == []  # trusted.overlay.opaque on the root is private too
 
 
+def test_xattrs_of_listed_and_looked_up_entries(tmp_path, mnt):
+    """The C core lists each found object's xattr names as it resolves it, so that the shim
+    answers GETXATTR for those with none (ls -l asks for every entry's ACL): entries with xattrs
+    still show them, private overlay ones stay hidden, and names added through the mount show."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    (lower / "d").mkdir()
+    for name in ("plain", "labelled", "private"):
+        (lower / "d" / name).write_text(name)
+    os.setxattr(lower / "d" / "labelled", "user.label", b"lower")
+    os.setxattr(lower / "d" / "private", "trusted.overlay.origin", b"x")
+    (upper / "d").mkdir()
+    (upper / "d" / "made").write_text("upper")
+    with pyunionfs([lower], mnt, upper=upper, workdir=work):
+        for look in (lambda d: sorted(os.listdir(d)), lambda d: None):  # listed, then looked up cold
+            d = mnt / "d"
+            look(d)
+            assert os.getxattr(d / "labelled", "user.label") == b"lower"
+            assert os.listxattr(d / "labelled") == ["user.label"]
+            for name in ("plain", "private", "made"):
+                assert os.listxattr(d / name) == []
+                with pytest.raises(OSError) as exc:
+                    os.getxattr(d / name, "user.label")
+                assert exc.value.errno == 61  # ENODATA
+            os.setxattr(d / "plain", "user.label", b"new")
+            assert os.getxattr(d / "plain", "user.label") == b"new"
+            os.removexattr(d / "plain", "user.label")
+            subprocess.run(["sh", "-c", "sync; echo 2 > /proc/sys/vm/drop_caches"], check=True)
+
+
 def test_read_only_without_upper(tmp_path, mnt):
     (layer,) = layer_dirs(tmp_path, 1)
     (layer / "f").write_text("data")

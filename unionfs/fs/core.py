@@ -53,6 +53,7 @@ class Found(NamedTuple):
     redirect_layer: int = -1  # the layer whose directory has overlay.redirect (the merge stopped)
     origin: bytes = b""  # an upper object's overlay.origin value (read by the C core)
     metacopy: bool = False  # an upper file has overlay.metacopy: its data is in a lower layer
+    no_xattrs: bool = False  # the visible object has no xattrs at all (False: some, or not listed)
 
 
 def _check(rc: int, what: bytes) -> int:
@@ -65,7 +66,7 @@ def _copy_found(c_found: Any) -> Found:
     dir_layers = sum(word << (64 * i) for i, word in enumerate(c_found.dir_layers) if word)
     origin = bytes(ffi.buffer(c_found.origin, c_found.origin_len)) if c_found.origin_len else b""
     return Found(c_found.layer, _copy_attr(c_found.attr), dir_layers, c_found.redirect_layer,
-                 origin, bool(c_found.metacopy))
+                 origin, bool(c_found.metacopy), bool(c_found.no_xattrs))
 
 
 class LayerArray:

@@ -234,7 +234,8 @@ class Namei:
         index_name = self._index_entry(found, lower_paths)
         if index_name is not None:
             attr = core.stat_at(self.work.index_fd, index_name, self.stack.layers[UPPER].flags)
-            return found._replace(attr=self._union_nlink(attr, self.work.index_fd, index_name)), index_name
+            return found._replace(attr=self._union_nlink(attr, self.work.index_fd, index_name),
+                                  no_xattrs=False), index_name
         if found.layer == UPPER and self.has_upper:
             return found._replace(attr=self._union_nlink(found.attr, self.stack.top().root_fd, path)), None
         return found, None

@@ -29,6 +29,7 @@ def node_found(node: Node, attr: core.Attr) -> core.Found:
 # Files up to this size are copied up on the event loop: a hop to a worker thread costs more than
 # their copy. Bigger ones go to a thread, so other requests go on meanwhile.
 INLINE_COPY_MAX = 1 << 20
+NO_XATTR_NAMES: frozenset[bytes] = frozenset()
 
 
 class Union(Namei):
@@ -84,6 +85,10 @@ class Union(Namei):
         ino = self._ino_of(found, path)
         found, index_name = self._with_copy_state(found, lower_paths, path)
         node = self.inodes.node_for(ino, parent, name, found, lower_paths)
+        if found.no_xattrs and node.xattr_names is None:  # listed with it by the C core
+            node.xattr_names = NO_XATTR_NAMES
+            if self.xattrs:
+                shim.mark_no_xattrs(node.id, True)
         if node.layer == UPPER:
             if found.layer == UPPER and self.writable:  # attributes as they are now
                 node.update(found, self.view)
