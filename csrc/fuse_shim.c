@@ -13,7 +13,6 @@
  *    UNLINK of such files in such directories (queued for Python too), and LOOKUP of names absent
  *    from such directories,
  *  - queue FORGETs for Python to apply when it next hands out references (ufs_shim_take_forgets),
- *    and RELEASEs of the handles it published, for Python to close (ufs_shim_take_released),
  *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
  *  - negotiate FUSE passthrough (Linux 6.9) at INIT, which libfuse 3.14 does not know, and mark
  *    the open and create replies of files Python gave a backing id (see "passthrough" below),
@@ -25,11 +24,10 @@
  * xattrs (ufs_shim_mark_no_xattrs), and which upper objects the shim may read and change for a
  * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), from the
  * thread that runs the request handlers, before it replies to the request that changes them; it
- * takes the queued forgets, changed nodes, removed files and released handles
- * (ufs_shim_take_forgets, ufs_shim_take_changed, ufs_shim_take_removed, ufs_shim_take_released)
- * before it handles the next request and before it waits for one, whenever ufs_shim_queued says
- * there are any (it keeps a released handle's number until then), and registers and drops
- * backing files (ufs_shim_backing_open, ufs_shim_backing_close), from that thread too. It asks for
+ * takes the queued forgets, changed nodes and removed files (ufs_shim_take_forgets,
+ * ufs_shim_take_changed, ufs_shim_take_removed) before it handles the next request and before it
+ * waits for one, whenever ufs_shim_queued says there are any, and registers and drops backing
+ * files (ufs_shim_backing_open, ufs_shim_backing_close), from that thread too. It asks for
  * passthrough before the mount (ufs_shim_want_passthrough) and learns at its first open whether
  * the kernel granted it (ufs_shim_passthrough). Its request loop may wait for the next request
  * here (ufs_shim_wait_request) instead of in trio.
@@ -215,6 +213,17 @@ int ufs_shim_mark_no_xattrs(uint64_t ino, int none)
     return 0;
 }
 
+/* The same, for COUNT node ids at once, all with none (a listing's: one call instead of one each). */
+int ufs_shim_mark_many_no_xattrs(const uint64_t *ids, size_t count)
+{
+    for (size_t i = 0; i < count; i++) {
+        int rc = ufs_shim_mark_no_xattrs(ids[i], 1);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 typedef void (*getxattr_fn)(fuse_req_t, fuse_ino_t, const char *, size_t);
 static getxattr_fn python_getxattr;
 
@@ -232,17 +241,17 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
     python_getxattr(req, ino, name, size);
 }
 
-/* How many forgets, changed nodes, removed files and released handles are queued for Python,
-   which looks at the total before each request it handles and then takes the queues that hold
-   any (ufs_shim_take_*: a call each, so the counts save it the empty ones). */
+/* How many forgets, changed nodes and removed files are queued for Python, which looks at the
+   total before each request it handles and then takes the queues that hold any
+   (ufs_shim_take_*: a call each, so the counts save it the empty ones). */
 struct shim_queued {
-    size_t forgets, changed, removed, released, total;
+    size_t forgets, changed, removed, total;
 } ufs_shim_queued;
 static struct shim_queued *const queued = &ufs_shim_queued;
 
 static void recount_queued(void)
 {
-    queued->total = queued->forgets + queued->changed + queued->removed + queued->released;
+    queued->total = queued->forgets + queued->changed + queued->removed;
 }
 
 /* Move up to MAX of the *COUNT entries (SIZE bytes each) at the head of QUEUE to OUT: how many. */
@@ -672,42 +681,6 @@ static int queue_forgets(const struct fuse_in_header *in, size_t arg_size)
     return 1;
 }
 
-/* RELEASE of a handle Python published: answered here and queued (ufs_shim_take_released), and
-   Python closes the layer fd and drops the backing file when it takes the queue. The client's
-   close does not wait for a RELEASE, but the daemon's one thread does: every file read or
-   written through the union (tar, compileall, git) costs a round trip into Python less. The
-   handle keeps its number until then, and its entry here (no request names it after RELEASE). */
-#define RELEASED_MAX 4096
-static uint64_t released[RELEASED_MAX];
-
-size_t ufs_shim_take_released(uint64_t *out, size_t max)
-{
-    return take_queued(released, &queued->released, sizeof(*released), out, max);
-}
-
-static int queue_release(uint64_t node_id, const struct fuse_release_in *arg)
-{
-    if (!node_id || queued->released == RELEASED_MAX || !file_at(arg->fh))
-        return 0;
-    released[queued->released++] = arg->fh;
-    recount_queued();
-    answer_of = node_id;
-    answer_errno = 0;
-    return 1;
-}
-
-typedef void (*release_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
-static release_fn python_release;
-
-static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
-{
-    if (!take_answer(ino)) {
-        python_release(req, ino, fi);
-        return;
-    }
-    reply_err(req, 0);
-}
-
 /* How many asynchronous requests the kernel may have outstanding (its default is 12). RELEASE
    is one: with 12, a daemon serving many busy clients heard of their closes long after they
    happened and kept their files open meanwhile (tens of thousands of fds, then EMFILE). */
@@ -909,10 +882,6 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
         here = ops.setattr == shim_setattr && arg_size >= sizeof(struct fuse_setattr_in) &&
                change_upper_attr(in->nodeid, (const struct fuse_setattr_in *)(in + 1));
         break;
-    case FUSE_RELEASE:
-        here = ops.release == shim_release && arg_size >= sizeof(struct fuse_release_in) &&
-               queue_release(in->nodeid, (const struct fuse_release_in *)(in + 1));
-        break;
     case FUSE_OPENDIR:
         here = ops.opendir == shim_opendir;
         break;
@@ -1057,10 +1026,6 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (ops.setattr && reply_attr && reply_err) {
         python_setattr = ops.setattr;
         ops.setattr = shim_setattr;
-    }
-    if (ops.release && reply_err) {
-        python_release = ops.release;
-        ops.release = shim_release;
     }
     if (ops.getxattr && reply_err) {
         python_getxattr = ops.getxattr;

@@ -94,9 +94,7 @@ def test_200_clients_get_no_emfile_and_the_daemon_holds_few_fds(tmp_path):
 
 
 def test_files_closed_through_the_union_are_closed_in_an_idle_daemon(tmp_path):
-    """The shim answers RELEASE in C and queues it; Python closes the layer file when it next
-    handles a request or, as here, when the daemon goes idle: an idle daemon keeps no file open
-    that its clients closed."""
+    """An idle daemon keeps no layer file open that its clients closed, read or written."""
     lower, upper, work, mnt = (tmp_path / part for part in ("lower", "upper", "work", "mnt"))
     for path in (lower, upper, work, mnt):
         path.mkdir()

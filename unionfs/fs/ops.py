@@ -99,11 +99,10 @@ class UnionOperations(pyfuse3.Operations):
 
     def apply_shim_queues(self) -> None:
         """Take in what the shim did while it answered: forget the files it unlinked, drop the
-        lookups the kernel gave back, mark the nodes whose attributes it changed as stale, and
-        close the handles the kernel released. Done before Python handles a request, so that no
-        request sees the nodes as they were (node ids are never reused, so a forget applied
-        late is still right; a released handle's number is not reused before), and before the
-        daemon waits for requests (so an idle daemon holds no closed file open)."""
+        lookups the kernel gave back, and mark the nodes whose attributes it changed as stale.
+        Done before Python handles a request, so that no request sees the nodes as they were
+        (node ids are never reused, so a forget applied late is still right), and before the
+        daemon waits for requests (so an idle daemon holds no node the kernel forgot)."""
         inodes = self.union.inodes
         for node_id, parent_id in shim.take_removed():
             self.listings.changed(parent_id)
@@ -113,8 +112,6 @@ class UnionOperations(pyfuse3.Operations):
             node = inodes.find(node_id)
             if node is not None:
                 node.stale = True
-        for fh in shim.take_released():
-            self._close_handle(fh)
 
     @replies_errno
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
@@ -238,9 +235,6 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def release(self, fh: int) -> None:
-        self._close_handle(fh)  # a RELEASE reaches Python when the shim's queue is full
-
-    def _close_handle(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         if handle.flags != os.O_RDONLY:
             handle.node.stale = True  # the shim or the kernel may have written to it: re-read its attributes

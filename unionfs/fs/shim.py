@@ -7,6 +7,7 @@ then bind to the shim's wrappers, because the global scope is searched before a 
 dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import importlib.util
@@ -32,18 +33,17 @@ class _Removed(ctypes.Structure):
 
 
 # Buffers for the shim's queues, each as long as its queue (csrc/fuse_shim.c: FORGETS_MAX,
-# CHANGED_MAX, REMOVED_MAX, RELEASED_MAX), so that one call takes all it holds.
+# CHANGED_MAX, REMOVED_MAX), so that one call takes all it holds.
 _QUEUE_LENGTH = 4096
 _forgets = (_Forget * _QUEUE_LENGTH)()
 _changed = (ctypes.c_uint64 * _QUEUE_LENGTH)()
 _removed = (_Removed * _QUEUE_LENGTH)()
-_released = (ctypes.c_uint64 * _QUEUE_LENGTH)()
 
 
 class _Queued(ctypes.Structure):
     """How many entries the shim holds for Python in each queue (struct shim_queued)."""
     _fields_ = [("forgets", ctypes.c_size_t), ("changed", ctypes.c_size_t), ("removed", ctypes.c_size_t),
-                ("released", ctypes.c_size_t), ("total", ctypes.c_size_t)]
+                ("total", ctypes.c_size_t)]
 
 
 _queued: _Queued | None = None
@@ -59,6 +59,7 @@ def load() -> bool:
         return False
     _loaded = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     _loaded.ufs_shim_mark_no_xattrs.argtypes = [ctypes.c_uint64, ctypes.c_int]
+    _loaded.ufs_shim_mark_many_no_xattrs.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     _loaded.ufs_shim_set_file.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     _loaded.ufs_shim_want_passthrough.argtypes = [ctypes.c_int]
     _loaded.ufs_shim_backing_open.argtypes = [ctypes.c_int]
@@ -77,8 +78,6 @@ def load() -> bool:
     _loaded.ufs_shim_take_changed.restype = ctypes.c_size_t
     _loaded.ufs_shim_take_removed.argtypes = [ctypes.POINTER(_Removed), ctypes.c_size_t]
     _loaded.ufs_shim_take_removed.restype = ctypes.c_size_t
-    _loaded.ufs_shim_take_released.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
-    _loaded.ufs_shim_take_released.restype = ctypes.c_size_t
     global _queued
     _queued = _Queued.in_dll(_loaded, "ufs_shim_queued")
     return True
@@ -99,7 +98,7 @@ def wait_for_requests_here(pyfuse3: ModuleType, take_queues: Callable[[], None])
     changes. The trio wait still runs once a request is late or after _REQUESTS_IN_A_ROW, so
     other workers, signals and finished threads get their turn; and a worker waits here only
     while another one waits in trio. Before it waits in trio, TAKE_QUEUES takes in what the
-    shim queued (a closed file is then closed in the daemon too, however long it stays idle)."""
+    shim queued (an idle daemon then lets go of the nodes the kernel forgot)."""
     in_trio: Callable[[], Awaitable[bool]] | None = getattr(pyfuse3, "_wait_fuse_readable", None)
     if _loaded is None or in_trio is None:
         return
@@ -162,6 +161,12 @@ def mark_no_xattrs(node_id: int, none: bool) -> None:
         _loaded.ufs_shim_mark_no_xattrs(node_id, int(none))
 
 
+def mark_many_no_xattrs(node_ids: array.array) -> None:
+    """mark_no_xattrs(node_id, True) for each of NODE_IDS (an array of "Q"), in one call."""
+    if _loaded is not None and node_ids:
+        _loaded.ufs_shim_mark_many_no_xattrs(node_ids.buffer_info()[0], len(node_ids))
+
+
 def set_upper(root_fd: int, layer_flags: int, changes_here: bool, attr_timeout: float, open_at_address: int,
               stat_fd_address: int) -> None:
     """The upper layer's root and flags, whether the shim may change attributes (SETATTR), the
@@ -187,12 +192,12 @@ def take_back(node_id: int) -> None:
 
 
 def queued() -> bool:
-    """Does the shim hold forgets, changed nodes, removed files or released handles for Python?"""
+    """Does the shim hold forgets, changed nodes or removed files for Python?"""
     return _queued is not None and _queued.total != 0
 
 
 def _take(queue: str, buffer: ctypes.Array) -> list:
-    """The entries the shim holds in QUEUE ("forgets", "changed", "removed" or "released"),
+    """The entries the shim holds in QUEUE ("forgets", "changed" or "removed"),
     taken into BUFFER (as long as the queue); one call into the shim, if it holds any."""
     if _queued is None or not getattr(_queued, queue):
         return []
@@ -202,11 +207,6 @@ def _take(queue: str, buffer: ctypes.Array) -> list:
 def take_removed() -> list[tuple[int, int]]:
     """The (node id, parent node id) of the files the shim unlinked since the last call."""
     return [(entry.node_id, entry.parent_id) for entry in _take("removed", _removed)]
-
-
-def take_released() -> list[int]:
-    """The open file handles whose RELEASE the shim answered since the last call."""
-    return _take("released", _released)
 
 
 def take_changed() -> list[int]:

@@ -3,6 +3,7 @@ listings and reads, and the upper-layer plumbing that writes build on (copy-up, 
 directories). The FUSE Operations class translates requests into these calls."""
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import os
@@ -75,10 +76,12 @@ class Union(Namei):
 
     # ---- reading ----
 
-    def _node_for(self, parent: Node, name: bytes, resolved: Resolved,
-                  parent_path: bytes | None = None) -> Node:
+    def _node_for(self, parent: Node, name: bytes, resolved: Resolved, parent_path: bytes | None = None,
+                  no_xattrs: array.array | None = None) -> Node:
         """The node for a resolved name: the known one for its object (with fresh attributes when
-        it lives in the upper layer), or a new, uncounted one."""
+        it lives in the upper layer), or a new, uncounted one. If the object has no xattrs, the
+        shim is told so (it answers GETXATTR), or the node id added to NO_XATTRS for the caller
+        to tell it."""
         found, lower_paths = resolved
         parent_path = parent.path if parent_path is None else parent_path
         path = name if parent_path == ROOT_PATH else parent_path + b"/" + name
@@ -87,8 +90,11 @@ class Union(Namei):
         node = self.inodes.node_for(ino, parent, name, found, lower_paths)
         if found.no_xattrs and node.xattr_names is None:  # listed with it by the C core
             node.xattr_names = NO_XATTR_NAMES
-            if self.xattrs:
-                shim.mark_no_xattrs(node.id, True)
+            if self.xattrs:  # else GETXATTR gets ENOSYS from Python (-o noxattrs)
+                if no_xattrs is None:
+                    shim.mark_no_xattrs(node.id, True)
+                else:
+                    no_xattrs.append(node.id)
         if node.layer == UPPER:
             if found.layer == UPPER and self.writable:  # attributes as they are now
                 node.update(found, self.view)
@@ -145,15 +151,17 @@ class Union(Namei):
         path = node.path
         dir_paths, c_dir = self._dir_view(node)
         listing: list[tuple[bytes, Node | pyfuse3.EntryAttributes]] = [(b".", node), (b"..", node.parent or node)]
+        no_xattrs = array.array("Q")
         for name, found in self.stack.c.list(c_dir, path):
             try:
                 resolved = self._resolve_in(dir_paths, name, found)
-                entry_node = self._node_for(node, name, resolved, path)
+                entry_node = self._node_for(node, name, resolved, path, no_xattrs)
                 listing.append((name, entry_node))
                 self._hand_found_to_shim(entry_node, resolved[0])  # rm -rf unlinks what it lists
             except OSError:
                 ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
                 listing.append((name, name_only_entry(ino, found.attr.mode)))
+        shim.mark_many_no_xattrs(no_xattrs)
         return listing
 
     def is_empty(self, node: Node) -> bool:
