@@ -186,6 +186,35 @@ def test_new_code_retires_the_server(fork_server, dirs):
     server.stop()
 
 
+def test_a_server_that_exits_while_its_mounts_live_is_replaced(fork_server, dirs, tmp_path):
+    """The mounts a server forked outlive it (podman's containers run for days); the next caller
+    after it exits (idle, or stopped) starts a new one, and the new one serves: the FUSE servers
+    hold nothing of the old one's, its lock least of all."""
+    assert helper(dirs).returncode == 0
+    (daemon,) = daemons_for(dirs["mnt"])
+    assert parent_of(daemon) == fork_server
+    server.stop()
+    second = {name: tmp_path / f"second-{name}" for name in ("upper", "work", "mnt")}
+    for path in second.values():
+        path.mkdir()
+    try:
+        assert helper({**dirs, **second}).returncode == 0  # the slow way; it starts a new server
+        deadline = time.monotonic() + 30
+        while server_pid() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        replacement = server_pid()
+        assert replacement not in (None, fork_server), "no new server started"
+        force_unmount(second["mnt"])
+        while daemons_for(second["mnt"]) and time.monotonic() < deadline:  # the slow way's server exits
+            time.sleep(0.05)
+        assert helper({**dirs, **second}).returncode == 0
+        (served,) = daemons_for(second["mnt"])
+        assert parent_of(served) == replacement
+    finally:
+        force_unmount(second["mnt"])
+        server.stop()
+
+
 def test_an_idle_server_exits(tmp_path, monkeypatch):
     monkeypatch.setenv(client.DIRECTORY, str(tmp_path))
     started = subprocess.run([PYUNIONFS, "fork-server", "--idle", "0.5"], timeout=60)

@@ -63,6 +63,11 @@ class MountRequest:
     def serve(self) -> int:
         return serve.serve(self.config, foreground=self.foreground, debug=self.debug)
 
+    def rehearse(self) -> None:
+        """Check it and open its union, then close it, without mounting (a fork server's spare
+        process does, so that its caller does not wait for what that first run costs)."""
+        serve.open_and_close(self.config)
+
     def serve_forked(self, ready_fd: int) -> int:
         """Serve it from this process, a fork server's, which reports to READY_FD."""
         return serve.serve(self.config, ready_fd=ready_fd, forked=True)

@@ -27,6 +27,16 @@ def serve(config: MountConfig, foreground: bool = False, debug: bool = False, re
                         lifeline_fd=lifeline_fd)
 
 
+def open_and_close(config: MountConfig) -> None:
+    """Check CONFIG and open its union, then close it: nothing is mounted."""
+    from unionfs.fs import shim
+
+    shim.load()
+    from unionfs.fs import daemon
+
+    daemon.open_union(config).close()
+
+
 def unmount(mountpoint: str) -> None:
     """Unmount a union (the daemon then exits by itself)."""
     path = os.path.abspath(mountpoint)
