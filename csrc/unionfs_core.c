@@ -92,7 +92,7 @@ struct xattrat_args {   /* struct xattr_args */
     uint32_t size;
     uint32_t flags;
 };
-static int xattrat_missing; /* the kernel answered ENOSYS */
+static int xattrat_missing; /* the kernel lacks them, or a seccomp filter refuses them */
 
 /* A path naming NAME in DIR_FD (NAME "" for the directory) for the path-based xattr calls. */
 static int proc_path(char *buf, int dir_fd, const char *name)
@@ -101,36 +101,44 @@ static int proc_path(char *buf, int dir_fd, const char *name)
     return (n < 0 || n >= PATH_MAX) ? -ENAMETOOLONG : 0;
 }
 
-/* llistxattr() of NAME in directory DIR_FD (NAME "" for the directory itself). */
-static ssize_t list_xattrs_at(int dir_fd, const char *name, char *list, size_t size)
+/* The result of an xattr call made with getxattrat or listxattrat: N, or -1 with errno. If the
+   call failed as a syscall the kernel lacks, or one a seccomp filter refuses (ENOSYS or EPERM;
+   reading an xattr is otherwise never EPERM), the same call by path is its result, and the path
+   form is used from then on when that one is not refused. */
+static ssize_t by_path_if_refused(ssize_t n, int dir_fd, const char *name, const char *xname, void *buf,
+                                  size_t size)
 {
-    if (!xattrat_missing) {
-        ssize_t n = syscall(XATTRAT_LIST, dir_fd, *name ? name : ".", AT_SYMLINK_NOFOLLOW, list, size);
-        if (n >= 0 || errno != ENOSYS)
-            return n;
-        xattrat_missing = 1;
-    }
+    if (n >= 0 || (errno != ENOSYS && errno != EPERM))
+        return n;
     char path[PATH_MAX];
     if (proc_path(path, dir_fd, name) < 0)
         return -1;
-    return llistxattr(path, list, size);
+    n = xname ? lgetxattr(path, xname, buf, size) : llistxattr(path, buf, size);
+    if (n >= 0 || errno != EPERM)
+        xattrat_missing = 1;
+    return n;
+}
+
+/* llistxattr() of NAME in directory DIR_FD (NAME "" for the directory itself). */
+static ssize_t list_xattrs_at(int dir_fd, const char *name, char *list, size_t size)
+{
+    ssize_t n = -1;
+    errno = ENOSYS;
+    if (!xattrat_missing)
+        n = syscall(XATTRAT_LIST, dir_fd, *name ? name : ".", AT_SYMLINK_NOFOLLOW, list, size);
+    return by_path_if_refused(n, dir_fd, name, NULL, list, size);
 }
 
 /* lgetxattr() of xattr XNAME of NAME in directory DIR_FD (NAME "" for the directory itself). */
 static ssize_t get_xattr_at(int dir_fd, const char *name, const char *xname, void *value, size_t size)
 {
+    ssize_t n = -1;
+    errno = ENOSYS;
     if (!xattrat_missing) {
         struct xattrat_args args = {.value = (uint64_t)(uintptr_t)value, .size = (uint32_t)size};
-        ssize_t n = syscall(XATTRAT_GET, dir_fd, *name ? name : ".", AT_SYMLINK_NOFOLLOW, xname, &args,
-                            sizeof(args));
-        if (n >= 0 || errno != ENOSYS)
-            return n;
-        xattrat_missing = 1;
+        n = syscall(XATTRAT_GET, dir_fd, *name ? name : ".", AT_SYMLINK_NOFOLLOW, xname, &args, sizeof(args));
     }
-    char path[PATH_MAX];
-    if (proc_path(path, dir_fd, name) < 0)
-        return -1;
-    return lgetxattr(path, xname, value, size);
+    return by_path_if_refused(n, dir_fd, name, xname, value, size);
 }
 
 /* Open layer directory PATH (with FLAGS) for the names to be looked up in it. */

@@ -54,9 +54,10 @@ def mount_args(lowers: Sequence[Path], upper: Path | None = None, workdir: Path 
 
 @contextlib.contextmanager
 def pyunionfs(lowers: Sequence[Path], mountpoint: Path, *extra: str, upper: Path | None = None,
-              workdir: Path | None = None, stderr: IO | None = None) -> Iterator[subprocess.Popen]:
-    """pyunionfs in the foreground (-f), so the test owns the daemon's PID."""
-    command = [PYUNIONFS, "mount", *mount_args(lowers, upper, workdir), str(mountpoint), "-f", *extra]
+              workdir: Path | None = None, stderr: IO | None = None,
+              prefix: Sequence[str] = ()) -> Iterator[subprocess.Popen]:
+    """pyunionfs in the foreground (-f), so the test owns the daemon's PID; run by PREFIX, if given."""
+    command = [*prefix, PYUNIONFS, "mount", *mount_args(lowers, upper, workdir), str(mountpoint), "-f", *extra]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=stderr if stderr is not None else subprocess.DEVNULL)
     try:

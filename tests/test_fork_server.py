@@ -215,6 +215,27 @@ def test_a_server_that_exits_while_its_mounts_live_is_replaced(fork_server, dirs
         server.stop()
 
 
+def test_the_server_and_its_mounts_keep_few_fds(fork_server, dirs):
+    """Each request is served by a spare the server forked ahead of time: the server keeps nothing
+    per spare, and a FUSE server it forked has the fds of one mount only."""
+
+    def fds(pid: int) -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    counts = []
+    for _ in range(6):
+        assert helper(dirs).returncode == 0
+        (daemon,) = daemons_for(dirs["mnt"])
+        assert parent_of(daemon) == fork_server
+        counts.append((fds(fork_server), fds(daemon)))
+        force_unmount(dirs["mnt"])
+        deadline = time.monotonic() + 10
+        while daemons_for(dirs["mnt"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(set(counts)) == 1, counts
+    assert counts[0][1] < 32
+
+
 def test_an_idle_server_exits(tmp_path, monkeypatch):
     monkeypatch.setenv(client.DIRECTORY, str(tmp_path))
     started = subprocess.run([PYUNIONFS, "fork-server", "--idle", "0.5"], timeout=60)

@@ -1,6 +1,7 @@
 """The mounted read path: whiteout forms the kernel does not read, xattrs, inode numbers, FORGET."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -85,11 +86,56 @@ def test_xattrs_of_listed_and_looked_up_entries(tmp_path, mnt):
                 assert os.listxattr(d / name) == []
                 with pytest.raises(OSError) as exc:
                     os.getxattr(d / name, "user.label")
-                assert exc.value.errno == 61  # ENODATA
+                assert exc.value.errno == errno.ENODATA
             os.setxattr(d / "plain", "user.label", b"new")
             assert os.getxattr(d / "plain", "user.label") == b"new"
             os.removexattr(d / "plain", "user.label")
             subprocess.run(["sh", "-c", "sync; echo 2 > /proc/sys/vm/drop_caches"], check=True)
+
+
+# Runs the command in its arguments under a seccomp filter that refuses getxattrat and listxattrat
+# (x86_64 numbers 464 and 465) with the errno in PYUNIONFS_TEST_ERRNO: as a kernel before 6.13
+# (ENOSYS) or a container's seccomp profile older than those calls (EPERM) does.
+REFUSE_XATTRAT = """
+import ctypes, os, struct, sys
+def op(code, k, jt=0, jf=0):
+    return struct.pack("HBBI", code, jt, jf, k)
+LD, JEQ, RET = 0x20, 0x15, 0x06
+program = b"".join([op(LD, 4), op(JEQ, 0xC000003E, 0, 3), op(LD, 0), op(JEQ, 464, 2, 0), op(JEQ, 465, 1, 0),
+                    op(RET, 0x7FFF0000), op(RET, 0x00050000 | int(os.environ["PYUNIONFS_TEST_ERRNO"]))])
+buffer = ctypes.create_string_buffer(program)
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+prog = Prog(len(program) // 8, ctypes.addressof(buffer))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter names x86_64's syscall numbers")
+@pytest.mark.parametrize("refused_with", ["ENOSYS", "EPERM"])
+def test_overlay_xattrs_are_read_where_getxattrat_is_refused(tmp_path, mnt, monkeypatch, refused_with):
+    """The C core reads xattrs of a name in a layer with getxattrat/listxattrat, and by a
+    /proc/self/fd path where the kernel lacks them or a seccomp filter refuses them: an opaque
+    directory and an xwhiteout still hide what is below them."""
+    lower, upper, work = layer_dirs(tmp_path, 3)
+    (lower / "d").mkdir()
+    (lower / "d" / "below").write_text("hidden\n")
+    (lower / "gone").write_text("hidden\n")
+    (upper / "d").mkdir()
+    (upper / "d" / "own").write_text("shown\n")
+    make_opaque(upper / "d")
+    middle = tmp_path / "middle"
+    middle.mkdir()
+    os.setxattr(middle, "trusted.overlay.opaque", b"x")
+    (middle / "gone").touch()
+    os.setxattr(middle / "gone", "trusted.overlay.whiteout", b"")
+    monkeypatch.setenv("PYUNIONFS_TEST_ERRNO", str(getattr(errno, refused_with)))
+    with pyunionfs([middle, lower], mnt, upper=upper, workdir=work, prefix=[sys.executable, "-c", REFUSE_XATTRAT]):
+        assert os.listdir(mnt / "d") == ["own"]
+        assert sorted(os.listdir(mnt)) == ["d"]
 
 
 def test_read_only_without_upper(tmp_path, mnt):

@@ -143,12 +143,17 @@ def _start_spare(listener: socket.socket, lock: int, readers: Readers, where: st
     """Fork the process that serves the next caller: its pid, and a pipe on which it says TAKEN
     or STALE once a caller has connected (end of file: it died)."""
     taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
-    spare = sysns.fork_dying_with_parent()  # while it waits: it goes with the server
+    server = os.getpid()
+    spare = os.fork()
     if spare:
         os.close(taken_w)
         return spare, taken_r
     code = 1
     try:
+        # While it waits, it goes with the server: another parent means the server is gone already.
+        sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server:
+            return
         # The server's lock is held as long as any process has it open: a FUSE server that kept
         # it would keep the next fork server from starting after this one exits.
         os.close(lock)
