@@ -2,11 +2,12 @@
 behave as on kernel overlayfs with index=on, for the other names too, also after a remount."""
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import stat
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -61,6 +62,18 @@ def steps(d: Path, kind: str) -> list:
     return out
 
 
+def index_mounts(tmp_path: Path, mnt: Path) -> Iterator[tuple[str, Path, Callable]]:
+    """(name, mountpoint, mount) for kernel overlayfs with index=on and for pyunionfs, each with an
+    upper and a work directory of its own: mount(lowers, mountpoint) mounts it."""
+    for name, mount, options, where in (("kernel", kernel_overlay, "index=on,redirect_dir=on", tmp_path / "kmnt"),
+                                        ("pyunionfs", pyunionfs, None, mnt)):
+        upper, work = tmp_path / f"{name}-upper", tmp_path / f"{name}-work"
+        for path in (upper, work, where):
+            path.mkdir(exist_ok=True)
+        extra = {"options": options} if options else {}
+        yield name, where, functools.partial(mount, upper=upper, workdir=work, **extra)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_lower_hard_links_as_kernel_index(kind, tmp_path, mnt):
     lower = tmp_path / "lower"
@@ -68,16 +81,11 @@ def test_lower_hard_links_as_kernel_index(kind, tmp_path, mnt):
     make_three_links(lower / "d", kind)
     before = checksum(lower)
     results = {}
-    for name, mount, options, where in (("kernel", kernel_overlay, "index=on,redirect_dir=on", tmp_path / "kmnt"),
-                                        ("pyunionfs", pyunionfs, None, mnt)):
-        upper, work = tmp_path / f"{name}-upper", tmp_path / f"{name}-work"
-        for path in (upper, work, where):
-            path.mkdir(exist_ok=True)
-        extra = {"options": options} if options else {}
-        with mount([lower], where, upper=upper, workdir=work, **extra):
+    for name, where, mount in index_mounts(tmp_path, mnt):
+        with mount([lower], where):
             done = steps(where / "d", kind)
             listing = sorted((n, _seen(where / "d" / n)[:3]) for n in os.listdir(where / "d"))
-        with mount([lower], where, upper=upper, workdir=work, **extra):
+        with mount([lower], where):
             after_remount = sorted((n, _seen(where / "d" / n)[:3]) for n in os.listdir(where / "d"))
             os.unlink(where / "d" / f"{kind}2")  # rm -rf of the directory: every name goes
             for n in os.listdir(where / "d"):
@@ -96,13 +104,8 @@ def test_xattrs_set_through_one_lower_hard_link_show_through_the_others(tmp_path
     (lower / "d").mkdir(parents=True)
     make_three_links(lower / "d", "file")
     results = {}
-    for name, mount, options, where in (("kernel", kernel_overlay, "index=on,redirect_dir=on", tmp_path / "kmnt"),
-                                        ("pyunionfs", pyunionfs, None, mnt)):
-        upper, work = tmp_path / f"{name}-upper", tmp_path / f"{name}-work"
-        for path in (upper, work, where):
-            path.mkdir(exist_ok=True)
-        extra = {"options": options} if options else {}
-        with mount([lower], where, upper=upper, workdir=work, **extra):
+    for name, where, mount in index_mounts(tmp_path, mnt):
+        with mount([lower], where):
             os.setxattr(where / "d" / "file1", "user.note", b"set")
             results[name] = [os.getxattr(where / "d" / f"file{n}", "user.note") for n in (2, 3)]
     assert results["pyunionfs"] == results["kernel"] == [b"set", b"set"]
