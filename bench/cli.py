@@ -64,6 +64,7 @@ class Progress:
             self.bar.stop()
 
     def __call__(self, measurement: runner.Measurement, done: int, total: int) -> None:
+        _check_interrupt()  # between measurements, what a lost KeyboardInterrupt did not stop
         result = f"{measurement.seconds:.3f} s" if measurement.seconds is not None else "FAILED"
         text = f"round {measurement.round + 1} {measurement.workload:<16} {measurement.system:<15} {result}"
         if self.bar is None:
@@ -78,8 +79,8 @@ def run_command(prog: str, action: Callable[[], int]) -> int:
     """ACTION as a command named PROG: bad input is one line and exit 2; Ctrl-C and kill both
     stop it through the `finally`s that unmount, with exit 130 (a background job starts with
     SIGINT ignored, so it is set here too)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return action()
     except BenchError as exc:
@@ -88,6 +89,22 @@ def run_command(prog: str, action: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted (everything it mounted is unmounted)", file=sys.stderr)
         return 130
+
+
+_interrupted = False
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """KeyboardInterrupt, remembered: raised inside a finalizer (a `__del__` that runs just then),
+    Python only prints it and goes on, so each measurement's end checks again (_check_interrupt)."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _check_interrupt() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,8 +199,8 @@ class Mounts:
     @contextlib.contextmanager
     def mounted(self, system: System, lowers: list[Path]) -> Iterator[Path]:
         dirs = self.fresh_dirs(system)
-        self.mount(system, dirs, lowers)
-        try:
+        try:  # a mount interrupted on its way up may still come up
+            self.mount(system, dirs, lowers)
             yield dirs["mnt"]
         finally:
             self.unmount(system, dirs["mnt"])

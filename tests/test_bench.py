@@ -117,7 +117,7 @@ def test_killing_it_unmounts_what_it_mounted(tmp_path):
             if line.startswith("[1/"):
                 break
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=60) == 130, proc.stderr.read()[-2000:]
     finally:
         proc.kill()
         proc.wait()

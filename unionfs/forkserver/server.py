@@ -14,6 +14,7 @@ cannot enter or take on) is declined before anything is done, and the caller doe
 from __future__ import annotations
 
 import ast
+import dataclasses
 import fcntl
 import gc
 import os
@@ -22,7 +23,8 @@ import signal
 import socket
 import struct
 import sys
-from typing import Callable, NoReturn, Optional, Protocol, Union
+import time
+from typing import Any, Callable, NoReturn, Optional, Protocol, Union
 
 import setproctitle
 
@@ -100,27 +102,43 @@ def run(idle: float, readers: Readers) -> int:
     finally:
         os.umask(old_umask)
     listener.listen(64)
+    # A handler that raises (sys.exit, KeyboardInterrupt) may run inside an at-fork callback of
+    # os.fork, where Python ignores what it raises: the server would go on as if never signalled.
+    # So the handlers do nothing and the C handler's wakeup byte, read in the loop, decides.
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    previous = {signum: signal.signal(signum, _noted) for signum in _WATCHED}
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     with open(os.path.join(where, client.PID), "w") as pid_file:
         pid_file.write(f"{os.getpid()}\n")
     setproctitle.setproctitle("pyunionfs fork-server")
-    stopping = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGCHLD, lambda *_: _reap())
+    spare = Spare(listener, lock, readers, where, code_files, (wake_r, wake_w), previous)
     waiting = -1  # the spare that waits for a caller
     try:
+        waiting, taken = spare.start()
+        deadline = time.monotonic() + idle if idle else None
         while True:
-            waiting, taken = _start_spare(listener, lock, readers, where, code_files)
-            ready = select.select([taken], [], [], idle or None)[0]
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = select.select([taken, wake_r], [], [], timeout)[0]
+            if wake_r in ready:
+                signums = _drain(wake_r)
+                _reap()
+                if signums & {signal.SIGTERM, signal.SIGINT}:
+                    break
+                continue
             note = os.read(taken, 1) if ready else b""
             os.close(taken)
             if ready:
                 waiting = -1  # serving, or gone
             if note != TAKEN:
                 break  # idle, new code (the next caller starts a new server), or a spare that died
-    except KeyboardInterrupt:
-        pass
+            waiting, taken = spare.start()
+            deadline = time.monotonic() + idle if idle else None
     finally:
-        signal.signal(signal.SIGTERM, stopping)
+        signal.set_wakeup_fd(-1)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(wake_r)
+        os.close(wake_w)
         if waiting > 0:
             _end(waiting)
         for name in (client.SOCKET, client.PID):
@@ -133,53 +151,82 @@ def run(idle: float, readers: Readers) -> int:
     return 0
 
 
+_WATCHED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+
+
+def _noted(signum: int, frame: object) -> None:
+    """The Python side of a watched signal: nothing (its wakeup byte is read in the loop)."""
+
+
+def _drain(fd: int) -> set[int]:
+    """The signal numbers written to the wakeup pipe FD since it was last read."""
+    signums: set[int] = set()
+    try:
+        while chunk := os.read(fd, 256):
+            signums.update(chunk)
+    except BlockingIOError:
+        pass
+    return signums
+
+
 # What a spare tells the server when a caller connects: it took the request on (the server starts
 # the next spare), or the server's code is stale (it exits; the caller starts a new one).
 TAKEN, STALE = b"t", b"s"
 
 
-def _start_spare(listener: socket.socket, lock: int, readers: Readers, where: str,
-                 code_files: dict[str, int]) -> tuple[int, int]:
-    """Fork the process that serves the next caller: its pid, and a pipe on which it says TAKEN
-    or STALE once a caller has connected (end of file: it died)."""
-    taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
-    server = os.getpid()
-    spare = os.fork()
-    if spare:
-        os.close(taken_w)
-        return spare, taken_r
-    code = 1
-    try:
-        # While it waits, it goes with the server: another parent means the server is gone already.
-        sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != server:
-            return
-        # The server's lock is held as long as any process has it open: a FUSE server that kept
-        # it would keep the next fork server from starting after this one exits.
-        os.close(lock)
-        os.close(taken_r)
-        setproctitle.setproctitle("pyunionfs fork-server spare")
-        for signum in (signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        if not select.select([listener], [], [], 0)[0]:  # no caller waits already
-            _rehearse(readers, where)
-        connection, _ = listener.accept()
-        sysns.prctl(sysns.PR_SET_PDEATHSIG, 0)  # it serves now: it outlives the server
-        listener.close()
-        stale = _stale(code_files)
-        os.write(taken_w, STALE if stale else TAKEN)
-        os.close(taken_w)
-        if not stale:
-            try:
-                request = _take(connection)
-            except (OSError, ValueError, RecursionError, MemoryError):
-                request = None  # a caller that went away, or a malformed request
-            if request is not None:
-                _serve_request(connection, *request, readers)  # does not return
-        connection.close()
-        code = 0
-    finally:
-        os._exit(code)
+@dataclasses.dataclass
+class Spare:
+    """What forking the process that serves the next caller takes from the server."""
+    listener: socket.socket
+    lock: int
+    readers: Readers
+    where: str
+    code_files: dict[str, int]
+    server_fds: tuple[int, ...]  # the server's own: its wakeup pipe
+    handlers: dict[int, Any]  # the signal handlers from before the server's own
+
+    def start(self) -> tuple[int, int]:
+        """Fork the spare: its pid, and a pipe on which it says TAKEN or STALE once a caller has
+        connected (end of file: it died)."""
+        taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
+        server = os.getpid()
+        spare = os.fork()
+        if spare:
+            os.close(taken_w)
+            return spare, taken_r
+        code = 1
+        try:
+            # While it waits, it goes with the server: another parent means the server is gone already.
+            sysns.prctl(sysns.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != server:
+                return
+            signal.set_wakeup_fd(-1)
+            for signum, handler in self.handlers.items():
+                signal.signal(signum, handler)
+            # The server's lock is held as long as any process has it open: a FUSE server that
+            # kept it would keep the next fork server from starting after this one exits.
+            for fd in (self.lock, taken_r, *self.server_fds):
+                os.close(fd)
+            setproctitle.setproctitle("pyunionfs fork-server spare")
+            if not select.select([self.listener], [], [], 0)[0]:  # no caller waits already
+                _rehearse(self.readers, self.where)
+            connection, _ = self.listener.accept()
+            sysns.prctl(sysns.PR_SET_PDEATHSIG, 0)  # it serves now: it outlives the server
+            self.listener.close()
+            stale = _stale(self.code_files)
+            os.write(taken_w, STALE if stale else TAKEN)
+            os.close(taken_w)
+            if not stale:
+                try:
+                    request = _take(connection)
+                except (OSError, ValueError, RecursionError, MemoryError):
+                    request = None  # a caller that went away, or a malformed request
+                if request is not None:
+                    _serve_request(connection, *request, self.readers)  # does not return
+            connection.close()
+            code = 0
+        finally:
+            os._exit(code)
 
 
 def _end(pid: int) -> None:

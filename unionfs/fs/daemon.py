@@ -115,7 +115,12 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
     except RuntimeError as exc:
         _report_ready(ready_w, f"mounting {config.mountpoint} failed: {exc}")
         return 1
-    _report_ready(ready_w, "")
+    try:
+        _report_ready(ready_w, "")
+    except BrokenPipeError:  # whoever asked is gone without knowing it is mounted: nobody would unmount it
+        pyfuse3.close(unmount=True)
+        union.close()
+        return 1
     if not foreground:
         _detach_stdio()
     unmount = True
