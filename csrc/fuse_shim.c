@@ -4,7 +4,8 @@
  * what costs a Python round trip for nothing. It wraps fuse_session_new(), through which pyfuse3
  * registers its handlers, to
  *  - add a fallocate handler (pyfuse3 has none),
- *  - serve READ and WRITE of an open layer file itself,
+ *  - serve READ and WRITE of an open layer file itself, and OPEN (for reading) and RELEASE of
+ *    lower files that Python handed over,
  *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
  *    (it drops a cached listing when the directory changes through the mount),
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
@@ -22,8 +23,12 @@
  * The contract with unionfs/: Python publishes the layer fd behind each open file handle, and
  * its backing id when the kernel is to serve it (ufs_shim_set_file), and which node ids have no
  * xattrs (ufs_shim_mark_no_xattrs), and which upper objects the shim may read and change for a
- * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), from the
- * thread that runs the request handlers, before it replies to the request that changes them; it
+ * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), and which lower
+ * files it may open (ufs_shim_hand_over_lower), with the C core's functions to open and read them
+ * (ufs_shim_set_core, once), from the thread that runs the request handlers, before it replies
+ * to the request that changes them; before a node's data moves or its name goes, it takes the
+ * node back and adopts the files the shim opened for it (ufs_shim_adopt_opens), and a handle a
+ * request names that the shim opened (ufs_shim_adopt_open); it
  * takes the queued forgets, changed nodes and removed files (ufs_shim_take_forgets,
  * ufs_shim_take_changed, ufs_shim_take_removed) before it handles the next request and before it
  * waits for one, whenever ufs_shim_queued says there are any, and registers and drops backing
@@ -97,8 +102,48 @@ struct open_file {
 static struct open_file *files;
 static size_t files_count;
 
+/* Files the shim opened itself (see "lower files" below) have handle numbers from SHIM_FH_BASE
+   up, far above Python's (small, reused numbers), so the two kinds never meet. */
+#define SHIM_FH_BASE (UINT64_C(1) << 40)
+struct shim_open {
+    struct open_file file;
+    uint64_t node_id;
+    int adopted;   /* Python took it in (ufs_shim_adopt_*): all but its reads are Python's now */
+    int next_free; /* the next free entry's index, -1 for none */
+};
+static struct shim_open *shim_opens;
+static size_t shim_opens_count; /* entries allocated */
+static int shim_opens_used;     /* entries ever handed out: those below are open or free */
+static int shim_opens_free = -1;
+uint64_t ufs_shim_lower_opens; /* opens answered here, since the start (for the status line) */
+
+static struct shim_open *shim_open_at(uint64_t fh)
+{
+    if (fh < SHIM_FH_BASE || fh - SHIM_FH_BASE >= (uint64_t)shim_opens_used)
+        return NULL;
+    struct shim_open *entry = &shim_opens[fh - SHIM_FH_BASE];
+    return entry->file.open ? entry : NULL;
+}
+
+static void free_shim_open(struct shim_open *entry)
+{
+    *entry = (struct shim_open){.next_free = shim_opens_free};
+    shim_opens_free = (int)(entry - shim_opens);
+}
+
+
 int ufs_shim_set_file(uint64_t fh, int fd, int writable, int backing_id)
 {
+    if (fh >= SHIM_FH_BASE) { /* one the shim opened and Python adopted: it moved, or closed */
+        struct shim_open *entry = shim_open_at(fh);
+        if (!entry || !entry->adopted)
+            return -EBADF;
+        if (fd < 0)
+            free_shim_open(entry);
+        else
+            entry->file = (struct open_file){.open = 1, .fd = fd, .writable = writable, .backing_id = backing_id};
+        return 0;
+    }
     if (fd < 0 && fh >= files_count)
         return 0;
     int rc = grow_zeroed((void **)&files, &files_count, fh, sizeof(*files));
@@ -110,6 +155,10 @@ int ufs_shim_set_file(uint64_t fh, int fd, int writable, int backing_id)
 
 static const struct open_file *file_at(uint64_t fh)
 {
+    if (fh >= SHIM_FH_BASE) {
+        const struct shim_open *entry = shim_open_at(fh);
+        return entry ? &entry->file : NULL;
+    }
     return fh < files_count && files[fh].open ? &files[fh] : NULL;
 }
 
@@ -297,15 +346,18 @@ static double upper_attr_timeout;
 static int (*core_open_at)(int root_fd, const char *path, int flags);
 static int (*core_stat_fd)(int fd, int layer_flags, struct ufs_attr *out);
 
-void ufs_shim_set_upper(int root_fd, int layer_flags, int changes_here, double attr_timeout,
-                        int (*open_at)(int, const char *, int), int (*stat_fd)(int, int, struct ufs_attr *))
+void ufs_shim_set_core(int (*open_at)(int, const char *, int), int (*stat_fd)(int, int, struct ufs_attr *))
+{
+    core_open_at = open_at;
+    core_stat_fd = stat_fd;
+}
+
+void ufs_shim_set_upper(int root_fd, int layer_flags, int changes_here, double attr_timeout)
 {
     upper_root_fd = root_fd;
     upper_layer_flags = layer_flags;
     upper_changes_here = changes_here;
     upper_attr_timeout = attr_timeout;
-    core_open_at = open_at;
-    core_stat_fd = stat_fd;
 }
 
 static struct upper_object *upper_object_slot(uint64_t node_id)
@@ -313,13 +365,21 @@ static struct upper_object *upper_object_slot(uint64_t node_id)
     return &upper_objects[node_id % UPPER_OBJECT_SLOTS];
 }
 
-void ufs_shim_take_back(uint64_t node_id)
+static void take_back_upper(uint64_t node_id)
 {
     struct upper_object *slot = upper_object_slot(node_id);
     if (slot->node_id != node_id)
         return;
     free(slot->path);
     *slot = (struct upper_object){0};
+}
+
+static void take_back_lower(uint64_t node_id);
+
+void ufs_shim_take_back(uint64_t node_id)
+{
+    take_back_upper(node_id);
+    take_back_lower(node_id);
 }
 
 int ufs_shim_hand_over(uint64_t node_id, const char *path, uint64_t dev, uint64_t ino, uint32_t type,
@@ -337,7 +397,7 @@ int ufs_shim_hand_over(uint64_t node_id, const char *path, uint64_t dev, uint64_
     for (size_t i = 0; i < UPPER_OBJECT_SLOTS; i++)
         if (upper_objects[i].ino == ino && upper_objects[i].dev == dev && &upper_objects[i] != slot &&
             upper_objects[i].node_id)
-            ufs_shim_take_back(upper_objects[i].node_id);
+            take_back_upper(upper_objects[i].node_id);
     int was_queued = slot->node_id == node_id && slot->queued;
     free(slot->path);
     *slot = (struct upper_object){.node_id = node_id, .shown_ino = shown_ino, .dev = dev, .ino = ino,
@@ -376,6 +436,174 @@ static int take_answer(uint64_t id)
     return 1;
 }
 
+/* Lower files: regular files of a lower layer with one link, their data their own, that Python
+   handed over per node as it looked them up (ufs_shim_hand_over_lower: the layer's root fd, the
+   path beneath it, and the file's dev:ino). An OPEN for reading of such a node is answered here:
+   the file is opened beneath the layer root through no symlink (ufs_open_at), checked to be that
+   same file, and given a handle number of the shim's own; its reads are served here as any
+   other's, and its RELEASE closes it here. tar and a build read thousands of files, each an OPEN
+   and a RELEASE. Python takes the node back before its data can move (a copy-up) or its name go
+   (ufs_shim_take_back), and then takes in the files the shim opened for it (ufs_shim_adopt_opens;
+   one handle at a time, ufs_shim_adopt_open, for a request that names a handle): from then on
+   they are Python's open files, which a copy-up moves to the copy, and only their reads stay
+   here. A small cache, as for upper objects: a node id takes the slot of its low bits. */
+#define LOWER_FILE_SLOTS 4096
+struct lower_file {
+    uint64_t node_id; /* 0: an empty slot */
+    uint64_t dev, ino;
+    int layer_fd;     /* the layer's root: Python's, open as long as the union */
+    char *path;       /* beneath it */
+};
+static struct lower_file lower_files[LOWER_FILE_SLOTS];
+
+int ufs_shim_hand_over_lower(uint64_t node_id, int layer_fd, const char *path, uint64_t dev, uint64_t ino)
+{
+    if (!node_id || layer_fd < 0)
+        return -EINVAL;
+    char *copy = strdup(path);
+    if (!copy)
+        return -ENOMEM;
+    struct lower_file *slot = &lower_files[node_id % LOWER_FILE_SLOTS];
+    free(slot->path);
+    *slot = (struct lower_file){.node_id = node_id, .dev = dev, .ino = ino, .layer_fd = layer_fd, .path = copy};
+    return 0;
+}
+
+static void take_back_lower(uint64_t node_id)
+{
+    struct lower_file *slot = &lower_files[node_id % LOWER_FILE_SLOTS];
+    if (slot->node_id != node_id)
+        return;
+    free(slot->path);
+    *slot = (struct lower_file){0};
+}
+
+/* An entry for a file opened here (its index), or -1 without memory. */
+static int new_shim_open(void)
+{
+    if (shim_opens_free >= 0) {
+        int index = shim_opens_free;
+        shim_opens_free = shim_opens[index].next_free;
+        return index;
+    }
+    if (shim_opens_used == INT32_MAX ||
+        grow_zeroed((void **)&shim_opens, &shim_opens_count, (size_t)shim_opens_used, sizeof(*shim_opens)) < 0)
+        return -1;
+    return shim_opens_used++;
+}
+
+/* The entry opened for the OPEN being answered (-1: none). */
+static int answer_open = -1;
+
+/* Work out the answer to an OPEN of node NODE_ID with FLAGS here: 1 if it can be (the file is
+   open, in entry answer_open), 0 if the request is for Python. */
+static int open_lower_file(uint64_t node_id, uint32_t flags)
+{
+    const struct lower_file *slot = &lower_files[node_id % LOWER_FILE_SLOTS];
+    if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) || !node_id || slot->node_id != node_id ||
+        !core_open_at)
+        return 0;
+    int fd = core_open_at(slot->layer_fd, slot->path, O_RDONLY);
+    if (fd < 0)
+        return 0;
+    struct stat st;
+    int index;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_dev != slot->dev || st.st_ino != slot->ino ||
+        (index = new_shim_open()) < 0) {
+        close(fd);
+        take_back_lower(node_id); /* not the file handed over (or no memory): Python's now */
+        return 0;
+    }
+    shim_opens[index] = (struct shim_open){.file = {.open = 1, .fd = fd}, .node_id = node_id, .next_free = -1};
+    answer_of = node_id;
+    answer_open = index;
+    return 1;
+}
+
+/* Close the entry answer_open if its OPEN was not answered after all. */
+static void drop_unanswered_open(void)
+{
+    if (answer_open < 0)
+        return;
+    close(shim_opens[answer_open].file.fd);
+    free_shim_open(&shim_opens[answer_open]);
+    answer_open = -1;
+}
+
+typedef void (*open_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static open_fn python_open, python_release;
+
+static void shim_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (answer_open < 0 || !take_answer(ino)) {
+        python_open(req, ino, fi);
+        return;
+    }
+    int index = answer_open;
+    answer_open = -1;
+    fi->fh = SHIM_FH_BASE + (uint64_t)index;
+    fi->keep_cache = 1; /* as Python's open of a file the kernel never served by passthrough */
+    fi->direct_io = 0;
+    if (fuse_reply_open(req, fi) == 0) {
+        ufs_shim_lower_opens++;
+        return;
+    }
+    close(shim_opens[index].file.fd); /* the kernel gave up the request: no RELEASE follows */
+    free_shim_open(&shim_opens[index]);
+}
+
+/* Is FH a file the shim opened and still holds (not adopted by Python)? */
+static struct shim_open *held_here(uint64_t fh)
+{
+    struct shim_open *entry = shim_open_at(fh);
+    return entry && !entry->adopted ? entry : NULL;
+}
+
+static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct shim_open *entry = held_here(fi->fh);
+    if (!entry) {
+        python_release(req, ino, fi);
+        return;
+    }
+    close(entry->file.fd);
+    free_shim_open(entry);
+    reply_err(req, 0);
+}
+
+/* What Python takes in of a file the shim opened (struct shim_adopted in unionfs/fs/shim.py). */
+struct shim_adopted {
+    uint64_t fh, node_id;
+    int32_t fd, unused;
+};
+
+static void adopt(struct shim_open *entry, struct shim_adopted *out)
+{
+    entry->adopted = 1;
+    *out = (struct shim_adopted){.fh = SHIM_FH_BASE + (uint64_t)(entry - shim_opens), .node_id = entry->node_id,
+                                 .fd = entry->file.fd};
+}
+
+/* Hand Python (OUT, room for MAX) the files the shim holds open for node NODE_ID: how many. */
+size_t ufs_shim_adopt_opens(uint64_t node_id, struct shim_adopted *out, size_t max)
+{
+    size_t taken = 0;
+    for (int i = 0; i < shim_opens_used && taken < max; i++)
+        if (shim_opens[i].file.open && !shim_opens[i].adopted && shim_opens[i].node_id == node_id)
+            adopt(&shim_opens[i], &out[taken++]);
+    return taken;
+}
+
+/* Hand Python (OUT) the file the shim holds open as handle FH: 1, or 0 if it holds none such. */
+int ufs_shim_adopt_open(uint64_t fh, struct shim_adopted *out)
+{
+    struct shim_open *entry = held_here(fh);
+    if (!entry)
+        return 0;
+    adopt(entry, out);
+    return 1;
+}
+
 /* NS nanoseconds since the epoch as a struct timespec, whose tv_nsec is never negative (a time
    before 1970 has a negative tv_sec, and C's division rounds toward zero). */
 static struct timespec timespec_of(int64_t ns)
@@ -393,7 +621,7 @@ static struct timespec timespec_of(int64_t ns)
 static int open_upper_object(uint64_t node_id, struct upper_object **found)
 {
     struct upper_object *slot = upper_object_slot(node_id);
-    if (slot->node_id != node_id || !node_id || !core_open_at)
+    if (slot->node_id != node_id || !node_id || !core_open_at || upper_root_fd < 0)
         return -1;
     int fd = core_open_at(upper_root_fd, slot->path, O_PATH);
     struct stat st;
@@ -405,7 +633,7 @@ static int open_upper_object(uint64_t node_id, struct upper_object **found)
     /* A file with more links may carry overlay.nlink, which Python reads. */
     if (fd >= 0)
         close(fd);
-    ufs_shim_take_back(node_id);
+    take_back_upper(node_id);
     return -1;
 }
 
@@ -621,7 +849,7 @@ static int remove_upper_file(uint64_t parent_id, const char *name, size_t arg_si
         unlinkat(parent_fd, name, 0) == 0) {
         removed[queued->removed++] = (struct removed_file){.node_id = file->node_id, .parent_id = parent_id};
         recount_queued();
-        ufs_shim_take_back(file->node_id);
+        take_back_upper(file->node_id);
         answer_of = parent_id;
         answer_errno = 0;
         here = 1;
@@ -885,6 +1113,14 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
     case FUSE_OPENDIR:
         here = ops.opendir == shim_opendir;
         break;
+    case FUSE_OPEN:
+        here = ops.open == shim_open && arg_size >= sizeof(struct fuse_open_in) &&
+               open_lower_file(in->nodeid, ((const struct fuse_open_in *)(in + 1))->flags);
+        break;
+    case FUSE_RELEASE:
+        here = ops.release == shim_release && arg_size >= sizeof(struct fuse_release_in) &&
+               held_here(((const struct fuse_release_in *)(in + 1))->fh);
+        break;
     case FUSE_READ:
         here = ops.read == shim_read && arg_size >= sizeof(struct fuse_read_in) &&
                file_at(((const struct fuse_read_in *)(in + 1))->fh);
@@ -900,6 +1136,7 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
     if (here) {
         real_process_buf(se, buf);
         answer_of = 0; /* used up, or libfuse answered without the handler: never for a later one */
+        drop_unanswered_open();
     }
     return here;
 }
@@ -1026,6 +1263,12 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (ops.setattr && reply_attr && reply_err) {
         python_setattr = ops.setattr;
         ops.setattr = shim_setattr;
+    }
+    if (ops.open && ops.release && reply_err) {
+        python_open = ops.open;
+        ops.open = shim_open;
+        python_release = ops.release;
+        ops.release = shim_release;
     }
     if (ops.getxattr && reply_err) {
         python_getxattr = ops.getxattr;

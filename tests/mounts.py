@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,3 +122,15 @@ def daemons_for(mountpoint: Path, program: str = "pyunionfs") -> list[int]:
     needle, name = os.fsencode(str(mountpoint)), os.fsencode(os.path.basename(program))
     return [pid for pid, argv in command_lines().items()
             if any(name in arg for arg in argv[:2]) and needle in argv]
+
+
+def daemon_status(daemon: subprocess.Popen, stderr: Path, key: str) -> int:
+    """The number KEY the daemon states on SIGUSR1 ("pyunionfs: nodes=N passthrough=N ..."),
+    read from STDERR, its log."""
+    seen = stderr.read_text().count(f"{key}=")
+    daemon.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while stderr.read_text().count(f"{key}=") == seen:
+        assert time.monotonic() < deadline, "the daemon did not answer SIGUSR1"
+        time.sleep(0.02)
+    return int(stderr.read_text().rsplit(f"{key}=", 1)[1].split()[0])

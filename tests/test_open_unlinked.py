@@ -67,11 +67,17 @@ def lower_file_written_then_unlinked(mnt: Path) -> list:
 
 
 def lower_file_read_then_unlinked(mnt: Path) -> list:
-    fd = os.open(mnt / "lower-ro", os.O_RDONLY)
+    fd = os.open(mnt / "lower-ro", os.O_RDONLY)  # on pyunionfs, opened by the shim (csrc/fuse_shim.c)
     try:
+        os.fsync(fd)
         os.unlink(mnt / "lower-ro")
+        again = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            seen = [_fstat(again), os.pread(again, 100, 0)]
+        finally:
+            os.close(again)
         # The lower file is never touched: the kernel's copy-up meets the whiteout (EEXIST).
-        return [_fstat(fd), os.pread(fd, 100, 0), _attempt(lambda: os.fchmod(fd, 0o600))]
+        return seen + [_fstat(fd), os.pread(fd, 100, 0), _attempt(lambda: os.fchmod(fd, 0o600))]
     finally:
         os.close(fd)
 

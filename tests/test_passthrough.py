@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import mmap
 import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from mounts import kernel_overlay, pyunionfs
+from mounts import daemon_status, kernel_overlay, pyunionfs
 
 
 def passthrough_nodes(daemon, stderr: Path) -> int:
     """How many nodes the kernel serves, as the daemon says on SIGUSR1."""
-    seen = stderr.read_text().count("passthrough=")
-    daemon.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while stderr.read_text().count("passthrough=") == seen:
-        assert time.monotonic() < deadline, "the daemon did not answer SIGUSR1"
-        time.sleep(0.02)
-    return int(stderr.read_text().rsplit("passthrough=", 1)[1].split()[0])
+    return daemon_status(daemon, stderr, "passthrough")
 
 
 def until_none_served(daemon, stderr: Path) -> None:

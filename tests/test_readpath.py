@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mounts import pyunionfs, tmpfs
+from mounts import daemon_status, pyunionfs, tmpfs
 from trees import make_opaque, snapshot
 
 
@@ -200,21 +200,42 @@ def test_forget_keeps_the_inode_table_bounded(tmp_path, mnt):
             (layer / f"d{d}" / f"f{f}").touch()
     log = tmp_path / "daemon.log"
 
-    def table_size(proc: subprocess.Popen) -> int:
-        before = log.read_text().count("nodes=")
-        proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while log.read_text().count("nodes=") == before and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return int(log.read_text().rsplit("nodes=", 1)[1].split()[0])
-
     with open(log, "w") as stderr, pyunionfs([layer], mnt, stderr=stderr) as proc:
         subprocess.run(["find", str(mnt)], check=True, stdout=subprocess.DEVNULL)
-        walked = table_size(proc)
+        walked = daemon_status(proc, log, "nodes")
         subprocess.run(["sh", "-c", "sync; echo 2 > /proc/sys/vm/drop_caches"], check=True)
-        dropped = table_size(proc)
+        dropped = daemon_status(proc, log, "nodes")
     assert walked >= 4000
     assert dropped < 100, f"{dropped} nodes still held after the kernel dropped its inodes"
+
+
+@pytest.mark.parametrize("union", ["writable", "read-only", "read-only, passthrough=off"])
+def test_lower_files_read_are_opened_by_the_shim(tmp_path, mnt, union):
+    """A lower file looked up and then opened for reading is opened by the shim, in C
+    (csrc/fuse_shim.c), and closed there; a read-only union's files are left to passthrough when
+    the kernel grants it. Each reads its own layer's data, and nothing stays open."""
+    top, bottom = layer_dirs(tmp_path, 2)
+    for f in range(50):
+        (bottom / f"f{f}").write_text(f"bottom {f}\n")
+    (top / "f7").write_text("top\n")
+    writable = union == "writable"
+    extra = ("-o", "passthrough=off") if union.endswith("off") else ()
+    if writable:
+        (tmp_path / "upper").mkdir()
+        (tmp_path / "work").mkdir()
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as stderr, pyunionfs([top, bottom], mnt, *extra, stderr=stderr,
+                                             upper=tmp_path / "upper" if writable else None,
+                                             workdir=tmp_path / "work" if writable else None) as proc:
+        for f in range(50):
+            assert (mnt / f"f{f}").read_text() == ("top\n" if f == 7 else f"bottom {f}\n")
+        opened = daemon_status(proc, log, "shim_opens")
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{proc.pid}/fd")) > 40 and time.monotonic() < deadline:
+            time.sleep(0.05)  # RELEASE is asynchronous
+        held = len(os.listdir(f"/proc/{proc.pid}/fd"))
+    assert opened == (0 if union == "read-only" else 50)
+    assert held <= 40, f"{held} fds held after every file was closed"
 
 
 def test_paths_near_path_max(tmp_path, mnt):

@@ -59,8 +59,8 @@ async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
                     if signum == signal.SIGUSR1:
                         # As in fuse-overlayfs: the size of the inode table, seen from outside.
                         ops.apply_shim_queues()
-                        print(f"pyunionfs: nodes={len(ops.union.inodes)} passthrough={ops.passthrough.nodes}",
-                              file=sys.stderr, flush=True)
+                        print(f"pyunionfs: nodes={len(ops.union.inodes)} passthrough={ops.passthrough.nodes} "
+                              f"shim_opens={shim.lower_opens()}", file=sys.stderr, flush=True)
                         continue
                     log.debug("signal %d: unmounting", signum)
                     stopped = True

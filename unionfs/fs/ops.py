@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import logging
 import os
-from typing import Awaitable, Callable, Iterator, Sequence, TypeVar
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 
@@ -61,10 +60,7 @@ class UnionOperations(pyfuse3.Operations):
         super().__init__()
         self.union = union
         self.enable_acl = acl  # -o noacl (fuse-overlayfs) turns it off
-        self._handles: dict[int, OpenFile] = {}
-        self._free_fhs: list[int] = []  # numbers of closed handles: reused, so they stay small
         self.listings = Listings(union.listdir)
-        self._next_fh: Iterator[int] = itertools.count(1)
         self.passthrough = Passthrough(union)
 
     def _node(self, ino: int) -> Node:
@@ -75,10 +71,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def _add_handle(self, handle: OpenFile) -> int:
         handle.backing = self.passthrough.attach(handle)
-        fh = self._free_fhs.pop() if self._free_fhs else next(self._next_fh)
-        self._handles[fh] = handle
-        handle.publish_as(fh)
-        return fh
+        return self.union.handles.add(handle)
 
     # ---- names and attributes ----
 
@@ -119,7 +112,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
-        handle = self._handles.get(fh) if fh is not None else None
+        handle = self.union.handles.find(fh) if fh is not None else None
         return await inode_ops.setattr(self.union, self._node(inode), attr, fields, handle)
 
     @replies_errno
@@ -219,28 +212,27 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._handles[fh].fd, size, off)  # without the shim, which reads in C
+        return os.pread(self.union.handles[fh].fd, size, off)  # without the shim, which reads in C
 
     @replies_errno
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handles[fh]
+        handle = self.union.handles[fh]
         handle.node.stale = True
         return os.pwrite(handle.fd, buf, off)
 
     @replies_errno
     async def fsync(self, fh: int, datasync: bool) -> None:
-        handle = self._handles[fh]
+        handle = self.union.handles[fh]
         if self.union.sync:
             (os.fdatasync if datasync else os.fsync)(handle.fd)
 
     @replies_errno
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh)
+        handle = self.union.handles.pop(fh)
         if handle.flags != os.O_RDONLY:
             handle.node.stale = True  # the shim or the kernel may have written to it: re-read its attributes
         self.passthrough.detach(handle)
         handle.close()
-        self._free_fhs.append(fh)
 
     # ---- the rest ----
 

@@ -1,8 +1,8 @@
 """The daemon runs with csrc/fuse_shim.c loaded, which gives libfuse a fallocate handler that
-pyfuse3 lacks, serves reads and some GETXATTRs in C, queues FORGETs for Python, lets the
-kernel cache directory listings without OPENDIR round trips, negotiates FUSE passthrough, and
-lets pyfuse3's request loop wait for the next request outside trio (see the file for the
-contract). It is opened with RTLD_GLOBAL before pyfuse3 is imported: pyfuse3's calls into libfuse
+pyfuse3 lacks, serves reads, opens of lower files for reading and some GETXATTRs in C, queues
+FORGETs for Python, lets the kernel cache directory listings without OPENDIR round trips,
+negotiates FUSE passthrough, and lets pyfuse3's request loop wait for the next request outside
+trio (see the file for the contract). It is opened with RTLD_GLOBAL before pyfuse3 is imported: pyfuse3's calls into libfuse
 then bind to the shim's wrappers, because the global scope is searched before a library's own
 dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
@@ -26,6 +26,17 @@ _loaded: ctypes.CDLL | None = None
 
 class _Forget(ctypes.Structure):
     _fields_ = [("nodeid", ctypes.c_uint64), ("nlookup", ctypes.c_uint64)]  # struct fuse_forget_one
+
+
+class _Adopted(ctypes.Structure):
+    """A file the shim opened, taken in by Python (struct shim_adopted)."""
+    _fields_ = [("fh", ctypes.c_uint64), ("node_id", ctypes.c_uint64), ("fd", ctypes.c_int32),
+                ("unused", ctypes.c_int32)]
+
+
+# The handle numbers of files the shim opened start here (csrc/fuse_shim.c: SHIM_FH_BASE); the
+# daemon's own stay below.
+FIRST_SHIM_FH = 1 << 40
 
 
 class _Removed(ctypes.Structure):
@@ -67,9 +78,15 @@ def load() -> bool:
     _loaded.ufs_shim_take_forgets.argtypes = [ctypes.POINTER(_Forget), ctypes.c_size_t]
     _loaded.ufs_shim_take_forgets.restype = ctypes.c_size_t
     _loaded.ufs_shim_wait_request.argtypes = []
-    _loaded.ufs_shim_set_upper.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double,
-                                           ctypes.c_void_p, ctypes.c_void_p]
+    _loaded.ufs_shim_set_core.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    _loaded.ufs_shim_set_core.restype = None
+    _loaded.ufs_shim_set_upper.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double]
     _loaded.ufs_shim_set_upper.restype = None
+    _loaded.ufs_shim_hand_over_lower.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64,
+                                                 ctypes.c_uint64]
+    _loaded.ufs_shim_adopt_opens.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Adopted), ctypes.c_size_t]
+    _loaded.ufs_shim_adopt_opens.restype = ctypes.c_size_t
+    _loaded.ufs_shim_adopt_open.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Adopted)]
     _loaded.ufs_shim_hand_over.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64,
                                            ctypes.c_uint32, ctypes.c_uint64]
     _loaded.ufs_shim_take_back.argtypes = [ctypes.c_uint64]
@@ -167,14 +184,20 @@ def mark_many_no_xattrs(node_ids: array.array) -> None:
         _loaded.ufs_shim_mark_many_no_xattrs(node_ids.buffer_info()[0], len(node_ids))
 
 
-def set_upper(root_fd: int, layer_flags: int, changes_here: bool, attr_timeout: float, open_at_address: int,
-              stat_fd_address: int) -> None:
-    """The upper layer's root and flags, whether the shim may change attributes (SETATTR), the
-    attribute timeout, and the C core's ufs_open_at and ufs_stat_fd, with which the shim reads
-    and changes the objects handed to hand_over()."""
+def set_core(open_at_address: int, stat_fd_address: int) -> bool:
+    """The C core's ufs_open_at and ufs_stat_fd, with which the shim opens and reads the objects
+    handed to hand_over() and hand_over_lower(); whether there is a shim to hand them to."""
+    if _loaded is None:
+        return False
+    _loaded.ufs_shim_set_core(open_at_address, stat_fd_address)
+    return True
+
+
+def set_upper(root_fd: int, layer_flags: int, changes_here: bool, attr_timeout: float) -> None:
+    """The upper layer's root and flags, whether the shim may change attributes (SETATTR), and
+    the attribute timeout, for the objects handed to hand_over()."""
     if _loaded is not None:
-        _loaded.ufs_shim_set_upper(root_fd, layer_flags, int(changes_here), attr_timeout, open_at_address,
-                                   stat_fd_address)
+        _loaded.ufs_shim_set_upper(root_fd, layer_flags, int(changes_here), attr_timeout)
 
 
 def hand_over(node_id: int, path: bytes, dev: int, ino: int, file_type: int, shown_ino: int) -> None:
@@ -185,10 +208,48 @@ def hand_over(node_id: int, path: bytes, dev: int, ino: int, file_type: int, sho
         _loaded.ufs_shim_hand_over(node_id, path, dev, ino, file_type, shown_ino)
 
 
+def hand_over_lower(node_id: int, layer_fd: int, path: bytes, dev: int, ino: int) -> None:
+    """Let the shim answer OPEN for reading of node NODE_ID itself while PATH beneath layer root
+    LAYER_FD is the regular file DEV:INO, which holds the node's data."""
+    if _loaded is not None:
+        _loaded.ufs_shim_hand_over_lower(node_id, layer_fd, path, dev, ino)
+
+
 def take_back(node_id: int) -> None:
-    """Node NODE_ID's object is gone: the shim must not answer for it any more."""
+    """Node NODE_ID's object is gone, or its data about to move: the shim must not answer for it
+    any more."""
     if _loaded is not None:
         _loaded.ufs_shim_take_back(node_id)
+
+
+_adopted = (_Adopted * 64)()
+
+
+def adopt_opens(node_id: int) -> list[tuple[int, int]]:
+    """The (handle number, fd) of the files the shim opened for node NODE_ID and holds: Python's
+    from now on (the shim still serves their reads, at the fds set_file() gives)."""
+    taken: list[tuple[int, int]] = []
+    while _loaded is not None:
+        count = _loaded.ufs_shim_adopt_opens(node_id, _adopted, len(_adopted))
+        taken += [(entry.fh, entry.fd) for entry in _adopted[:count]]
+        if count < len(_adopted):
+            break
+    return taken
+
+
+def adopt_open(fh: int) -> tuple[int, int] | None:
+    """(node id, fd) of the file the shim opened as handle FH, if it holds it: Python's from now on."""
+    if _loaded is None or fh < FIRST_SHIM_FH:
+        return None
+    entry = _Adopted()
+    if not _loaded.ufs_shim_adopt_open(fh, ctypes.byref(entry)):
+        return None
+    return entry.node_id, entry.fd
+
+
+def lower_opens() -> int:
+    """How many opens the shim answered itself since the daemon started."""
+    return ctypes.c_uint64.in_dll(_loaded, "ufs_shim_lower_opens").value if _loaded is not None else 0
 
 
 def queued() -> bool:

@@ -15,6 +15,7 @@ import trio
 
 from unionfs.fs import core, shim, syscalls, xattrs
 from unionfs.fs.copy_up import build_copy, fill_metacopy
+from unionfs.fs.file import Handles
 from unionfs.fs.inodes import NO_LOWER_PATHS, AttrView, InodeTable, Node, compact, name_only_entry
 from unionfs.fs.layers import ROOT_PATH, LayerStack
 from unionfs.fs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
@@ -64,9 +65,14 @@ class Union(Namei):
         # are stored as such, not in an override_stat xattr.
         self._shim_serves_upper = (self.writable and view.uids.identity and view.gids.identity
                                    and not view.static_nlink)
+        has_shim = shim.set_core(core.function_address("ufs_open_at"), core.function_address("ufs_stat_fd"))
         if self._shim_serves_upper:
-            shim.set_upper(upper.root_fd, upper.flags, not self.override, view.timeout,
-                           core.function_address("ufs_open_at"), core.function_address("ufs_stat_fd"))
+            shim.set_upper(upper.root_fd, upper.flags, not self.override, view.timeout)
+        # The shim opens lower files for reading itself (_hand_found_to_shim), unless passthrough
+        # may serve them: only a read-only union's files get it (unionfs/fs/passthrough.py), and
+        # whether it does is known at the first lookup (after INIT).
+        self._shim_opens_lower: bool | None = None if has_shim else False
+        self.handles = Handles(self.inodes)
 
     def close(self) -> None:
         """Close the layers and the work directory (stopping its spare-file thread)."""
@@ -177,9 +183,28 @@ class Union(Namei):
         return node.entry
 
     def _hand_found_to_shim(self, node: Node, found: core.Found) -> None:
-        """_hand_to_shim() for NODE, just resolved as FOUND."""
-        if found.layer == UPPER and node.layer == UPPER and self._shim_serves_upper:
-            self._hand_to_shim(node, node.path, found.attr)
+        """_hand_to_shim() for NODE, just resolved as FOUND; or, for a lower file with one link
+        whose data is its own, let the shim open it for reading."""
+        if node.layer == UPPER and self.has_upper:
+            if found.layer == UPPER and self._shim_serves_upper:
+                self._hand_to_shim(node, node.path, found.attr)
+            return
+        attr = found.attr
+        if (stat.S_ISREG(attr.mode) and attr.nlink == 1 and node.index_name is None and found.layer == node.layer
+                and self._shim_may_open_lower()):
+            shim.hand_over_lower(node.id, self.stack.layers[node.layer].root_fd, self.layer_path(node, node.layer),
+                                 attr.dev, attr.ino)
+
+    def _shim_may_open_lower(self) -> bool:
+        if self._shim_opens_lower is None:
+            self._shim_opens_lower = self.writable or not shim.passthrough()
+        return self._shim_opens_lower
+
+    def _take_from_shim(self, node: Node) -> None:
+        """The shim stops answering for NODE, and the files it opened for it become the
+        daemon's (before NODE's data moves or its name goes)."""
+        shim.take_back(node.id)
+        self.handles.adopt(node)
 
     def _hand_to_shim(self, node: Node, path: bytes, attr: core.Attr) -> None:
         """Let the shim read and change the attributes of NODE's upper object (PATH, ATTR) itself, if
@@ -199,8 +224,8 @@ class Union(Namei):
     def drop_object(self, node: Node) -> None:
         """NODE's object is gone from the union (see InodeTable.drop_object); the shim no longer
         answers for it, as a new object may take its inode number and path."""
+        self._take_from_shim(node)  # its open files reach it while it has no name
         self.inodes.drop_object(node)
-        shim.take_back(node.id)
 
     def forget(self, node_id: int, count: int) -> None:
         """The kernel gave back COUNT references to node NODE_ID; once it holds none, the shim
@@ -364,6 +389,7 @@ class Union(Namei):
         if node.is_dir:
             self.ensure_upper_dir(node)
             return
+        self._take_from_shim(node)  # before the first await: its open files move to the copy
         lock = self._copy_locks.setdefault(node.ino, trio.Lock())
         try:
             async with lock:
