@@ -469,6 +469,19 @@ int ufs_shim_hand_over_lower(uint64_t node_id, int layer_fd, const char *path, u
     return 0;
 }
 
+/* The same for COUNT files at once (a listing's): FILES holds node id, layer fd, dev and ino of
+   each, PATHS their paths one after the other, each ending at its NUL. */
+int ufs_shim_hand_over_many_lower(const uint64_t *files, const char *paths, size_t count)
+{
+    for (size_t i = 0; i < count; i++, files += 4) {
+        int rc = ufs_shim_hand_over_lower(files[0], (int)files[1], paths, files[2], files[3]);
+        if (rc < 0)
+            return rc;
+        paths += strlen(paths) + 1;
+    }
+    return 0;
+}
+
 static void take_back_lower(uint64_t node_id)
 {
     struct lower_file *slot = &lower_files[node_id % LOWER_FILE_SLOTS];

@@ -84,6 +84,7 @@ def load() -> bool:
     _loaded.ufs_shim_set_upper.restype = None
     _loaded.ufs_shim_hand_over_lower.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64,
                                                  ctypes.c_uint64]
+    _loaded.ufs_shim_hand_over_many_lower.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     _loaded.ufs_shim_adopt_opens.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Adopted), ctypes.c_size_t]
     _loaded.ufs_shim_adopt_opens.restype = ctypes.c_size_t
     _loaded.ufs_shim_adopt_open.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Adopted)]
@@ -213,6 +214,25 @@ def hand_over_lower(node_id: int, layer_fd: int, path: bytes, dev: int, ino: int
     LAYER_FD is the regular file DEV:INO, which holds the node's data."""
     if _loaded is not None:
         _loaded.ufs_shim_hand_over_lower(node_id, layer_fd, path, dev, ino)
+
+
+class LowerFiles:
+    """hand_over_lower() for many files (a listing's), gathered, then handed over in one call."""
+
+    __slots__ = ("files", "paths")
+
+    def __init__(self) -> None:
+        self.files = array.array("Q")  # node id, layer fd, dev, ino of each
+        self.paths: list[bytes] = []
+
+    def add(self, node_id: int, layer_fd: int, path: bytes, dev: int, ino: int) -> None:
+        self.files.extend((node_id, layer_fd, dev, ino))
+        self.paths.append(path)
+
+    def hand_over(self) -> None:
+        if _loaded is not None and self.paths:
+            _loaded.ufs_shim_hand_over_many_lower(self.files.buffer_info()[0], b"\0".join(self.paths) + b"\0",
+                                                  len(self.paths))
 
 
 def take_back(node_id: int) -> None:

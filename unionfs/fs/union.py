@@ -158,16 +158,19 @@ class Union(Namei):
         dir_paths, c_dir = self._dir_view(node)
         listing: list[tuple[bytes, Node | pyfuse3.EntryAttributes]] = [(b".", node), (b"..", node.parent or node)]
         no_xattrs = array.array("Q")
+        lower_files = shim.LowerFiles()
         for name, found in self.stack.c.list(c_dir, path):
             try:
                 resolved = self._resolve_in(dir_paths, name, found)
                 entry_node = self._node_for(node, name, resolved, path, no_xattrs)
                 listing.append((name, entry_node))
-                self._hand_found_to_shim(entry_node, resolved[0])  # rm -rf unlinks what it lists
+                # rm -rf unlinks what it lists, tar opens it
+                self._hand_found_to_shim(entry_node, resolved[0], lower_files)
             except OSError:
                 ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
                 listing.append((name, name_only_entry(ino, found.attr.mode)))
         shim.mark_many_no_xattrs(no_xattrs)
+        lower_files.hand_over()
         return listing
 
     def is_empty(self, node: Node) -> bool:
@@ -182,18 +185,21 @@ class Union(Namei):
                 self.refresh(node, xattrs_changed=False)  # xattrs change only through requests
         return node.entry
 
-    def _hand_found_to_shim(self, node: Node, found: core.Found) -> None:
+    def _hand_found_to_shim(self, node: Node, found: core.Found, lower_files: shim.LowerFiles | None = None) -> None:
         """_hand_to_shim() for NODE, just resolved as FOUND; or, for a lower file with one link
-        whose data is its own, let the shim open it for reading."""
+        whose data is its own, let the shim open it for reading (at once, or with LOWER_FILES)."""
         if node.layer == UPPER and self.has_upper:
             if found.layer == UPPER and self._shim_serves_upper:
                 self._hand_to_shim(node, node.path, found.attr)
             return
         attr = found.attr
-        if (stat.S_ISREG(attr.mode) and attr.nlink == 1 and node.index_name is None and found.layer == node.layer
-                and self._shim_may_open_lower()):
-            shim.hand_over_lower(node.id, self.stack.layers[node.layer].root_fd, self.layer_path(node, node.layer),
-                                 attr.dev, attr.ino)
+        if (stat.S_ISREG(attr.mode) and attr.nlink == 1 and node.index_name is None
+                and found.layer == node.layer and self._shim_may_open_lower()):
+            where = (node.id, self.stack.layers[node.layer].root_fd, node.lower_paths[node.layer], attr.dev, attr.ino)
+            if lower_files is None:
+                shim.hand_over_lower(*where)
+            else:
+                lower_files.add(*where)
 
     def _shim_may_open_lower(self) -> bool:
         if self._shim_opens_lower is None:
