@@ -75,14 +75,16 @@ class Handles:
         return fh
 
     def find(self, fh: int) -> OpenFile | None:
+        """Open file FH (taken in from the shim if it opened it), or None."""
         handle = self._open.get(fh)
         if handle is None:
             held = shim.adopt_open(fh)
             node = self._inodes.find(held[0]) if held is not None else None
             if node is not None:
                 handle = self._take_in(node, fh, held[1])
-            elif held is not None:
-                os.close(held[1])  # no node to hang it on (cannot happen while the kernel holds it open)
+            elif held is not None:  # no node to hang it on (cannot happen while the kernel holds it open)
+                shim.set_file(fh, -1, False)  # before its fd number can be reused
+                os.close(held[1])
         return handle
 
     def __getitem__(self, fh: int) -> OpenFile:

@@ -217,7 +217,8 @@ def hand_over_lower(node_id: int, layer_fd: int, path: bytes, dev: int, ino: int
 
 
 class LowerFiles:
-    """hand_over_lower() for many files (a listing's), gathered, then handed over in one call."""
+    """hand_over_lower() for many files (a listing's), gathered, then handed over in one call per
+    _LOWER_FILES_AT_ONCE (a listing of 300,000 names would otherwise hold all of them twice)."""
 
     __slots__ = ("files", "paths")
 
@@ -228,11 +229,18 @@ class LowerFiles:
     def add(self, node_id: int, layer_fd: int, path: bytes, dev: int, ino: int) -> None:
         self.files.extend((node_id, layer_fd, dev, ino))
         self.paths.append(path)
+        if len(self.paths) == _LOWER_FILES_AT_ONCE:
+            self.hand_over()
 
     def hand_over(self) -> None:
         if _loaded is not None and self.paths:
             _loaded.ufs_shim_hand_over_many_lower(self.files.buffer_info()[0], b"\0".join(self.paths) + b"\0",
                                                   len(self.paths))
+        del self.files[:]
+        self.paths.clear()
+
+
+_LOWER_FILES_AT_ONCE = 1024
 
 
 def take_back(node_id: int) -> None:
