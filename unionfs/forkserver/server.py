@@ -112,11 +112,12 @@ def run(idle: float, readers: Readers) -> int:
         pid_file.write(f"{os.getpid()}\n")
     setproctitle.setproctitle("pyunionfs fork-server")
     spare = Spare(listener, lock, readers, where, code_files, (wake_r, wake_w), previous)
-    waiting = -1  # the spare that waits for a caller
+    waiting = -1  # the spare that waits for a caller (-1: none, the next pass forks one)
     try:
-        waiting, taken = spare.start()
-        deadline = time.monotonic() + idle if idle else None
         while True:
+            if waiting < 0:
+                waiting, taken = spare.start()
+                deadline = time.monotonic() + idle if idle else None
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = select.select([taken, wake_r], [], [], timeout)[0]
             if wake_r in ready:
@@ -131,8 +132,6 @@ def run(idle: float, readers: Readers) -> int:
                 waiting = -1  # serving, or gone
             if note != TAKEN:
                 break  # idle, new code (the next caller starts a new server), or a spare that died
-            waiting, taken = spare.start()
-            deadline = time.monotonic() + idle if idle else None
     finally:
         signal.set_wakeup_fd(-1)
         for signum, handler in previous.items():

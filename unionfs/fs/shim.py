@@ -2,9 +2,9 @@
 pyfuse3 lacks, serves reads, opens of lower files for reading and some GETXATTRs in C, queues
 FORGETs for Python, lets the kernel cache directory listings without OPENDIR round trips,
 negotiates FUSE passthrough, and lets pyfuse3's request loop wait for the next request outside
-trio (see the file for the contract). It is opened with RTLD_GLOBAL before pyfuse3 is imported: pyfuse3's calls into libfuse
-then bind to the shim's wrappers, because the global scope is searched before a library's own
-dependencies. No restart with LD_PRELOAD needed."""
+trio (see the file for the contract). It is opened with RTLD_GLOBAL before pyfuse3 is imported:
+pyfuse3's calls into libfuse then bind to the shim's wrappers, because the global scope is
+searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
 
 import array
@@ -256,12 +256,13 @@ _adopted = (_Adopted * 64)()
 def adopt_opens(node_id: int) -> list[tuple[int, int]]:
     """The (handle number, fd) of the files the shim opened for node NODE_ID and holds: Python's
     from now on (the shim still serves their reads, at the fds set_file() gives)."""
+    if _loaded is None:
+        return []
     taken: list[tuple[int, int]] = []
-    while _loaded is not None:
+    count = len(_adopted)
+    while count == len(_adopted):  # a full buffer: there may be more
         count = _loaded.ufs_shim_adopt_opens(node_id, _adopted, len(_adopted))
         taken += [(entry.fh, entry.fd) for entry in _adopted[:count]]
-        if count < len(_adopted):
-            break
     return taken
 
 
