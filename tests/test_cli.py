@@ -148,13 +148,18 @@ def test_as_many_lowers_as_the_kernel_takes(tmp_path, mnt):
     (lowers[-1] / "bottom").write_text("bottom\n")
     (lowers[-1] / "shadowed").write_text("bottom\n")
     (lowers[0] / "shadowed").write_text("top\n")
+    for lower in (lowers[0], lowers[-1]):  # a directory merged from the first and the 500th layer
+        (lower / "merged").mkdir()
+        (lower / "merged" / lower.name).write_text("")
     upper, work = tmp_path / "upper", tmp_path / "work"
     upper.mkdir()
     work.mkdir()
     result = run(str(mnt), "-o", f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}")
     try:
         assert result.returncode == 0, result.stderr
-        assert sorted(os.listdir(mnt)) == ["bottom", "shadowed"] and (mnt / "shadowed").read_text() == "top\n"
+        assert sorted(os.listdir(mnt)) == ["bottom", "merged", "shadowed"]
+        assert (mnt / "shadowed").read_text() == "top\n"
+        assert sorted(os.listdir(mnt / "merged")) == ["l0", "l499"]
         with open(mnt / "bottom", "a") as f:  # a copy-up from the 500th layer
             f.write("changed\n")
         assert (upper / "bottom").read_text() == "bottom\nchanged\n"

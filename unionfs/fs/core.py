@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+import sys
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from unionfs.fs._core import ffi, lib
@@ -39,9 +41,6 @@ class Attr(NamedTuple):
     ctime_ns: int
 
 
-def _copy_attr(a: Any) -> Attr:
-    return Attr(a.dev, a.ino, a.size, a.blocks, a.rdev, a.mode, a.nlink, a.uid, a.gid, a.blksize,
-                a.atime_ns, a.mtime_ns, a.ctime_ns)
 
 
 class Found(NamedTuple):
@@ -62,11 +61,55 @@ def _check(rc: int, what: bytes) -> int:
     return rc
 
 
-def _copy_found(c_found: Any) -> Found:
-    dir_layers = sum(word << (64 * i) for i, word in enumerate(c_found.dir_layers) if word)
-    origin = bytes(ffi.buffer(c_found.origin, c_found.origin_len)) if c_found.origin_len else b""
-    return Found(c_found.layer, _copy_attr(c_found.attr), dir_layers, c_found.redirect_layer,
-                 origin, bool(c_found.metacopy), bool(c_found.no_xattrs))
+# The C structs are read with struct.Struct, one call per struct: a cffi attribute read costs about
+# what a whole unpack does. Each layout is a list of (field path, struct format code).
+_ATTR_FIELDS = [((name,), "Q") for name in ("dev", "ino", "size", "blocks", "rdev")] + \
+    [((name,), "I") for name in ("mode", "nlink", "uid", "gid", "blksize")] + \
+    [((name,), "q") for name in ("atime_ns", "mtime_ns", "ctime_ns")]
+_HIGH_WORDS = struct.Struct(f"={lib.UFS_MASK_WORDS - 1}Q")  # a layer mask's words for layers 64 and up
+_NO_HIGH_WORDS = bytes(_HIGH_WORDS.size)
+_ATTR_END = 1 + len(_ATTR_FIELDS)  # where the attributes end in _FOUND_FIELDS
+_FOUND_FIELDS = [(("layer",), "i")] + [(("attr",) + path, code) for path, code in _ATTR_FIELDS] + [
+    (("dir_layers", 0), "Q"), (("dir_layers", 1), f"{_HIGH_WORDS.size}s"),
+    (("redirect_layer",), "i"), (("origin_len",), "I"), (("metacopy",), "I"),
+    (("origin",), f"{lib.UFS_ORIGIN_MAX}s"), (("no_xattrs",), "I")]
+
+
+def _layout(ctype: str, fields: list[tuple[tuple, str]]) -> struct.Struct:
+    """A struct.Struct for C type CTYPE: FIELDS at cffi's offsets, the padding between them skipped."""
+    fmt, end = "=", 0
+    for path, code in fields:
+        offset = ffi.offsetof(ctype, *path)
+        if offset < end:
+            raise ImportError(f"{ctype}: field {path} overlaps the one before it")
+        fmt += f"{offset - end}x{code}" if offset > end else code
+        end = offset + struct.calcsize("=" + code)
+    return struct.Struct(fmt + f"{ffi.sizeof(ctype) - end}x")
+
+
+_ATTR = _layout("struct ufs_attr", _ATTR_FIELDS)
+_FOUND = _layout("struct ufs_found", _FOUND_FIELDS)
+_DIRENT = _layout("struct ufs_dirent", [(("name",), f"{lib.UFS_NAME_MAX + 1}s")] +
+                  [(("found",) + path, code) for path, code in _FOUND_FIELDS])
+
+
+def _attr(c_attr: Any) -> Attr:
+    """An Attr from a struct ufs_attr *."""
+    return tuple.__new__(Attr, _ATTR.unpack(ffi.buffer(c_attr)))
+
+
+def _found(values: tuple) -> Found:
+    """A Found from the unpacked fields of a struct ufs_found (_FOUND_FIELDS' order)."""
+    layer, attr = values[0], values[1:_ATTR_END]
+    low_words, high_words, redirect_layer, origin_len, metacopy, origin, no_xattrs = values[_ATTR_END:]
+    dir_layers = low_words
+    if high_words != _NO_HIGH_WORDS:  # more than 64 layers
+        for i, word in enumerate(_HIGH_WORDS.unpack(high_words), 1):
+            dir_layers |= word << (64 * i)
+    # tuple.__new__ is what NamedTuple._make calls, without the Python-level call around it: a
+    # microsecond of each listed entry.
+    return tuple.__new__(Found, (layer, tuple.__new__(Attr, attr), dir_layers, redirect_layer, origin[:origin_len],
+                                 metacopy != 0, no_xattrs != 0))
 
 
 class LayerArray:
@@ -92,7 +135,7 @@ class LayerArray:
         if rc == -errno.ENOENT:
             return None
         _check(rc, name)
-        return _copy_found(out)
+        return _found(_FOUND.unpack(ffi.buffer(out)))
 
     def list(self, dir_paths: tuple[Any, Any], path: bytes, batch_size: int = LIST_BATCH
              ) -> Iterator[tuple[bytes, Found]]:
@@ -105,8 +148,9 @@ class LayerArray:
             pos = ffi.new("uint64_t *")
             while filled := _check(lib.ufs_resolve_names(self._c_layers, self.count, dir_paths[0], names, pos,
                                                          batch, batch_size), path):
-                for e in batch[0:filled]:
-                    yield ffi.string(e.name), _copy_found(e.found)
+                for values in _DIRENT.iter_unpack(ffi.buffer(batch, filled * _DIRENT.size)):
+                    raw_name = values[0]
+                    yield raw_name[:raw_name.index(b"\0")], _found(values[1:])
         finally:
             lib.ufs_names_free(names)
 
@@ -116,7 +160,7 @@ def stat_at(root_fd: int, path: bytes, layer_flags: int = 0) -> Attr:
     override_stat xattr when LAYER_FLAGS names one."""
     out = ffi.new("struct ufs_attr *")
     _check(lib.ufs_stat_at(root_fd, path, layer_flags, out), path)
-    return _copy_attr(out)
+    return _attr(out)
 
 
 def function_address(name: str) -> int:
@@ -129,7 +173,7 @@ def stat_fd(fd: int, layer_flags: int = 0) -> Attr:
     """stat_at() of the object open as FD."""
     out = ffi.new("struct ufs_attr *")
     _check(lib.ufs_stat_fd(fd, layer_flags, out), b"fd %d" % fd)
-    return _copy_attr(out)
+    return _attr(out)
 
 
 def open_at(root_fd: int, path: bytes, flags: int) -> int:
@@ -170,4 +214,4 @@ def stat_handle(mount_fd: int, kind: int, handle: bytes) -> Attr | None:
     """lstat() of the object HANDLE names on MOUNT_FD's filesystem; None when it is not there."""
     out = ffi.new("struct ufs_attr *")
     rc = lib.ufs_stat_handle(mount_fd, handle, len(handle), kind, out)
-    return None if rc < 0 else _copy_attr(out)
+    return None if rc < 0 else _attr(out)

@@ -29,8 +29,15 @@ Resolved = tuple[core.Found, dict[int, bytes]]  # an object, and its path in eac
 
 def layer_copies(dir_paths: list[bytes | None], name: bytes, found: core.Found) -> dict[int, bytes]:
     """The path of each layer's copy of a resolved object."""
-    layers = [i for i in range(len(dir_paths)) if found.dir_layers >> i & 1] or [found.layer]
-    return {i: name if dir_paths[i] == ROOT_PATH else dir_paths[i] + b"/" + name for i in layers}
+    mask = found.dir_layers
+    if not mask:  # not a directory (most entries): the one layer it is in
+        parent = dir_paths[found.layer]
+        return {found.layer: name if parent == ROOT_PATH else parent + b"/" + name}
+    copies = {}
+    for i, parent in enumerate(dir_paths):
+        if mask >> i & 1:
+            copies[i] = name if parent == ROOT_PATH else parent + b"/" + name
+    return copies
 
 
 def fail(code: int) -> OSError:

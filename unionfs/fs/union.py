@@ -242,7 +242,7 @@ class Union(Namei):
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """NODE's attributes for a reply. After writes they are read again: a reply with an old
         size would make the kernel cut the file short."""
-        if node.stale or any(handle.flags != os.O_RDONLY for handle in node.open_files):
+        if node.stale or (node.open_files and any(handle.flags != os.O_RDONLY for handle in node.open_files)):
             return self.getattr(node)  # an open writer may change it at any time (fallocate)
         return node.entry
 
