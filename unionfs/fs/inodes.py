@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import itertools
 import stat
 from collections.abc import Iterator, Mapping
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from unionfs.fs.core import Attr, Found
+from unionfs.fs.core import Found
 from unionfs.fs.idmap import IdMap
 from unionfs.fs.layers import ROOT_PATH
 from unionfs.fs.options import DEFAULT_TIMEOUT
@@ -60,6 +61,11 @@ class AttrView:
     uids: IdMap = field(default_factory=IdMap)
     gids: IdMap = field(default_factory=IdMap)
     static_nlink: bool = False
+
+    @functools.cached_property
+    def ids_as_stored(self) -> bool:
+        """Are owners shown as stored (no mapping, no squashing)?"""
+        return self.uids.identity and self.gids.identity
 
 
 NO_OPEN_FILES: frozenset = frozenset()
@@ -209,21 +215,24 @@ def make_entry(node_id: int, ino: int, found: Found, view: AttrView) -> pyfuse3.
 
 def fill_entry(entry: pyfuse3.EntryAttributes, found: Found, view: AttrView) -> None:
     """Set ENTRY's attributes (all but its ids and timeouts) from FOUND."""
-    a: Attr = found.attr
-    entry.st_mode = a.mode
+    _, _, size, blocks, rdev, mode, nlink, uid, gid, blksize, atime_ns, mtime_ns, ctime_ns = found.attr
+    entry.st_mode = mode
     # Like kernel overlayfs: a merged directory's link count is not worth computing, and 1 keeps
     # find and friends from trusting it.
-    merged = stat.S_ISDIR(a.mode) and (view.static_nlink or found.dir_layers & (found.dir_layers - 1))
-    entry.st_nlink = 1 if merged else a.nlink
-    entry.st_uid = view.uids.shown(a.uid)
-    entry.st_gid = view.gids.shown(a.gid)
-    entry.st_rdev = a.rdev
-    entry.st_size = a.size
-    entry.st_blksize = a.blksize
-    entry.st_blocks = a.blocks
-    entry.st_atime_ns = a.atime_ns
-    entry.st_mtime_ns = a.mtime_ns
-    entry.st_ctime_ns = a.ctime_ns
+    if stat.S_ISDIR(mode) and (view.static_nlink or found.dir_layers & (found.dir_layers - 1)):
+        nlink = 1
+    entry.st_nlink = nlink
+    if not view.ids_as_stored:
+        uid, gid = view.uids.shown(uid), view.gids.shown(gid)
+    entry.st_uid = uid
+    entry.st_gid = gid
+    entry.st_rdev = rdev
+    entry.st_size = size
+    entry.st_blksize = blksize
+    entry.st_blocks = blocks
+    entry.st_atime_ns = atime_ns
+    entry.st_mtime_ns = mtime_ns
+    entry.st_ctime_ns = ctime_ns
 
 
 def name_only_entry(ino: int, mode: int) -> pyfuse3.EntryAttributes:
