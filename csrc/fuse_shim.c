@@ -7,8 +7,7 @@
  *  - serve READ and WRITE of an open layer file itself, and OPEN (for reading) and RELEASE of
  *    lower files that Python handed over,
  *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
- *    (it drops a cached listing when the directory changes through the mount), and answer the
- *    read that ends a listing pass Python replied to its last entry,
+ *    (it drops a cached listing when the directory changes through the mount),
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
  *  - answer GETATTR, and SETATTR of modes, owners and times, of upper-layer objects that Python
  *    handed over, reading and changing them itself (and queueing the changed ones for Python),
@@ -26,13 +25,12 @@
  * xattrs (ufs_shim_mark_no_xattrs), and which upper objects the shim may read and change for a
  * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), and which lower
  * files it may open (ufs_shim_hand_over_lower), with the C core's functions to open and read them
- * (ufs_shim_set_core, once), and where a listing pass it replied to the end ends
- * (ufs_shim_pass_ended), from the thread that runs the request handlers, before it replies
+ * (ufs_shim_set_core, once), from the thread that runs the request handlers, before it replies
  * to the request that changes them; before a node's data moves or its name goes, it takes the
  * node back and adopts the files the shim opened for it (ufs_shim_adopt_opens), and a handle a
- * request names that the shim opened (ufs_shim_adopt_open); it takes the queued forgets, changed
- * nodes, removed files and ended listing passes (ufs_shim_take_forgets, ufs_shim_take_changed,
- * ufs_shim_take_removed, ufs_shim_take_ended) before it handles the next request and before it
+ * request names that the shim opened (ufs_shim_adopt_open); it
+ * takes the queued forgets, changed nodes and removed files (ufs_shim_take_forgets,
+ * ufs_shim_take_changed, ufs_shim_take_removed) before it handles the next request and before it
  * waits for one, whenever ufs_shim_queued says there are any, and registers and drops backing
  * files (ufs_shim_backing_open, ufs_shim_backing_close), from that thread too. It asks for
  * passthrough before the mount (ufs_shim_want_passthrough) and learns at its first open whether
@@ -72,7 +70,6 @@ static int (*reply_data)(fuse_req_t req, struct fuse_bufvec *bufv, enum fuse_buf
 static int (*reply_write)(fuse_req_t req, size_t count);
 static int (*reply_attr)(fuse_req_t req, const struct stat *attr, double attr_timeout);
 static int (*reply_entry)(fuse_req_t req, const struct fuse_entry_param *e);
-static int (*reply_buf)(fuse_req_t req, const char *buf, size_t size);
 static size_t (*buf_size)(const struct fuse_bufvec *bufv);
 static ssize_t (*buf_copy)(struct fuse_bufvec *dst, struct fuse_bufvec *src, enum fuse_buf_copy_flags flags);
 static int (*session_fd_of)(struct fuse_session *);
@@ -235,6 +232,16 @@ static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     reply_err(req, ENOSYS);
 }
 
+/* Without OPENDIR a listing arrives with handle 0: hand unionfs/fs/ops.py the node id instead, which
+   is what its own opendir returns as the handle. */
+static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                             struct fuse_file_info *fi)
+{
+    struct fuse_file_info with_handle = *fi;
+    with_handle.fh = ino;
+    python_readdirplus(req, ino, size, off, &with_handle);
+}
+
 /* A bit per node id whose object has no extended attribute a user can see, as unionfs/fs/union.py
    found it: GETXATTR for those (ls -l asks for ACLs and security labels of every file) is
    answered ENODATA here, without a round trip into Python. Python sets and clears the bits, from
@@ -283,17 +290,17 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
     python_getxattr(req, ino, name, size);
 }
 
-/* How many forgets, changed nodes, removed files and ended listing passes are queued for Python,
-   which looks at the total before each request it handles and then takes the queues that hold any
+/* How many forgets, changed nodes and removed files are queued for Python, which looks at the
+   total before each request it handles and then takes the queues that hold any
    (ufs_shim_take_*: a call each, so the counts save it the empty ones). */
 struct shim_queued {
-    size_t forgets, changed, removed, ended, total;
+    size_t forgets, changed, removed, total;
 } ufs_shim_queued;
 static struct shim_queued *const queued = &ufs_shim_queued;
 
 static void recount_queued(void)
 {
-    queued->total = queued->forgets + queued->changed + queued->removed + queued->ended;
+    queued->total = queued->forgets + queued->changed + queued->removed;
 }
 
 /* Move up to MAX of the *COUNT entries (SIZE bytes each) at the head of QUEUE to OUT: how many. */
@@ -305,54 +312,6 @@ static size_t take_queued(void *queue, size_t *count, size_t size, void *out, si
     *count -= taken;
     recount_queued();
     return taken;
-}
-
-/* The directories whose listing pass Python replied to its last entry, with the offset after it.
-   The kernel ends each pass with a read from there, whose empty reply is the end of the listing
-   (and marks the kernel's cached listing complete): that read is answered here, a round trip into
-   Python less per directory listed, and queued for Python (ufs_shim_take_ended), which then lets
-   go of the pass's snapshot as if it had answered. One slot per node id modulo ENDED_PASSES; a pass
-   whose slot another directory took goes to Python. Any other read of the directory empties its
-   slot, so an old end never answers a later pass. */
-#define ENDED_PASSES 1024
-static struct ended_pass {
-    uint64_t ino; /* 0: empty (no node has id 0) */
-    uint64_t end;
-} ended_passes[ENDED_PASSES];
-#define ENDED_MAX 4096
-static uint64_t ended[ENDED_MAX];
-uint64_t ufs_shim_listing_ends; /* reads answered here, since the start (for the status line) */
-
-void ufs_shim_pass_ended(uint64_t ino, uint64_t end)
-{
-    if (python_readdirplus && reply_buf)
-        ended_passes[ino % ENDED_PASSES] = (struct ended_pass){.ino = ino, .end = end};
-}
-
-size_t ufs_shim_take_ended(uint64_t *out, size_t max)
-{
-    return take_queued(ended, &queued->ended, sizeof(*ended), out, max);
-}
-
-/* Without OPENDIR a listing arrives with handle 0: hand unionfs/fs/ops.py the node id instead, which
-   is what its own opendir returns as the handle. */
-static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                             struct fuse_file_info *fi)
-{
-    struct ended_pass *slot = &ended_passes[ino % ENDED_PASSES];
-    if (slot->ino == ino) {
-        slot->ino = 0;
-        if (off >= 0 && (uint64_t)off == slot->end && queued->ended < ENDED_MAX) {
-            ended[queued->ended++] = ino;
-            recount_queued();
-            ufs_shim_listing_ends++;
-            reply_buf(req, NULL, 0);
-            return;
-        }
-    }
-    struct fuse_file_info with_handle = *fi;
-    with_handle.fh = ino;
-    python_readdirplus(req, ino, size, off, &with_handle);
 }
 
 /* Objects of the upper layer whose attributes the shim reads and changes itself. The kernel asks
@@ -1274,7 +1233,6 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     reply_write = (int (*)(fuse_req_t, size_t))dlsym(libfuse, "fuse_reply_write");
     reply_attr = (int (*)(fuse_req_t, const struct stat *, double))dlsym(libfuse, "fuse_reply_attr");
     reply_entry = (int (*)(fuse_req_t, const struct fuse_entry_param *))dlsym(libfuse, "fuse_reply_entry");
-    reply_buf = (int (*)(fuse_req_t, const char *, size_t))dlsym(libfuse, "fuse_reply_buf");
     buf_size = (size_t (*)(const struct fuse_bufvec *))dlsym(libfuse, "fuse_buf_size");
     buf_copy = (ssize_t (*)(struct fuse_bufvec *, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
         libfuse, "fuse_buf_copy");

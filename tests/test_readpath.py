@@ -518,33 +518,6 @@ def test_a_pass_left_unfinished_is_restarted_from_its_snapshot(tmp_path, mnt):
         assert sorted(os.listdir(mnt / "d")) == ["behind", "c"]
 
 
-def test_the_read_that_ends_a_listing_is_answered_by_the_shim(tmp_path, mnt):
-    """The kernel ends each pass over a directory with a read past its last entry; after Python
-    replied to that entry, the shim answers it (once per directory listed), and Python still
-    lets go of the pass: a change behind the mount's back shows in the next pass (after the
-    kernel dropped its cached listing; an open fd keeps the directory's node)."""
-    (layer,) = layer_dirs(tmp_path, 1)
-    dirs = {f"d{d}": [f"f{f}" for f in range(d)] for d in range(20)}
-    dirs["big"] = [f"entry-{f:05}" for f in range(3000)]  # several reads of 32 KiB
-    for name, files in dirs.items():
-        (layer / name).mkdir()
-        for file in files:
-            (layer / name / file).touch()
-    log = tmp_path / "daemon.log"
-    with open(log, "w") as stderr, pyunionfs([layer], mnt, stderr=stderr) as proc:
-        held = os.open(mnt / "d3", os.O_RDONLY)
-        try:
-            for name, files in dirs.items():
-                assert sorted(os.listdir(mnt / name)) == sorted(files)
-            ended = daemon_status(proc, log, "shim_listing_ends")
-            (layer / "d3" / "behind").touch()
-            subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
-            assert sorted(os.listdir(mnt / "d3")) == ["behind", "f0", "f1", "f2"]
-        finally:
-            os.close(held)
-    assert ended == len(dirs)
-
-
 # Two processes send requests without pause: reads of an open file, which the shim answers in C
 # and waits there for the next one, or setattrs, which Python answers and whose request loop
 # waits for the next one in the shim (unionfs/fs/shim.py) rather than in trio.

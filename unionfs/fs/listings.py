@@ -7,7 +7,6 @@ from typing import Callable
 
 import pyfuse3
 
-from unionfs.fs import shim
 from unionfs.fs.inodes import Node
 
 Entry = tuple[bytes, Node | pyfuse3.EntryAttributes]  # a name and its node (or attributes only)
@@ -43,18 +42,6 @@ class Listings:
         if len(self._snapshots) > KEPT_MAX:
             self._drop(next(iter(self._snapshots)))
         return snapshot
-
-    def replied_to_end(self, node: Node) -> None:
-        """A read of directory NODE was replied to its snapshot's last entry: the shim may answer
-        the kernel's closing read of the pass (csrc/fuse_shim.c), and then calls ended_by_shim()."""
-        snapshot = self._snapshots.get(node.id)
-        if snapshot is not None:
-            shim.pass_ended(node.id, len(snapshot))
-
-    def ended_by_shim(self, dir_id: int) -> None:
-        """The shim answered the closing read of a pass of directory DIR_ID, as entries() would."""
-        if dir_id in self._snapshots:
-            self._drop(dir_id)
 
     def _drop(self, node_id: int) -> None:
         del self._snapshots[node_id]

@@ -92,8 +92,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def apply_shim_queues(self) -> None:
         """Take in what the shim did while it answered: forget the files it unlinked, drop the
-        lookups the kernel gave back, mark the nodes whose attributes it changed as stale, and
-        end the listing passes it ended.
+        lookups the kernel gave back, and mark the nodes whose attributes it changed as stale.
         Done before Python handles a request, so that no request sees the nodes as they were
         (node ids are never reused, so a forget applied late is still right), and before the
         daemon waits for requests (so an idle daemon holds no node the kernel forgot)."""
@@ -106,8 +105,6 @@ class UnionOperations(pyfuse3.Operations):
             node = inodes.find(node_id)
             if node is not None:
                 node.stale = True
-        for dir_id in shim.take_ended():
-            self.listings.ended_by_shim(dir_id)
 
     @replies_errno
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
@@ -171,8 +168,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @replies_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        directory = self._node(fh)
-        entries = self.listings.entries(directory, start_id)
+        entries = self.listings.entries(self._node(fh), start_id)
         if entries is None:
             return
         inodes = self.union.inodes
@@ -189,7 +185,6 @@ class UnionOperations(pyfuse3.Operations):
             # ".." (the first two), which the kernel does not count (fuse_direntplus_link).
             if index >= DOT_ENTRIES and isinstance(node, Node):
                 inodes.remember(node)
-        self.listings.replied_to_end(directory)
 
     @replies_errno
     async def releasedir(self, fh: int) -> None:

@@ -44,18 +44,17 @@ class _Removed(ctypes.Structure):
 
 
 # Buffers for the shim's queues, each as long as its queue (csrc/fuse_shim.c: FORGETS_MAX,
-# CHANGED_MAX, REMOVED_MAX, ENDED_MAX), so that one call takes all it holds.
+# CHANGED_MAX, REMOVED_MAX), so that one call takes all it holds.
 _QUEUE_LENGTH = 4096
 _forgets = (_Forget * _QUEUE_LENGTH)()
 _changed = (ctypes.c_uint64 * _QUEUE_LENGTH)()
-_ended = (ctypes.c_uint64 * _QUEUE_LENGTH)()
 _removed = (_Removed * _QUEUE_LENGTH)()
 
 
 class _Queued(ctypes.Structure):
     """How many entries the shim holds for Python in each queue (struct shim_queued)."""
     _fields_ = [("forgets", ctypes.c_size_t), ("changed", ctypes.c_size_t), ("removed", ctypes.c_size_t),
-                ("ended", ctypes.c_size_t), ("total", ctypes.c_size_t)]
+                ("total", ctypes.c_size_t)]
 
 
 _queued: _Queued | None = None
@@ -91,16 +90,12 @@ def load() -> bool:
     _loaded.ufs_shim_adopt_open.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Adopted)]
     _loaded.ufs_shim_hand_over.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64,
                                            ctypes.c_uint32, ctypes.c_uint64]
-    _loaded.ufs_shim_pass_ended.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
-    _loaded.ufs_shim_pass_ended.restype = None
     _loaded.ufs_shim_take_back.argtypes = [ctypes.c_uint64]
     _loaded.ufs_shim_take_back.restype = None
     _loaded.ufs_shim_take_changed.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
     _loaded.ufs_shim_take_changed.restype = ctypes.c_size_t
     _loaded.ufs_shim_take_removed.argtypes = [ctypes.POINTER(_Removed), ctypes.c_size_t]
     _loaded.ufs_shim_take_removed.restype = ctypes.c_size_t
-    _loaded.ufs_shim_take_ended.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
-    _loaded.ufs_shim_take_ended.restype = ctypes.c_size_t
     global _queued
     _queued = _Queued.in_dll(_loaded, "ufs_shim_queued")
     return True
@@ -281,31 +276,18 @@ def adopt_open(fh: int) -> tuple[int, int] | None:
     return entry.node_id, entry.fd
 
 
-def pass_ended(node_id: int, end: int) -> None:
-    """A listing pass of directory NODE_ID was replied to its last entry, the one before offset
-    END: the shim may answer the read from END that ends it (the kernel's last of the pass), and
-    then queues the node id for take_ended()."""
-    if _loaded is not None:
-        _loaded.ufs_shim_pass_ended(node_id, end)
-
-
-def listing_ends() -> int:
-    """How many listing passes the shim ended itself (see pass_ended) since the daemon started."""
-    return ctypes.c_uint64.in_dll(_loaded, "ufs_shim_listing_ends").value if _loaded is not None else 0
-
-
 def lower_opens() -> int:
     """How many opens the shim answered itself since the daemon started."""
     return ctypes.c_uint64.in_dll(_loaded, "ufs_shim_lower_opens").value if _loaded is not None else 0
 
 
 def queued() -> bool:
-    """Does the shim hold forgets, changed nodes, removed files or ended passes for Python?"""
+    """Does the shim hold forgets, changed nodes or removed files for Python?"""
     return _queued is not None and _queued.total != 0
 
 
 def _take(queue: str, buffer: ctypes.Array) -> list:
-    """The entries the shim holds in QUEUE ("forgets", "changed", "removed" or "ended"),
+    """The entries the shim holds in QUEUE ("forgets", "changed" or "removed"),
     taken into BUFFER (as long as the queue); one call into the shim, if it holds any."""
     if _queued is None or not getattr(_queued, queue):
         return []
@@ -315,12 +297,6 @@ def _take(queue: str, buffer: ctypes.Array) -> list:
 def take_removed() -> list[tuple[int, int]]:
     """The (node id, parent node id) of the files the shim unlinked since the last call."""
     return [(entry.node_id, entry.parent_id) for entry in _take("removed", _removed)]
-
-
-def take_ended() -> list[int]:
-    """The node ids of the directories whose listing pass the shim ended (see pass_ended) since the
-    last call."""
-    return _take("ended", _ended)
 
 
 def take_changed() -> list[int]:
