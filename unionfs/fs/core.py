@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import sys
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from unionfs.fs._core import ffi, lib
@@ -39,8 +38,6 @@ class Attr(NamedTuple):
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
-
-
 
 
 class Found(NamedTuple):

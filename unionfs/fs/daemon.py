@@ -25,7 +25,7 @@ log = logging.getLogger("pyunionfs")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Allocations between collections of the youngest objects (Python's default: 700). A listing makes
 # several objects per entry, nearly all kept (nodes), which the default threshold traverses again
-# and again: 7-12% of a listing's CPU, 3% with these thresholds.
+# and again: 7-13% of a listing's CPU, 3-4% with these thresholds.
 GC_THRESHOLDS = (50_000, 20, 10)
 
 
