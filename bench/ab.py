@@ -42,8 +42,8 @@ def _system(revision: str, tree: Path) -> System:
     subprocess.run([sys.executable, "-m", "compileall", "-q", "unionfs"], cwd=tree, capture_output=True)
     # The revision's own command, as a program (podman takes a mount program's path): its
     # bin/pyunionfs where it has one (the fork server's fast path), else its command line's
-    # module; its code first on the path.
-    entry = [str(tree / "bin" / "pyunionfs")] if (tree / "bin" / "pyunionfs").exists() else ["-m", "unionfs.cli"]
+    # module (-P: not the working directory's); its code first on the path.
+    entry = [str(tree / "bin" / "pyunionfs")] if (tree / "bin" / "pyunionfs").exists() else ["-P", "-m", "unionfs.cli"]
     command = tree / "bench-pyunionfs"
     command.write_text("#!/bin/sh\n" + shlex.join(["exec", "env", f"PYTHONPATH={tree}", sys.executable, *entry])
                        + ' "$@"\n')

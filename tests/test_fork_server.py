@@ -140,6 +140,32 @@ def test_first_use_starts_a_server_and_mounts_without_it(tmp_path, dirs, monkeyp
     assert gone(started) and not Path(client.location(), client.SOCKET).exists()
 
 
+def test_a_server_started_from_any_directory_runs_the_callers_code(tmp_path, dirs, monkeypatch):
+    """The first use starts the server with the caller's interpreter and environment. A package
+    named unionfs in the caller's working directory (another checkout, or one planted in a
+    directory root works in) must not be what the server runs."""
+    (tmp_path / "servers").mkdir()
+    monkeypatch.setenv(client.DIRECTORY, str(tmp_path / "servers"))
+    decoy = tmp_path / "cwd" / "unionfs"
+    decoy.mkdir(parents=True)
+    ran = tmp_path / "the decoy ran"
+    (decoy / "__init__.py").write_text("")
+    (decoy / "cli.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    result = subprocess.run([PYUNIONFS, "-o", opts, str(dirs["mnt"])], cwd=tmp_path / "cwd",
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 30
+    try:
+        while not (server_pid() and Path(client.location(), client.SOCKET).exists()):
+            assert not ran.exists(), "the server ran the package in the caller's working directory"
+            assert time.monotonic() < deadline, "the fork server did not start"
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert not ran.exists()
+
+
 def test_sigterm_right_after_start_stops_the_server(tmp_path, monkeypatch):
     """SIGTERM as soon as the pid file is there, while the server forks its first spare: a signal
     handled inside os.fork's at-fork callbacks must not be lost (it was, about one time in ten)."""

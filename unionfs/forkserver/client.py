@@ -256,7 +256,9 @@ def start_server() -> None:
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             environment = dict(os.environ, PYUNIONFS_TITLE_ROOM="." * 8192)
-            os.execve(sys.executable, [sys.executable, "-m", "unionfs.cli", "fork-server",
+            # -P: `-m` would put the working directory first on the module path, and a unionfs
+            # package there (another checkout, or one planted where root works) would be run.
+            os.execve(sys.executable, [sys.executable, "-P", "-m", "unionfs.cli", "fork-server",
                                        "--idle", str(IDLE_SECONDS)], environment)
     finally:
         os._exit(0)
