@@ -18,6 +18,11 @@ INO_MASK = (1 << INO_SHIFT) - 1
 ROOT_PATH = b"."
 
 
+def child_path(parent: bytes, name: bytes) -> bytes:
+    """The path of NAME in directory PARENT, both relative to a layer root."""
+    return name if parent == ROOT_PATH else parent + b"/" + name
+
+
 def _root_override(root_fd: int) -> bytes | None:
     """The override_stat xattr a layer root carries, if any."""
     names = syscalls.listxattr(root_fd, SELF)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from unionfs.fs import core, origin, syscalls
 from unionfs.fs.inodes import Node
-from unionfs.fs.layers import ROOT_PATH, LayerStack
+from unionfs.fs.layers import ROOT_PATH, LayerStack, child_path
 from unionfs.fs.syscalls import SELF
 from unionfs.fs.workdir import WorkDir
 
@@ -31,12 +31,11 @@ def layer_copies(dir_paths: list[bytes | None], name: bytes, found: core.Found) 
     """The path of each layer's copy of a resolved object."""
     mask = found.dir_layers
     if not mask:  # not a directory (most entries): the one layer it is in
-        parent = dir_paths[found.layer]
-        return {found.layer: name if parent == ROOT_PATH else parent + b"/" + name}
+        return {found.layer: child_path(dir_paths[found.layer], name)}
     copies = {}
     for i, parent in enumerate(dir_paths):
         if mask >> i & 1:
-            copies[i] = name if parent == ROOT_PATH else parent + b"/" + name
+            copies[i] = child_path(parent, name)
     return copies
 
 

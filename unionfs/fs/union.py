@@ -17,7 +17,7 @@ from unionfs.fs import core, shim, syscalls, xattrs
 from unionfs.fs.copy_up import build_copy, fill_metacopy
 from unionfs.fs.file import Handles
 from unionfs.fs.inodes import NO_LOWER_PATHS, AttrView, InodeTable, Node, compact, name_only_entry
-from unionfs.fs.layers import ROOT_PATH, LayerStack
+from unionfs.fs.layers import ROOT_PATH, LayerStack, child_path
 from unionfs.fs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
 from unionfs.fs.syscalls import SELF
 from unionfs.fs.workdir import WorkDir
@@ -63,8 +63,7 @@ class Union(Namei):
         # The shim answers GETATTR and SETATTR of upper objects itself where the union shows their
         # attributes as stored (_hand_to_shim below); it changes owners and modes only where they
         # are stored as such, not in an override_stat xattr.
-        self._shim_serves_upper = (self.writable and view.uids.identity and view.gids.identity
-                                   and not view.static_nlink)
+        self._shim_serves_upper = self.writable and view.ids_as_stored and not view.static_nlink
         has_shim = shim.set_core(core.function_address("ufs_open_at"), core.function_address("ufs_stat_fd"))
         if self._shim_serves_upper:
             shim.set_upper(upper.root_fd, upper.flags, not self.override, view.timeout)
@@ -90,7 +89,7 @@ class Union(Namei):
         to tell it."""
         found, lower_paths = resolved
         parent_path = parent.path if parent_path is None else parent_path
-        path = name if parent_path == ROOT_PATH else parent_path + b"/" + name
+        path = child_path(parent_path, name)
         ino = self._ino_of(found, path)
         found, index_name = self._with_copy_state(found, lower_paths, path)
         node = self.inodes.node_for(ino, parent, name, found, lower_paths)

@@ -18,7 +18,7 @@ from typing import BinaryIO, Iterator
 
 from unionfs.fs import syscalls
 from unionfs.fs.inodes import ROOT_ID, Node
-from unionfs.fs.layers import ROOT_PATH, LayerStack
+from unionfs.fs.layers import ROOT_PATH, LayerStack, child_path
 from unionfs.fs.union import Union
 from unionfs.fs.whiteout import OCI_PREFIX, is_whiteout
 from unionfs.store.unpack import CHUNK, OCI_OPAQUE, XATTR_PAX_PREFIX
@@ -30,10 +30,6 @@ ADDED, CHANGED, DELETED = "A", "C", "D"
 class Change:
     kind: str  # ADDED, CHANGED or DELETED
     path: str  # from the root, as podman prints it: /etc/passwd
-
-
-def _child(parent: bytes, name: bytes) -> bytes:
-    return name if parent == ROOT_PATH else parent + b"/" + name
 
 
 def _shown(path: bytes) -> str:
@@ -94,7 +90,7 @@ class ContainerView:
         entries = []
         with self._upper_dir(path) as fd:
             for name in sorted(syscalls.listdir(fd)):
-                if _shown(_child(path, name)) in self.runtime_paths and self._in_image(below, name) is None:
+                if _shown(child_path(path, name)) in self.runtime_paths and self._in_image(below, name) is None:
                     continue
                 st = syscalls.lstat(fd, name)
                 redirect = opaque = None
@@ -117,10 +113,10 @@ class ContainerView:
         records: list[_Record] = []
         if opaque_dir and below_dir is not None and stat.S_ISDIR(below_dir.entry.st_mode):
             listed = {entry[0] for entry in entries}
-            records += [_Record(DELETED, _child(path, name), implied=True)
+            records += [_Record(DELETED, child_path(path, name), implied=True)
                         for name, _ in self._names(self.image, below_dir) if name not in listed]
         for name, st, redirect, opaque in entries:
-            child = _child(path, name)
+            child = child_path(path, name)
             below = self._in_image(below_dir, name)
             if st is None or is_whiteout(st):
                 if below is not None:
@@ -166,7 +162,7 @@ class ContainerView:
     def _tree(self, directory: Node, path: bytes) -> Iterator[tuple[bytes, Node]]:
         """Everything below DIRECTORY in the container's view, parents first."""
         for name, node in self._names(self.merged, directory):
-            child = _child(path, name)
+            child = child_path(path, name)
             yield child, node
             if stat.S_ISDIR(node.entry.st_mode):
                 yield from self._tree(node, child)
@@ -226,10 +222,10 @@ class _Writer:
 
     def whiteout(self, path: bytes) -> None:
         parent, _, name = path.rpartition(b"/")
-        self._marker(_child(parent or ROOT_PATH, OCI_PREFIX + name))
+        self._marker(child_path(parent or ROOT_PATH, OCI_PREFIX + name))
 
     def opaque(self, directory: bytes) -> None:
-        self._marker(_child(directory, OCI_OPAQUE.encode()))
+        self._marker(child_path(directory, OCI_OPAQUE.encode()))
 
     def _marker(self, path: bytes) -> None:
         info = tarfile.TarInfo(os.fsdecode(path))
