@@ -35,18 +35,19 @@ def _system(revision: str, tree: Path) -> System:
                            capture_output=True, text=True)
     if added.returncode != 0:
         raise BenchError(f"cannot check out {revision}: {added.stderr.strip().splitlines()[-1:]}")
-    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
+    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "build_scripts"], cwd=tree,
                            capture_output=True, text=True)
     if built.returncode != 0:
         raise BenchError(f"cannot build {revision}: {(built.stderr.strip().splitlines() or ['?'])[-1]}")
     subprocess.run([sys.executable, "-m", "compileall", "-q", "unionfs"], cwd=tree, capture_output=True)
-    # The revision's own command, as a program (podman takes a mount program's path): its
-    # bin/pyunionfs where it has one (the fork server's fast path), else its command line's
-    # module (-P: not the working directory's); its code first on the path.
-    entry = [str(tree / "bin" / "pyunionfs")] if (tree / "bin" / "pyunionfs").exists() else ["-P", "-m", "unionfs.cli"]
+    # The revision's own command, as a program (podman takes a mount program's path): what its
+    # build_scripts made (the C command, or a Python script for this interpreter in revisions
+    # before it), else its command line's module (-P: not the working directory's); its code
+    # first on the path.
+    scripts = sorted(tree.glob("build/scripts-*/pyunionfs"))
+    entry = [str(scripts[0])] if scripts else [sys.executable, "-P", "-m", "unionfs.cli"]
     command = tree / "bench-pyunionfs"
-    command.write_text("#!/bin/sh\n" + shlex.join(["exec", "env", f"PYTHONPATH={tree}", sys.executable, *entry])
-                       + ' "$@"\n')
+    command.write_text("#!/bin/sh\n" + shlex.join(["exec", "env", f"PYTHONPATH={tree}", *entry]) + ' "$@"\n')
     command.chmod(0o755)
     label = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True).stdout.strip() or revision

@@ -166,6 +166,11 @@ class Mounts:
             store.close()
         self._stores.clear()
         self._engines.clear()  # their stores are below SCRATCH, removed with it
+        # A mount whose unmount an interrupt cut short (Ctrl-C while fusermount3 ran): SCRATCH is
+        # removed next, which must not reach into a union.
+        for point in mount_points():
+            if Path(point).is_relative_to(self.scratch):
+                subprocess.run(["umount", "-l", point], capture_output=True)
         fork_server.stop_all(str(self.fork_servers))
         os.environ.pop(fork_client.DIRECTORY, None)
 

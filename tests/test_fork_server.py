@@ -414,6 +414,28 @@ def test_a_container_run_is_served_by_the_server(fork_server, image, tmp_path):
         proc.wait()
 
 
+def test_a_served_run_gets_the_callers_bytes(fork_server, image, tmp_path):
+    """The command (csrc/front.c) sends arguments and environment as bytes: what is not UTF-8,
+    or needs quoting in the request, reaches the served run's command as the caller has it."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    word, term = b"caf\xe9 \xff'\\\"\n)", b"xterm\x80\x01"
+    sleep = unique_sleep()
+    script = b'printf "%s|%s" "$TERM" "$0" > /seen/it; exec "$@"'
+    proc = subprocess.Popen([os.fsencode(PYUNIONFS), b"run", b"--lower", bytes(image), b"-v", b"%s:/seen" % bytes(seen),
+                             b"--", b"sh", b"-c", script, word, *map(str.encode, sleep)],
+                            env={**os.environb, b"TERM": term, b"TMPDIR": bytes(tmp_path)})
+    try:
+        deadline = time.monotonic() + 30
+        while not stand_ins(fork_server, "\0".join(sleep)) or not (seen / "it").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not take the run on"
+            time.sleep(0.05)
+        assert (seen / "it").read_bytes() == term + b"|" + word
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_killing_a_served_runs_caller_leaves_nothing(fork_server, image, tmp_path):
     """The caller's end (SIGKILL: nothing it can do) ends the launcher the server forked for it,
     as it would end a launcher of its own: no mount, no process left."""

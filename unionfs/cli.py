@@ -716,4 +716,6 @@ def _reporting_errors(command: str | None, action: Callable[[], int]) -> int:
 
 
 if __name__ == "__main__":
+    # The command (csrc/front.c) runs `python -P -m unionfs.cli ARGS`: shown as the command it is.
+    present.set_title("pyunionfs", " ".join(["pyunionfs", *sys.argv[1:]]))
     sys.exit(main())

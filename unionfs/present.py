@@ -1,10 +1,21 @@
 """What the commands print, as podman prints it: tables in aligned columns, sizes and ages in
-words, progress bars on a terminal (all through rich)."""
+words, progress bars on a terminal (all through rich); and how their processes show in ps."""
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 from typing import Callable, Iterable, Sequence
+
+
+def set_title(name: str, title: str) -> None:
+    """Show this process as NAME (its comm, what pgrep and podman's process checks see) with
+    the command line TITLE (whose arguments need not be UTF-8)."""
+    import setproctitle
+
+    setproctitle.setproctitle(os.fsencode(title).decode(errors="replace"))
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(name)
 
 
 def human_size(size: int) -> str:

@@ -1,28 +1,24 @@
-"""The caller's side of the fork server (server.py). `pyunionfs` imports this before anything
-else, so it uses builtin modules only: a mount handed to the server costs the caller little more
-than Python's own start.
+"""The caller's side of the fork server (server.py), in Python: what the launcher uses to have
+the server's process serve a container's mount (serve_attached), and what finds, reaches and
+starts a server. The pyunionfs command itself is a C program (csrc/front.c) that speaks the same
+protocol for mounts that daemonize and container runs, so that those never wait for Python.
 
 The caller sends its command line, environment and umask, and fds of its working and root
 directories, its stdio and its user and mount namespaces (SCM_RIGHTS). The server forks a
 process that takes all of these on (and its cgroups, limits and priorities: caller.py) and runs
-the command: a mount that daemonizes, or a container (`pyunionfs run`); the caller relays its
-exit code, and for a container the signals it gets. Where the server is absent, declines, or
-cannot be reached safely, the caller does the work the slow way (and starts a server for next
-time)."""
+the command. Where the server is absent, declines, or cannot be reached safely, the caller does
+the work the slow way (and starts a server for next time)."""
 from __future__ import annotations
 
-import _signal
 import _socket
 import os
 import stat
 import sys
 
-from unionfs.errors import EXIT_LAUNCHER_ERROR, FORWARDED_SIGNALS
-
 DISABLE = "PYUNIONFS_FORK_SERVER"  # "off": never use it
 DIRECTORY = "PYUNIONFS_FORK_SERVER_DIR"  # where the servers' directories go, instead of the default
 IDLE_SECONDS = 300  # a server started on first use exits after this long without a request
-PROTOCOL = 2
+PROTOCOL = 3  # csrc/front.c speaks it too
 INITIAL_USER_NS = 0xEFFFFFFD  # the kernel's PROC_USER_INIT_INO
 SOCKET, LOCK, PID = "socket", "lock", "pid"
 
@@ -34,12 +30,12 @@ def _fnv1a(data: bytes) -> int:
     return value
 
 
-# Which pyunionfs this is (where its code is): two installations of one user never share a
-# server, which would run the other's code.
-INSTALLATION = f"{_fnv1a(os.fsencode(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))) >> 32:08x}"
+# Which pyunionfs this is: the Python installation (its prefix) and PYTHONPATH, which decide the
+# code `python -m unionfs.cli` runs, and which the command (csrc/front.c) knows without Python. Two
+# installations of one user never share a server, which would run the other's code.
+_PYTHON = os.fsencode(sys.prefix) + b"\0" + os.environb.get(b"PYTHONPATH", b"")
+INSTALLATION = f"{_fnv1a(_PYTHON) >> 32:08x}"
 SUN_PATH_MAX = 107  # a unix socket's path, less its NUL
-# Mounts that stay in the foreground are served by the caller itself: it is the server.
-FOREGROUND_FLAGS = frozenset({"-f", "-d", "--debug", "-h", "--help"})
 # What a request asks of the server's process: to mount and daemonize, to serve a mount for a
 # caller that stays (the launcher's FUSE server), or to run a container as `pyunionfs run`.
 MOUNT, ATTACHED, RUN = "mount", "attached", "run"
@@ -71,69 +67,6 @@ def location(create: bool = True) -> str | None:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != euid or info.st_mode & 0o077:
         return None
     return path
-
-
-def is_background_mount(argv: list[str]) -> bool:
-    """Whether ARGV may be a mount that daemonizes (the server has the last word): `mount ...`,
-    or the mount-helper form, which always has -o."""
-    words = argv[:argv.index("--")] if "--" in argv else argv
-    if not words or FOREGROUND_FLAGS.intersection(words):
-        return False
-    return words[0] == "mount" or any(word.startswith("-o") for word in words)
-
-
-def mount(argv: list[str]) -> int | None:
-    """Run the mount ARGV in a process of the fork server: its exit code; or None if the caller
-    must mount by itself (not a background mount, no server yet, or the server declined), in
-    which case nothing has been done."""
-    if not is_background_mount(argv):
-        return None
-    connection = server_connection()
-    if connection is None:
-        return None
-    try:
-        return request(connection, argv)
-    finally:
-        connection.close()
-
-
-def is_container_run(argv: list[str]) -> bool:
-    """Whether ARGV is `[--root DIR] run ...`."""
-    if argv[:1] == ["--root"]:
-        argv = argv[2:]
-    return argv[:1] == ["run"]
-
-
-def run_container(argv: list[str]) -> int | None:
-    """Run the container ARGV (`[--root DIR] run ...`) in a process of the fork server, passing
-    on the signals the launcher forwards: its exit code; or None if the caller must run it by
-    itself (no server yet, or it declined), in which case nothing has been done."""
-    connection = server_connection()
-    if connection is None:
-        return None
-    try:
-        launcher = _send(connection, argv, RUN, None)
-        if launcher is None:
-            return None
-        for signum in FORWARDED_SIGNALS:
-            _signal.signal(signum, lambda received, _frame: _forward(launcher, received))
-        try:
-            reply = connection.recv(32)
-        except OSError:
-            reply = b""
-        if reply.startswith(b"exit "):
-            return int(reply[5:])
-        print("pyunionfs: the container's launcher ended without an exit status", file=sys.stderr)
-        return EXIT_LAUNCHER_ERROR
-    finally:
-        connection.close()
-
-
-def _forward(pidfd: int, signum: int) -> None:
-    try:
-        _signal.pidfd_send_signal(pidfd, signum)
-    except ProcessLookupError:
-        pass  # it has ended; its exit status is on the way
 
 
 def server_connection() -> _socket.socket | None:
@@ -180,19 +113,6 @@ def with_socket_path(where: str, use) -> None:
         os.close(fd)
 
 
-def request(connection: _socket.socket, argv: list[str]) -> int | None:
-    """Send the mount ARGV, which daemonizes; its exit code, or None if the server declined it."""
-    pidfd = _send(connection, argv, MOUNT, None)
-    if pidfd is None:
-        return None
-    os.close(pidfd)
-    reason = _outcome(connection)
-    if reason:
-        print(f"pyunionfs: {reason}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def serve_attached(connection: _socket.socket, argv: list[str], name: str, title: str) -> tuple[int | None, str]:
     """Have the server's process serve the mount ARGV for this caller, as a process named NAME
     with TITLE as its command line, that unmounts and exits once CONNECTION closes (so when the
@@ -212,7 +132,7 @@ def _send(connection: _socket.socket, argv: list[str], kind: str, title: tuple[s
     try:
         umask = os.umask(0)
         os.umask(umask)
-        message = repr((PROTOCOL, kind, argv, dict(os.environ), umask, title)).encode()
+        message = repr((PROTOCOL, kind, [os.fsencode(word) for word in argv], dict(os.environb), umask, title)).encode()
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in [*opened, 0, 1, 2])
         connection.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         reply, ancillary, _, _ = connection.recvmsg(32, _socket.CMSG_SPACE(4))
@@ -258,7 +178,7 @@ def start_server() -> None:
             environment = dict(os.environ, PYUNIONFS_TITLE_ROOM="." * 8192)
             # -P: `-m` would put the working directory first on the module path, and a unionfs
             # package there (another checkout, or one planted where root works) would be run.
-            os.execve(sys.executable, [sys.executable, "-P", "-m", "unionfs.cli", "fork-server",
-                                       "--idle", str(IDLE_SECONDS)], environment)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            os.execve(sys.executable, [sys.executable, "-P", "-m", "unionfs.cli", "fork-server"], environment)
     finally:
         os._exit(0)

@@ -28,6 +28,7 @@ from typing import Any, Callable, NoReturn, Optional, Protocol, Union
 
 import setproctitle
 
+from unionfs import present
 from unionfs.errors import ConfigError
 from unionfs.forkserver import caller, client
 from unionfs.fs import shim
@@ -371,11 +372,17 @@ def _take(connection: socket.socket) -> tuple[int, list[int], tuple[str, list[st
     if len(fds) < 1 + CONTEXT_FDS:
         return None
     try:
-        protocol, kind, argv, environment, umask, title = ast.literal_eval(message.decode(errors="surrogateescape"))
+        protocol, kind, argv, environment, umask, title = ast.literal_eval(message.decode())
+        if protocol != client.PROTOCOL or kind not in (client.MOUNT, client.ATTACHED, client.RUN):
+            return None
+        # Strings come as bytes: the caller's arguments and environment need not be UTF-8.
+        if not (isinstance(argv, list) and isinstance(environment, dict) and all(
+                isinstance(string, bytes) for string in (*argv, *environment, *environment.values()))):
+            return None
     except (ValueError, SyntaxError, TypeError):
         return None
-    if protocol != client.PROTOCOL or kind not in (client.MOUNT, client.ATTACHED, client.RUN):
-        return None
+    argv = [os.fsdecode(word) for word in argv]
+    environment = {os.fsdecode(name): os.fsdecode(value) for name, value in environment.items()}
     return pid, fds, (kind, argv, environment, umask, title)
 
 
@@ -410,7 +417,7 @@ def _serve_request(connection: socket.socket, pid: int, fds: list[int],
         else:
             _say_go(connection, os.pidfd_open(os.getpid()))
             started = True
-            _set_title(name, title)
+            present.set_title(name, title)
             # It says "ok" on the connection, or what failed.
             if kind == client.ATTACHED:
                 code = served.serve_attached(os.dup(connection.fileno()), connection.detach())
@@ -444,17 +451,11 @@ def _say_go(connection: socket.socket, pidfd: int) -> None:
         os.close(pidfd)
 
 
-def _set_title(name: str, title: str) -> None:
-    setproctitle.setproctitle(title)
-    with open("/proc/self/comm", "w") as comm:
-        comm.write(name)
-
-
 def _watch_launcher(connection: socket.socket, request: RunRequest, argv: list[str], title: str) -> int:
     """Fork the container's launcher, as the caller would have run it, and stand in for the caller:
     when the caller's connection closes (it died), the launcher dies too (PR_SET_PDEATHSIG); when
     the launcher ends, the caller gets its exit status. Both carry the caller's command line."""
-    _set_title("pyunionfs", title)
+    present.set_title("pyunionfs", title)
     child = sysns.fork_dying_with_parent()
     if child == 0:
         code = 1
