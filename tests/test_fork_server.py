@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +165,31 @@ def test_a_server_started_from_any_directory_runs_the_callers_code(tmp_path, dir
     finally:
         server.stop()
     assert not ran.exists()
+
+
+def test_a_server_that_hangs_up_after_its_hello_is_one_that_declined(tmp_path, dirs, monkeypatch):
+    """A server that goes away between its hello and the request (stopped just then): the
+    command's send fails (EPIPE), and it mounts by itself, as after a decline."""
+    monkeypatch.setenv(client.DIRECTORY, str(tmp_path))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.settimeout(30)
+    client.with_socket_path(client.location(), listener.bind)
+    listener.listen()
+
+    def hang_up() -> None:
+        connection, _ = listener.accept()
+        connection.send(b"hello")
+        connection.close()
+
+    thread = threading.Thread(target=hang_up)
+    thread.start()
+    try:
+        result = helper(dirs)
+    finally:
+        thread.join()
+        listener.close()
+    assert result.returncode == 0, result.stderr
+    assert daemons_for(dirs["mnt"]) and (dirs["mnt"] / "f").read_text() == "lower\n"
 
 
 def test_sigterm_right_after_start_stops_the_server(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ the command. Where the server is absent, declines, or cannot be reached safely, 
 the work the slow way (and starts a server for next time)."""
 from __future__ import annotations
 
-import _socket
 import os
+import socket
 import stat
 import sys
 
@@ -69,7 +69,7 @@ def location(create: bool = True) -> str | None:
     return path
 
 
-def server_connection() -> _socket.socket | None:
+def server_connection() -> socket.socket | None:
     """A connection this user's server has accepted; None where it is turned off, there is no
     safe directory for it, or none runs yet (one is started for next time)."""
     if os.environ.get(DISABLE) == "off":
@@ -86,9 +86,9 @@ def server_connection() -> _socket.socket | None:
     return connection
 
 
-def connect(where: str) -> _socket.socket | None:
+def connect(where: str) -> socket.socket | None:
     """A connection the server in WHERE has accepted, or None if there is none to talk to."""
-    connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         with_socket_path(where, connection.connect)
         if connection.recv(16) == b"hello":  # it checked who we are
@@ -113,7 +113,7 @@ def with_socket_path(where: str, use) -> None:
         os.close(fd)
 
 
-def serve_attached(connection: _socket.socket, argv: list[str], name: str, title: str) -> tuple[int | None, str]:
+def serve_attached(connection: socket.socket, argv: list[str], name: str, title: str) -> tuple[int | None, str]:
     """Have the server's process serve the mount ARGV for this caller, as a process named NAME
     with TITLE as its command line, that unmounts and exits once CONNECTION closes (so when the
     caller ends). A pidfd of it, or None if the server declined; and why the mount failed (""
@@ -122,7 +122,7 @@ def serve_attached(connection: _socket.socket, argv: list[str], name: str, title
     return pidfd, "" if pidfd is None else _outcome(connection)
 
 
-def _send(connection: _socket.socket, argv: list[str], kind: str, title: tuple[str, str] | None) -> int | None:
+def _send(connection: socket.socket, argv: list[str], kind: str, title: tuple[str, str] | None) -> int | None:
     """Send the request of KIND (TITLE: an attached server's process name and title); a pidfd of
     the process that took it on (sent with the answer: no pid can be reused in between), or None
     if none did."""
@@ -134,15 +134,15 @@ def _send(connection: _socket.socket, argv: list[str], kind: str, title: tuple[s
         os.umask(umask)
         message = repr((PROTOCOL, kind, [os.fsencode(word) for word in argv], dict(os.environb), umask, title)).encode()
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in [*opened, 0, 1, 2])
-        connection.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        reply, ancillary, _, _ = connection.recvmsg(32, _socket.CMSG_SPACE(4))
+        connection.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        reply, ancillary, _, _ = connection.recvmsg(32, socket.CMSG_SPACE(4))
     except OSError:  # a closed stdio fd, a server that went away: nothing was done
         return None
     finally:
         for fd in opened:
             os.close(fd)
     received = [int.from_bytes(data[:4], sys.byteorder) for level, message_type, data in ancillary
-                if level == _socket.SOL_SOCKET and message_type == _socket.SCM_RIGHTS and len(data) >= 4]
+                if level == socket.SOL_SOCKET and message_type == socket.SCM_RIGHTS and len(data) >= 4]
     if reply == b"go" and received:
         return received[0]
     for fd in received:
@@ -150,7 +150,7 @@ def _send(connection: _socket.socket, argv: list[str], kind: str, title: tuple[s
     return None
 
 
-def _outcome(connection: _socket.socket) -> str:
+def _outcome(connection: socket.socket) -> str:
     """What the process serving the mount says: "" once it is live, else why it is not."""
     try:
         reply = connection.recv(4096)
