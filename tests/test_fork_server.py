@@ -312,6 +312,7 @@ def test_the_server_and_its_mounts_keep_few_fds(fork_server, dirs):
         assert helper(dirs).returncode == 0
         (daemon,) = daemons_for(dirs["mnt"])
         assert parent_of(daemon) == fork_server
+        os.stat(dirs["mnt"] / "f")  # answered: its event loop (and its fds) is up, not starting
         counts.append((fds(fork_server), fds(daemon)))
         force_unmount(dirs["mnt"])
         deadline = time.monotonic() + 10
