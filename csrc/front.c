@@ -42,7 +42,8 @@ static const char *const FOREGROUND[] = {"-f", "-d", "--debug", "-h", "--help"};
 /* The signals `pyunionfs run` passes on to the container (unionfs/errors.py FORWARDED_SIGNALS). */
 static const int FORWARDED[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
 
-static int launcher = -1; /* a pidfd of a served container's launcher */
+static int launcher = -1;                  /* a pidfd of a served container's launcher */
+static volatile sig_atomic_t forwarded = 0; /* the last signal passed on to it */
 
 struct text {
     char *data;
@@ -302,6 +303,7 @@ static ssize_t receive(int connection, char *buffer, size_t size)
 static void forward(int signum)
 {
     int saved = errno;
+    forwarded = signum;
     syscall(SYS_pidfd_send_signal, launcher, signum, NULL, 0); /* ESRCH: it ended; its status is on the way */
     errno = saved;
 }
@@ -336,6 +338,10 @@ static int hand_over(int connection, enum request kind, int argc, char **argv)
     if (length > 5 && memcmp(reply, "exit ", 5) == 0) {
         reply[length] = '\0';
         return atoi(reply + 5);
+    }
+    if (forwarded) { /* it died of what it was sent before it could pass it on: so does this */
+        signal(forwarded, SIG_DFL);
+        raise(forwarded);
     }
     fputs("pyunionfs: the container's launcher ended without an exit status\n", stderr);
     return EXIT_LAUNCHER_ERROR;

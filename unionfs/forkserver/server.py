@@ -7,9 +7,8 @@ must cover its own). It keeps one forked spare process, single-threaded, that ha
 request (_rehearse) and waits for the next caller. The spare takes on that caller's cgroups,
 limits and priorities (caller.py), enters its user and mount namespaces (setns), root and working
 directory, takes on its stdio, environment and umask, and runs the command, with a process title
-of that command: it is the new FUSE server (or daemonizes one), or it watches a
-container's launcher, which it forks and which dies with it (as the caller's own child would die
-with the caller). A request it cannot take on (another command, a foreground mount, a context it
+of that command: it is the new FUSE server (or daemonizes one), or the container's launcher,
+which the caller's end ends (as it would end the caller's own launcher). A request it cannot take on (another command, a foreground mount, a context it
 cannot enter or take on) is declined before anything is done, and the caller does it the slow way."""
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ from unionfs.errors import ConfigError
 from unionfs.forkserver import caller, client
 from unionfs.fs import shim
 from unionfs.runtime import sysns
-from unionfs.runtime.container import exit_code
 
 SO_PEERPIDFD = 77  # Linux 6.5: the peer's pidfd, so that its /proc entry is surely its own
 _OWN_USER_NS = os.stat("/proc/self/ns/user").st_ino
@@ -413,7 +411,7 @@ def _serve_request(connection: socket.socket, pid: int, fds: list[int],
             os.close(fd)
         name, title = title or ("pyunionfs", " ".join(["pyunionfs", *argv]))
         if kind == client.RUN:
-            code = _watch_launcher(connection, served, argv, title)
+            code = _launch(connection, served, argv, title)
         else:
             _say_go(connection, os.pidfd_open(os.getpid()))
             started = True
@@ -451,34 +449,25 @@ def _say_go(connection: socket.socket, pidfd: int) -> None:
         os.close(pidfd)
 
 
-def _watch_launcher(connection: socket.socket, request: RunRequest, argv: list[str], title: str) -> int:
-    """Fork the container's launcher, as the caller would have run it, and stand in for the caller:
-    when the caller's connection closes (it died), the launcher dies too (PR_SET_PDEATHSIG); when
-    the launcher ends, the caller gets its exit status. Both carry the caller's command line."""
+def _launch(connection: socket.socket, request: RunRequest, argv: list[str], title: str) -> int:
+    """Be the container's launcher, as the caller would have run it, with the caller's command
+    line; the caller gets its exit status. The caller's end ends it as it would end a launcher of
+    the caller's own: the connection closing raises SIGIO here (O_ASYNC), whose default action
+    ends the process, and the FUSE server and the container's init with it (PR_SET_PDEATHSIG)."""
     present.set_title("pyunionfs", title)
-    child = sysns.fork_dying_with_parent()
-    if child == 0:
-        code = 1
-        try:
-            connection.close()
-            os.environ[client.DISABLE] = "off"  # its FUSE server is a fork of it, already imported
-            sys.argv = ["pyunionfs", *argv]
-            code = request.run()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    launcher = os.pidfd_open(child)
-    try:
-        _say_go(connection, os.dup(launcher))
-        select.select([connection, launcher], [], [])
-        ended, status = os.waitpid(child, os.WNOHANG)
-        if ended:
-            connection.send(b"exit %d" % exit_code(status))
-            return 0
-        return 1  # the caller is gone: so is the launcher, by PR_SET_PDEATHSIG, once this exits
-    finally:
-        os.close(launcher)
+    signal.signal(signal.SIGIO, signal.SIG_DFL)
+    fcntl.fcntl(connection, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(connection, fcntl.F_SETFL, fcntl.fcntl(connection, fcntl.F_GETFL) | os.O_ASYNC)
+    _say_go(connection, os.pidfd_open(os.getpid()))
+    if select.select([connection], [], [], 0)[0]:  # the caller sends nothing more: it is gone
+        return 1
+    os.environ[client.DISABLE] = "off"  # its FUSE server is a fork of it, already imported
+    sys.argv = ["pyunionfs", *argv]
+    code = request.run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    connection.send(b"exit %d" % code)
+    return code
 
 
 def _enter_context(fds: list[int]) -> None:
