@@ -405,9 +405,9 @@ def test_a_confined_caller_is_declined(fork_server, dirs, confinement):
     assert status_line(daemon, "NoNewPrivs" if confinement == "no_new_privs" else "Seccomp") != "0"
 
 
-def stand_ins(fork_server: int, command: str) -> list[int]:
-    """The server's processes that stand in for a caller of `run` COMMAND (their child, the
-    launcher, has its command line too; the launcher's FUSE server is pyunionfs-fuse)."""
+def served_launchers(fork_server: int, command: str) -> list[int]:
+    """The server's processes that are the launcher of a caller's `run` COMMAND (their children,
+    its FUSE server, pyunionfs-fuse, and the container's init, have its command line too)."""
     processes = leftovers(command)[1]
     return [pid for pid in processes if parent_of(pid) == fork_server and Path(f"/proc/{pid}/comm").read_text() ==
             "pyunionfs\n" and any(parent_of(child) == pid for child in processes)]
@@ -419,8 +419,8 @@ def image(tmp_path) -> Path:
 
 
 def test_a_container_run_is_served_by_the_server(fork_server, image, tmp_path):
-    """The server forks a stand-in for the caller, which forks the launcher; the caller gets the
-    command's output and exit status, and its signals reach the command."""
+    """A process of the server is the launcher; the caller gets the command's output and exit
+    status, and its signals reach the command."""
     run = [PYUNIONFS, "run", "--lower", str(image), "--"]
     result = subprocess.run([*run, "sh", "-c", "echo out; echo err >&2; exit 7"], capture_output=True, text=True,
                             env={**os.environ, "TMPDIR": str(tmp_path)})
@@ -433,7 +433,7 @@ def test_a_container_run_is_served_by_the_server(fork_server, image, tmp_path):
         deadline = time.monotonic() + 30
         while not (ready / "go").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(stand_ins(fork_server, "/ready/go")) == 1
+        assert len(served_launchers(fork_server, "/ready/go")) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 3
     finally:
@@ -454,7 +454,7 @@ def test_a_served_run_gets_the_callers_bytes(fork_server, image, tmp_path):
                             env={**os.environb, b"TERM": term, b"TMPDIR": bytes(tmp_path)})
     try:
         deadline = time.monotonic() + 30
-        while not stand_ins(fork_server, "\0".join(sleep)) or not (seen / "it").exists():
+        while not served_launchers(fork_server, "\0".join(sleep)) or not (seen / "it").exists():
             assert time.monotonic() < deadline and proc.poll() is None, "the server did not take the run on"
             time.sleep(0.05)
         assert (seen / "it").read_bytes() == term + b"|" + word
@@ -464,13 +464,13 @@ def test_a_served_run_gets_the_callers_bytes(fork_server, image, tmp_path):
 
 
 def test_killing_a_served_runs_caller_leaves_nothing(fork_server, image, tmp_path):
-    """The caller's end (SIGKILL: nothing it can do) ends the launcher the server forked for it,
-    as it would end a launcher of its own: no mount, no process left."""
+    """The caller's end (SIGKILL: nothing it can do) ends the server's process that is its
+    launcher, as it would end a launcher of its own: no mount, no process left."""
     sleep = unique_sleep()
     proc = subprocess.Popen([PYUNIONFS, "run", "--lower", str(image), "--", *sleep],
                             env={**os.environ, "TMPDIR": str(tmp_path)})
     deadline = time.monotonic() + 30
-    while not stand_ins(fork_server, "\0".join(sleep)):
+    while not served_launchers(fork_server, "\0".join(sleep)):
         assert time.monotonic() < deadline, "the server did not take the run on"
         time.sleep(0.05)
     proc.kill()
