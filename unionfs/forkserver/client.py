@@ -175,10 +175,10 @@ def start_server() -> None:
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing of the caller's stays open in it
             environment = dict(os.environ, PYUNIONFS_TITLE_ROOM="." * 8192)
             # -P: `-m` would put the working directory first on the module path, and a unionfs
             # package there (another checkout, or one planted where root works) would be run.
-            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
             os.execve(sys.executable, [sys.executable, "-P", "-m", "unionfs.cli", "fork-server"], environment)
     finally:
         os._exit(0)
