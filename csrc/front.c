@@ -119,18 +119,20 @@ static enum request request_of(int argc, char **argv)
     return words > 1 && (strcmp(argv[1], "mount") == 0 || options) ? MOUNT : NONE;
 }
 
-/* client.INSTALLATION: which Python installation's server to use. */
+static uint64_t fnv1a(uint64_t value, const char *data, size_t length)
+{
+    for (size_t i = 0; i < length; i++)
+        value = (value ^ (unsigned char)data[i]) * 0x100000001B3u;
+    return value;
+}
+
+/* client.INSTALLATION: which Python installation's server to use (its prefix NUL PYTHONPATH). */
 static uint32_t installation(void)
 {
     const char *path = getenv("PYTHONPATH");
-    const char *parts[] = {PYUNIONFS_PREFIX, path ? path : ""};
-    uint64_t value = 0xCBF29CE484222325u;
-    for (int part = 0; part < 2; part++) {
-        if (part)
-            value = (value ^ 0) * 0x100000001B3u; /* the NUL between them */
-        for (const unsigned char *byte = (const unsigned char *)parts[part]; *byte; byte++)
-            value = (value ^ *byte) * 0x100000001B3u;
-    }
+    uint64_t value = fnv1a(0xCBF29CE484222325u, PYUNIONFS_PREFIX, sizeof PYUNIONFS_PREFIX); /* NUL included */
+    if (path)
+        value = fnv1a(value, path, strlen(path));
     return (uint32_t)(value >> 32);
 }
 

@@ -8,8 +8,9 @@ request (_rehearse) and waits for the next caller. The spare takes on that calle
 limits and priorities (caller.py), enters its user and mount namespaces (setns), root and working
 directory, takes on its stdio, environment and umask, and runs the command, with a process title
 of that command: it is the new FUSE server (or daemonizes one), or the container's launcher,
-which the caller's end ends (as it would end the caller's own launcher). A request it cannot take on (another command, a foreground mount, a context it
-cannot enter or take on) is declined before anything is done, and the caller does it the slow way."""
+which the caller's end ends (as it would end the caller's own launcher). A request it cannot take
+on (another command, a foreground mount, a context it cannot enter or take on) is declined before
+anything is done, and the caller does it the slow way."""
 from __future__ import annotations
 
 import ast
