@@ -233,10 +233,39 @@ def test_a_caller_gone_before_the_mount_is_live_leaves_no_mount(dirs):
         ready_r, ready_w = os.pipe()
         os.close(ready_r)  # the caller is gone
         opts = "lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
-        raise SystemExit(cli.mount_request(["{dirs['mnt']}", "-o", opts]).serve_forked(ready_w))"""
+        raise SystemExit(cli.mount_request(["{dirs['mnt']}", "-o", opts]).serve_forked(ready_w, -1))"""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and not result.stderr, result.stderr
     assert not is_mounted(dirs["mnt"])
+
+
+def test_a_rehearsal_leaves_nothing_for_the_mount_served_after_it(dirs, tmp_path):
+    """A spare rehearses requests on a union of its own before it serves a mount: what the shim
+    would learn there is keyed by node ids that the mount's union numbers from the start again,
+    so none of it may answer the mount's requests (an xattr hidden, a directory's attributes)."""
+    os.setxattr(dirs["lower"] / "f", "user.mark", b"kept")
+    ready_r, ready_w = os.pipe()
+    script = f"""if True:
+        from unionfs import cli
+        from unionfs.forkserver import client, server
+        readers = {{client.MOUNT: cli.mount_request, client.RUN: cli.run_request}}
+        server._rehearse(readers, server._make_stage({str(tmp_path)!r}), lambda: False)
+        opts = "lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+        raise SystemExit(cli.mount_request(["{dirs['mnt']}", "-o", opts]).serve_forked({ready_w}, -1))"""
+    daemon = subprocess.Popen([sys.executable, "-c", script], pass_fds=[ready_w])
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 100) == b"ok"
+        (dirs["mnt"] / "new").write_text("upper\n")  # a node the rehearsal's file had
+        assert os.getxattr(dirs["mnt"] / "f", "user.mark") == b"kept"
+        assert (dirs["mnt"] / "f").is_file() and (dirs["mnt"] / "f").stat().st_size == len("lower\n")
+        assert (dirs["mnt"] / "new").stat().st_size == len("upper\n")
+        assert sorted(os.listdir(dirs["mnt"])) == ["f", "new"]
+    finally:
+        os.close(ready_r)
+        force_unmount(dirs["mnt"])
+        daemon.wait(timeout=10)
+    assert not (tmp_path / server.STAGE / "upper").exists() or not os.listdir(tmp_path / server.STAGE / "upper")
 
 
 def test_a_caller_with_fewer_capabilities_is_declined(fork_server, dirs):

@@ -63,19 +63,22 @@ class MountRequest:
     def serve(self) -> int:
         return serve.serve(self.config, foreground=self.foreground, debug=self.debug)
 
-    def rehearse(self) -> None:
-        """Check it and open its union, then close it, without mounting (a fork server's spare
-        process does, so that its caller does not wait for what that first run costs)."""
-        serve.open_and_close(self.config)
+    def rehearse(self, interrupted: Callable[[], bool]) -> None:
+        """Open its union and answer requests on it without mounting until INTERRUPTED(), then
+        close it (a fork server's spare process does, so that its caller does not wait for what
+        that first run costs)."""
+        serve.rehearse(self.config, interrupted)
 
-    def serve_forked(self, ready_fd: int) -> int:
-        """Serve it from this process, a fork server's, which reports to READY_FD."""
-        return serve.serve(self.config, ready_fd=ready_fd, forked=True)
+    def serve_forked(self, ready_fd: int, answered_fd: int) -> int:
+        """Serve it from this process, a fork server's, which reports to READY_FD, then closes
+        ANSWERED_FD."""
+        return serve.serve(self.config, ready_fd=ready_fd, forked=True, answered_fd=answered_fd)
 
-    def serve_attached(self, ready_fd: int, lifeline_fd: int) -> int:
+    def serve_attached(self, ready_fd: int, lifeline_fd: int, answered_fd: int) -> int:
         """Serve it from this process, a fork server's, for a caller that stays (the container
-        launcher): report to READY_FD, and unmount when LIFELINE_FD closes."""
-        return serve.serve(self.config, foreground=True, ready_fd=ready_fd, lifeline_fd=lifeline_fd)
+        launcher): report to READY_FD, then close ANSWERED_FD; unmount when LIFELINE_FD closes."""
+        return serve.serve(self.config, foreground=True, ready_fd=ready_fd, lifeline_fd=lifeline_fd,
+                           answered_fd=answered_fd)
 
 
 def _request(args: argparse.Namespace, config: MountConfig) -> MountRequest:

@@ -14,11 +14,13 @@ anything is done, and the caller does it the slow way."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import fcntl
 import gc
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -45,11 +47,11 @@ class MountRequest(Protocol):
     """A mount as the command line's front (unionfs/cli.py) reads it."""
     foreground: bool
 
-    def rehearse(self) -> None: ...
+    def rehearse(self, interrupted: Callable[[], bool]) -> None: ...
 
-    def serve_forked(self, ready_fd: int) -> int: ...
+    def serve_forked(self, ready_fd: int, answered_fd: int) -> int: ...
 
-    def serve_attached(self, ready_fd: int, lifeline_fd: int) -> int: ...
+    def serve_attached(self, ready_fd: int, lifeline_fd: int, answered_fd: int) -> int: ...
 
 
 class RunRequest(Protocol):
@@ -111,27 +113,41 @@ def run(idle: float, readers: Readers) -> int:
     with open(os.path.join(where, client.PID), "w") as pid_file:
         pid_file.write(f"{os.getpid()}\n")
     setproctitle.setproctitle("pyunionfs fork-server")
-    spare = Spare(listener, lock, readers, where, code_files, (wake_r, wake_w), previous)
-    waiting = -1  # the spare that waits for a caller (-1: none, the next pass forks one)
+    stage = _make_stage(where)
+    spare = Spare(listener, lock, readers, stage, code_files, (wake_r, wake_w), previous)
+    waiting = -1  # the spare that waits for a caller (-1: none)
+    # The pipe of the spare that took the last caller, until that caller has its answer (-1: none).
+    # Only then is the next spare forked: its fork and rehearsal would take the CPU that the
+    # caller's mount and its first requests wait for (some 4 ms of a mount here).
+    answering = -1
     try:
         while True:
-            if waiting < 0:
+            if waiting < 0 and answering < 0:
                 waiting, taken = spare.start()
                 deadline = time.monotonic() + idle if idle else None
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = select.select([taken, wake_r], [], [], timeout)[0]
+            if answering >= 0:
+                watched, until = answering, answered_by
+            else:
+                watched, until = taken, deadline
+            timeout = None if until is None else max(0.0, until - time.monotonic())
+            ready = select.select([watched, wake_r], [], [], timeout)[0]
             if wake_r in ready:
                 signums = _drain(wake_r)
                 _reap()
                 if signums & {signal.SIGTERM, signal.SIGINT}:
                     break
                 continue
+            if answering >= 0:  # answered (end of file), gone, or slower than ANSWER_WAIT
+                os.close(answering)
+                answering = -1
+                continue
             note = os.read(taken, 1) if ready else b""
-            os.close(taken)
             if ready:
                 waiting = -1  # serving, or gone
             if note != TAKEN:
+                os.close(taken)
                 break  # idle, new code (the next caller starts a new server), or a spare that died
+            answering, answered_by = taken, time.monotonic() + ANSWER_WAIT
     finally:
         signal.set_wakeup_fd(-1)
         for signum, handler in previous.items():
@@ -146,6 +162,8 @@ def run(idle: float, readers: Readers) -> int:
             except FileNotFoundError:
                 pass
         listener.close()
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         os.close(lock)
     return 0
 
@@ -168,9 +186,12 @@ def _drain(fd: int) -> set[int]:
     return signums
 
 
-# What a spare tells the server when a caller connects: it took the request on (the server starts
-# the next spare), or the server's code is stale (it exits; the caller starts a new one).
+# What a spare tells the server when a caller connects: it took the request on, or the server's
+# code is stale (it exits; the caller starts a new one). After TAKEN, the spare closes the pipe
+# once its caller has its answer (the mount is live, or the launcher started), or after at most
+# ANSWER_WAIT seconds the server starts the next spare all the same.
 TAKEN, STALE = b"t", b"s"
+ANSWER_WAIT = 1.0
 
 
 @dataclasses.dataclass
@@ -179,14 +200,14 @@ class Spare:
     listener: socket.socket
     lock: int
     readers: Readers
-    where: str
+    stage: str | None  # where it rehearses (see _make_stage); None: it does not
     code_files: dict[str, int]
     server_fds: tuple[int, ...]  # the server's own: its wakeup pipe
     handlers: dict[int, Any]  # the signal handlers from before the server's own
 
     def start(self) -> tuple[int, int]:
         """Fork the spare: its pid, and a pipe on which it says TAKEN or STALE once a caller has
-        connected (end of file: it died)."""
+        connected (end of file: it died), and which it closes once it has answered that caller."""
         taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
         server = os.getpid()
         spare = os.fork()
@@ -207,25 +228,28 @@ class Spare:
             for fd in (self.lock, taken_r, *self.server_fds):
                 os.close(fd)
             setproctitle.setproctitle("pyunionfs fork-server spare")
-            if not select.select([self.listener], [], [], 0)[0]:  # no caller waits already
-                _rehearse(self.readers, self.where)
+            if self.stage is not None and not self._caller_waits():
+                _rehearse(self.readers, self.stage, self._caller_waits)
             connection, _ = self.listener.accept()
             sysns.prctl(sysns.PR_SET_PDEATHSIG, 0)  # it serves now: it outlives the server
             self.listener.close()
             stale = _stale(self.code_files)
             os.write(taken_w, STALE if stale else TAKEN)
-            os.close(taken_w)
             if not stale:
                 try:
                     request = _take(connection)
                 except (OSError, ValueError, RecursionError, MemoryError):
                     request = None  # a caller that went away, or a malformed request
                 if request is not None:
-                    _serve_request(connection, *request, self.readers)  # does not return
+                    _serve_request(connection, *request, self.readers, taken_w)  # does not return
             connection.close()
             code = 0
         finally:
             os._exit(code)
+
+
+    def _caller_waits(self) -> bool:
+        return bool(select.select([self.listener], [], [], 0)[0])
 
 
 def _end(pid: int) -> None:
@@ -236,39 +260,57 @@ def _end(pid: int) -> None:
         pass  # reaped already
 
 
-def _rehearse(readers: Readers, where: str) -> None:
-    """Do, in a spare, what serving a mount does up to the mount, on a throwaway read-only union
-    of an empty directory: read a mount's command line, take on this process's own context, and
-    open and close the union. A fork shares every page with the server until one side writes to
-    it, and Python writes to every object it uses (reference counts): those pages are copied now,
-    while no caller waits for it (some 7 ms of page faults per request here). It changes nothing
-    a request would see; if it fails, the request goes on all the same."""
-    scratch = os.path.join(where, f"rehearsal-{os.getpid()}")
-    lower, mountpoint = os.path.join(scratch, "lower"), os.path.join(scratch, "mnt")
+# The rehearsal's union (see _rehearse): a lower layer with a directory and a file in it, an upper
+# layer, a work directory and a mount point, in the server's directory.
+STAGE = "rehearsal"
+_STAGE_DIRS = ("lower", "lower/etc", "upper", "work", "mnt")
+
+
+def _make_stage(where: str) -> str | None:
+    """The rehearsal's union in WHERE, made anew; None if it cannot be made (no rehearsals)."""
+    stage = os.path.join(where, STAGE)
+    shutil.rmtree(stage, ignore_errors=True)  # a server that died left it
+    try:
+        os.mkdir(stage, 0o700)
+        for name in _STAGE_DIRS:
+            os.mkdir(os.path.join(stage, name), 0o700)
+        os.close(os.open(os.path.join(stage, "lower", "etc", "hostname"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError:
+        shutil.rmtree(stage, ignore_errors=True)
+        return None
+    return stage
+
+
+def _rehearse(readers: Readers, stage: str, interrupted: Callable[[], bool]) -> None:
+    """Do, in a spare, what serving a mount does up to the mount and after it, on the union in
+    STAGE, until INTERRUPTED() (a caller waits): read a mount's command line, take on this
+    process's own context, open the union, answer requests on it (daemon.rehearse) and close
+    it. A fork shares every page with the server until one side writes to it, and Python writes
+    to every object it uses (reference counts): those pages are copied now, while no caller
+    waits for it (some 7 ms of page faults per mount here, and 3 ms more in the mount's first
+    requests). It changes nothing a request would see; if it fails, the request goes on all the
+    same. The server forks one spare at a time, so one rehearses at a time."""
+    lower, upper, work, mountpoint = (os.path.join(stage, name) for name in ("lower", "upper", "work", "mnt"))
     opened: list[int] = []
     try:
-        for path in (scratch, lower, mountpoint):
-            os.mkdir(path, 0o700)
         readers[client.RUN](["run", "--lower", lower, "--", "true"])
-        served = readers[client.MOUNT]([mountpoint, "-o", f"lowerdir={lower}"])
+        served = readers[client.MOUNT]([mountpoint, "-o", f"lowerdir={lower},upperdir={upper},workdir={work}"])
         flags = os.O_RDONLY | os.O_CLOEXEC
         opened = [os.open(".", os.O_PATH | flags), os.open("/", os.O_PATH | flags),
                   os.open("/proc/self/ns/user", flags), os.open("/proc/self/ns/mnt", flags),
                   os.pidfd_open(os.getpid())]
         caller.take_on(os.getpid(), opened[-1])
         _enter_context(opened)
-        if served is not None:
-            served.rehearse()
+        if served is not None and not interrupted():
+            served.rehearse(interrupted)
     except Exception:  # noqa: BLE001  (only a rehearsal)
         pass
     finally:
         for fd in opened:
             os.close(fd)
-        for path in (mountpoint, lower, scratch):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            for name in os.listdir(upper):  # what it copied up: the next one copies it up again
+                shutil.rmtree(os.path.join(upper, name), ignore_errors=True)
 
 
 def stop() -> int:
@@ -387,10 +429,10 @@ def _take(connection: socket.socket) -> tuple[int, list[int], tuple[str, list[st
 
 def _serve_request(connection: socket.socket, pid: int, fds: list[int],
                    request: tuple[str, list[str], dict[str, str], int, tuple[str, str] | None],
-                   readers: Readers) -> NoReturn:
+                   readers: Readers, answered_fd: int) -> NoReturn:
     """In the spare: take on the caller's context (PID, FDS: its pidfd and the context fds
     client._send sent) and serve REQUEST (client._send's kind, argv, environment, umask and
-    title), or decline."""
+    title), or decline; close ANSWERED_FD once the caller has its answer."""
     kind, argv, environment, umask, title = request
     started = False
     code = 1
@@ -412,16 +454,16 @@ def _serve_request(connection: socket.socket, pid: int, fds: list[int],
             os.close(fd)
         name, title = title or ("pyunionfs", " ".join(["pyunionfs", *argv]))
         if kind == client.RUN:
-            code = _launch(connection, served, argv, title)
+            code = _launch(connection, served, argv, title, answered_fd)
         else:
             _say_go(connection, os.pidfd_open(os.getpid()))
             started = True
             present.set_title(name, title)
             # It says "ok" on the connection, or what failed.
             if kind == client.ATTACHED:
-                code = served.serve_attached(os.dup(connection.fileno()), connection.detach())
+                code = served.serve_attached(os.dup(connection.fileno()), connection.detach(), answered_fd)
             else:
-                code = served.serve_forked(connection.detach())
+                code = served.serve_forked(connection.detach(), answered_fd)
     except BaseException as exc:  # noqa: BLE001  (declined, or a bug: one line, never a traceback)
         if started and not isinstance(exc, SystemExit):
             print(f"pyunionfs: {exc!r}", file=sys.stderr)
@@ -450,16 +492,18 @@ def _say_go(connection: socket.socket, pidfd: int) -> None:
         os.close(pidfd)
 
 
-def _launch(connection: socket.socket, request: RunRequest, argv: list[str], title: str) -> int:
+def _launch(connection: socket.socket, request: RunRequest, argv: list[str], title: str, answered_fd: int) -> int:
     """Be the container's launcher, as the caller would have run it, with the caller's command
     line; the caller gets its exit status. The caller's end ends it as it would end a launcher of
     the caller's own: the connection closing raises SIGIO here (O_ASYNC), whose default action
-    ends the process, and the FUSE server and the container's init with it (PR_SET_PDEATHSIG)."""
+    ends the process, and the FUSE server and the container's init with it (PR_SET_PDEATHSIG).
+    ANSWERED_FD is closed once it starts: its mount asks the next spare."""
     present.set_title("pyunionfs", title)
     signal.signal(signal.SIGIO, signal.SIG_DFL)
     fcntl.fcntl(connection, fcntl.F_SETOWN, os.getpid())
     fcntl.fcntl(connection, fcntl.F_SETFL, fcntl.fcntl(connection, fcntl.F_GETFL) | os.O_ASYNC)
     _say_go(connection, os.pidfd_open(os.getpid()))
+    os.close(answered_fd)
     if select.select([connection], [], [], 0)[0]:  # the caller sends nothing more: it is gone
         return 1
     os.environ[client.DISABLE] = "off"  # its FUSE server is a fork of it, already imported

@@ -6,13 +6,16 @@ import logging
 import os
 import resource
 import signal
+import stat
 import sys
+import types
+from typing import Callable
 
 import pyfuse3
 import trio
 
 from unionfs.fs import checks, shim
-from unionfs.fs.ops import UnionOperations
+from unionfs.fs.ops import DOT_ENTRIES, UnionOperations
 from unionfs.fs.inodes import AttrView
 from unionfs.fs.layers import LayerStack, privileged
 from unionfs.fs.passthrough import MAX_STACK_DEPTH
@@ -41,6 +44,55 @@ def open_union(config: MountConfig) -> Union:
                      redirect_dirs=config.redirect_dirs, sync=config.sync, xattrs=config.xattrs)
     except OSError as exc:
         raise ConfigError(f"cannot open layer {exc.filename}: {exc.strerror}") from None
+
+
+def rehearse(config: MountConfig, interrupted: Callable[[], bool]) -> None:
+    """Open CONFIG's union, answer on it, without a mount and with the shim detached, the kinds of
+    request a container's start sends, and close it; stop early once INTERRUPTED() is true. A
+    fork server's spare does this on a throwaway union before its caller comes: Python writes to
+    every object it uses (reference counts, specialized bytecode), a fork copies each page written
+    to, and the caller's mount and first requests would wait for that copying otherwise."""
+    with shim.detached():
+        union = open_union(config)
+        try:
+            if not interrupted():
+                trio.run(_answer_rehearsal, UnionOperations(union, acl=config.acl), interrupted)
+        finally:
+            union.close()
+
+
+async def _answer_rehearsal(ops: UnionOperations, interrupted: Callable[[], bool]) -> None:
+    """In each directory of the union's root: look up and read what is there, create, write,
+    link and remove a file (copying the directory up); then make, rename and remove a directory.
+    Nothing is copied up through the work directory's spare-file thread: the spare that
+    rehearses must stay single-threaded (setns)."""
+    ctx = types.SimpleNamespace(uid=os.geteuid(), gid=os.getegid())  # what the handlers read of a request
+    root = pyfuse3.ROOT_INODE
+    await ops.getattr(root, ctx)
+    await ops.statfs(ctx)
+    for name, _ in (ops.listings.entries(ops.union.inodes.get(root), 0) or [])[DOT_ENTRIES:]:
+        parent = await ops.lookup(root, name, ctx)
+        if interrupted() or not stat.S_ISDIR(parent.st_mode):
+            continue
+        for child, _ in (ops.listings.entries(ops.union.inodes.get(parent.st_ino), 0) or [])[DOT_ENTRIES:]:
+            entry = await ops.lookup(parent.st_ino, child, ctx)
+            if stat.S_ISREG(entry.st_mode):
+                info = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
+                await ops.read(info.fh, 0, 4096)
+                await ops.release(info.fh)
+        await ops.lookup(parent.st_ino, b".rehearsal", ctx)
+        info, entry = await ops.create(parent.st_ino, b".rehearsal", 0o644, os.O_WRONLY, ctx)
+        await ops.write(info.fh, 0, b"rehearsal")
+        await ops.release(info.fh)
+        await ops.getattr(entry.st_ino, ctx)
+        link = await ops.symlink(parent.st_ino, b".rehearsal-link", b".rehearsal", ctx)
+        await ops.readlink(link.st_ino, ctx)
+        for removed in (b".rehearsal-link", b".rehearsal"):
+            await ops.unlink(parent.st_ino, removed, ctx)
+    if not interrupted():
+        await ops.mkdir(root, b".rehearsal", 0o755, ctx)
+        await ops.rename(root, b".rehearsal", root, b".rehearsal-renamed", 0, ctx)
+        await ops.rmdir(root, b".rehearsal-renamed", ctx)
 
 
 async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
@@ -80,10 +132,10 @@ async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
 
 
 def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1, forked: bool = False,
-          lifeline_fd: int = -1) -> int:
+          lifeline_fd: int = -1, answered_fd: int = -1) -> int:
     """Mount CONFIG and serve it until unmounted or signalled, or until LIFELINE_FD (if given)
     reads end of file. In the foreground, READY_FD (if given) hears "ok" once the mount is live,
-    or why it failed. Otherwise a daemon serves it, in a session of its own and with its stdio
+    or why it failed; ANSWERED_FD (if given) is closed after that (a fork server's signal). Otherwise a daemon serves it, in a session of its own and with its stdio
     detached once mounted: a child, and the calling process returns once the union is mounted;
     or, if FORKED (a fork server's process), the calling process itself, which reports to
     READY_FD."""
@@ -126,6 +178,8 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
         pyfuse3.close(unmount=True)
         union.close()
         return 1
+    if answered_fd >= 0:
+        os.close(answered_fd)
     if not foreground:
         _detach_stdio()
     unmount = True

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+from typing import Callable
 
 from unionfs.errors import ConfigError
 from unionfs.fs import checks
@@ -14,7 +15,7 @@ from unionfs.fs.options import MountConfig
 
 
 def serve(config: MountConfig, foreground: bool = False, debug: bool = False, ready_fd: int = -1,
-          forked: bool = False, lifeline_fd: int = -1) -> int:
+          forked: bool = False, lifeline_fd: int = -1, answered_fd: int = -1) -> int:
     """Mount CONFIG and serve it (see daemon.serve); DEBUG logs every request, in the foreground."""
     from unionfs.fs import shim
 
@@ -24,17 +25,18 @@ def serve(config: MountConfig, foreground: bool = False, debug: bool = False, re
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
     return daemon.serve(config, foreground=foreground or debug, debug=debug, ready_fd=ready_fd, forked=forked,
-                        lifeline_fd=lifeline_fd)
+                        lifeline_fd=lifeline_fd, answered_fd=answered_fd)
 
 
-def open_and_close(config: MountConfig) -> None:
-    """Check CONFIG and open its union, then close it: nothing is mounted."""
+def rehearse(config: MountConfig, interrupted: Callable[[], bool]) -> None:
+    """Open CONFIG's union and answer requests on it without a mount, until INTERRUPTED() (see
+    daemon.rehearse)."""
     from unionfs.fs import shim
 
     shim.load()
     from unionfs.fs import daemon
 
-    daemon.open_union(config).close()
+    daemon.rehearse(config, interrupted)
 
 
 def unmount(mountpoint: str) -> None:

@@ -8,6 +8,7 @@ searched before a library's own dependencies. No restart with LD_PRELOAD needed.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import errno
 import importlib.util
@@ -15,7 +16,7 @@ import logging
 import os
 import sys
 from types import ModuleType
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 log = logging.getLogger("pyunionfs")
 DISABLE = "PYUNIONFS_NO_SHIM"  # set: run without it (fallocate then answers EOPNOTSUPP)
@@ -105,6 +106,20 @@ def load() -> bool:
 # NEXT_REQUEST_WAIT_MS: csrc/fuse_shim.c) before it lets trio run its other tasks (signals, finished
 # copies).
 _REQUESTS_IN_A_ROW = 64
+
+
+@contextlib.contextmanager
+def detached() -> Iterator[None]:
+    """Within it, every call here acts as if the shim were not loaded: a union opened and used
+    inside (a fork server's rehearsal) leaves nothing in the shim's tables, which are the
+    process's and keyed by node ids that the next union numbers from the start again."""
+    global _loaded, _queued
+    saved = _loaded, _queued
+    _loaded = _queued = None
+    try:
+        yield
+    finally:
+        _loaded, _queued = saved
 
 
 def wait_for_requests_here(pyfuse3: ModuleType, take_queues: Callable[[], None]) -> None:
