@@ -5,8 +5,10 @@
  * which does the work itself (-P: never a unionfs package from the working directory).
  *
  * This is the caller's side of the protocol (unionfs/forkserver/client.py has the same for
- * the launcher's attached mounts): the request as a Python literal, (PROTOCOL, kind, [argv],
- * {environment}, umask, None), strings as bytes, with fds of the caller's working and root
+ * the launcher's attached mounts): the request as fields that each end with a NUL (no argument
+ * or environment entry holds one): PROTOCOL, kind, umask, the served process's name and title
+ * (empty here: the server makes them), the number of arguments, the arguments, then each
+ * NAME=VALUE of the environment; with fds of the caller's working and root
  * directories, user and mount namespaces and stdio (SCM_RIGHTS). The server says "hello" once
  * it has checked who connected, then "go" with a pidfd of the process that took the request
  * on, or closes the connection (declined: nothing was done). The server's directory is
@@ -28,7 +30,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define PROTOCOL 3                       /* client.PROTOCOL */
+#define PROTOCOL 4                       /* client.PROTOCOL */
 #define INITIAL_USER_NS 0xEFFFFFFDu      /* the kernel's PROC_USER_INIT_INO */
 #define EXIT_LAUNCHER_ERROR 125          /* unionfs/errors.py */
 #define TITLE_ROOM 8192                  /* environment a server needs for its forks' titles */
@@ -64,26 +66,10 @@ static void put(struct text *text, const char *data, size_t length)
     text->length += length;
 }
 
-static void put_string(struct text *text, const char *string)
+/* STRING and its NUL: one field of the request. */
+static void put_field(struct text *text, const char *string)
 {
-    put(text, string, strlen(string));
-}
-
-/* DATA as a Python bytes literal. */
-static void put_bytes(struct text *text, const char *data, size_t length)
-{
-    put_string(text, "b'");
-    for (size_t i = 0; i < length; i++) {
-        unsigned char byte = (unsigned char)data[i];
-        if (byte >= 0x20 && byte < 0x7f && byte != '\'' && byte != '\\') {
-            put(text, data + i, 1);
-        } else {
-            char escaped[5];
-            snprintf(escaped, sizeof escaped, "\\x%02x", byte);
-            put(text, escaped, 4);
-        }
-    }
-    put_string(text, "'");
+    put(text, string, strlen(string) + 1);
 }
 
 /* Python's command line, with the same arguments. */
@@ -220,28 +206,22 @@ static struct text request_message(enum request kind, int argc, char **argv)
 {
     struct text text = {0};
     char number[32];
-    snprintf(number, sizeof number, "(%d, '", PROTOCOL);
-    put_string(&text, number);
-    put_string(&text, KIND[kind]);
-    put_string(&text, "', [");
-    for (int i = 1; i < argc; i++) {
-        put_bytes(&text, argv[i], strlen(argv[i]));
-        put_string(&text, ", ");
-    }
-    put_string(&text, "], {");
-    for (char **entry = environ; *entry; entry++) {
-        const char *equals = strchr(*entry, '=');
-        if (!equals)
-            continue;
-        put_bytes(&text, *entry, (size_t)(equals - *entry));
-        put_string(&text, ": ");
-        put_bytes(&text, equals + 1, strlen(equals + 1));
-        put_string(&text, ", ");
-    }
+    snprintf(number, sizeof number, "%d", PROTOCOL);
+    put_field(&text, number);
+    put_field(&text, KIND[kind]);
     mode_t mask = umask(0);
     umask(mask);
-    snprintf(number, sizeof number, "}, %u, None)", (unsigned)mask);
-    put_string(&text, number);
+    snprintf(number, sizeof number, "%u", (unsigned)mask);
+    put_field(&text, number);
+    put_field(&text, ""); /* no name */
+    put_field(&text, ""); /* no title */
+    snprintf(number, sizeof number, "%d", argc - 1);
+    put_field(&text, number);
+    for (int i = 1; i < argc; i++)
+        put_field(&text, argv[i]);
+    for (char **entry = environ; *entry; entry++)
+        if (strchr(*entry, '='))
+            put_field(&text, *entry);
     return text;
 }
 

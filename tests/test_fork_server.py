@@ -110,8 +110,11 @@ def test_malformed_requests_leave_the_server_serving(fork_server, dirs):
         client.with_socket_path(client.location(), gone.connect)
         gone.close()
     # ... and requests that are not requests.
-    for message in (b"garbage", b"(" * 100_000, repr((client.PROTOCOL, client.MOUNT, "not a list", {}, 0, None)).encode(),
-                    repr((client.PROTOCOL, "unknown kind", [], {}, 0, None)).encode()):
+    fields = [b"%d" % client.PROTOCOL, client.MOUNT.encode(), b"18", b"", b""]
+    for message in (b"garbage", b"(" * 100_000, b"\0".join([*fields, b"not a count"]) + b"\0",
+                    b"\0".join([*fields, b"1000"]) + b"\0", b"\0".join([*fields, b"0", b"NO_EQUALS_SIGN"]) + b"\0",
+                    client.request_message("unknown kind", 0o22, None, [], {}),
+                    client.request_message(client.MOUNT, 0o22, None, [], {})[:-1]):
         connection = client.connect(client.location())
         assert connection is not None
         fds = b"".join(fd.to_bytes(4, "little") for fd in (0, 1, 2, 0, 1, 2, 0))

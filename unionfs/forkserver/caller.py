@@ -6,6 +6,7 @@ confined by a seccomp filter must not get an unconfined process). Anything else 
 request, before anything is done: the caller then does the work itself."""
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import signal
@@ -19,14 +20,16 @@ class Unlike(Exception):
     """The caller differs in a way this process cannot take on."""
 
 
-def effective_capabilities(pid: int | str) -> int:
-    return int(_status(pid).get("CapEff", "0"), 16)
+def effective_capabilities(status: dict[str, str]) -> int:
+    """The effective capabilities in STATUS (see status())."""
+    return int(status.get("CapEff", "0"), 16)
 
 
-def take_on(pid: int, pidfd: int) -> None:
-    """Become like process PID (PIDFD, a pidfd of it, proves it was PID throughout), or raise Unlike."""
+def take_on(pid: int, pidfd: int, status: dict[str, str]) -> None:
+    """Become like process PID, whose status() is STATUS (PIDFD, a pidfd of it, proves it was PID
+    throughout), or raise Unlike."""
     try:
-        status, own = _status(pid), _status("self")
+        own = own_status()
         for key in SAME_STATUS:
             if status.get(key) != own.get(key):
                 raise Unlike(f"its {key} differs")
@@ -54,9 +57,17 @@ def take_on(pid: int, pidfd: int) -> None:
         raise Unlike(str(exc)) from None
 
 
-def _status(pid: int | str) -> dict[str, str]:
+def status(pid: int | str) -> dict[str, str]:
+    """/proc/PID/status, by line name."""
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").partition(":")[::2] for line in f)
+
+
+@functools.cache
+def own_status() -> dict[str, str]:
+    """This process's status(), read once: the lines take_on() compares (ids, capabilities,
+    no_new_privs, seccomp) are those of the fork server, which its forks keep."""
+    return status("self")
 
 
 def _label(pid: int | str) -> str | None:

@@ -14,11 +14,12 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Mapping
 
 DISABLE = "PYUNIONFS_FORK_SERVER"  # "off": never use it
 DIRECTORY = "PYUNIONFS_FORK_SERVER_DIR"  # where the servers' directories go, instead of the default
 IDLE_SECONDS = 300  # a server started on first use exits after this long without a request
-PROTOCOL = 3  # csrc/front.c speaks it too
+PROTOCOL = 4  # csrc/front.c speaks it too
 INITIAL_USER_NS = 0xEFFFFFFD  # the kernel's PROC_USER_INIT_INO
 SOCKET, LOCK, PID = "socket", "lock", "pid"
 
@@ -122,6 +123,18 @@ def serve_attached(connection: socket.socket, argv: list[str], name: str, title:
     return pidfd, "" if pidfd is None else _outcome(connection)
 
 
+def request_message(kind: str, umask: int, title: tuple[str, str] | None, argv: list[str],
+                    environment: Mapping[bytes, bytes]) -> bytes:
+    """A request as server._take reads it (and csrc/front.c writes it): fields that each end with
+    a NUL, which no argument or environment entry holds: PROTOCOL, KIND, UMASK, the served
+    process's name and title (empty: the server makes them), the number of arguments, ARGV, then
+    each NAME=VALUE of ENVIRONMENT."""
+    name, text = title or ("", "")
+    fields = [b"%d" % PROTOCOL, kind.encode(), b"%d" % umask, name.encode(), text.encode(), b"%d" % len(argv),
+              *map(os.fsencode, argv), *(b"%s=%s" % entry for entry in environment.items())]
+    return b"\0".join(fields) + b"\0"
+
+
 def _send(connection: socket.socket, argv: list[str], kind: str, title: tuple[str, str] | None) -> int | None:
     """Send the request of KIND (TITLE: an attached server's process name and title); a pidfd of
     the process that took it on (sent with the answer: no pid can be reused in between), or None
@@ -132,7 +145,7 @@ def _send(connection: socket.socket, argv: list[str], kind: str, title: tuple[st
     try:
         umask = os.umask(0)
         os.umask(umask)
-        message = repr((PROTOCOL, kind, [os.fsencode(word) for word in argv], dict(os.environb), umask, title)).encode()
+        message = request_message(kind, umask, title, argv, os.environb)
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in [*opened, 0, 1, 2])
         connection.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         reply, ancillary, _, _ = connection.recvmsg(32, socket.CMSG_SPACE(4))
