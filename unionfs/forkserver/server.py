@@ -114,21 +114,17 @@ def run(idle: float, readers: Readers) -> int:
     setproctitle.setproctitle("pyunionfs fork-server")
     stage = _make_stage(where)
     spare = Spare(listener, lock, readers, stage, code_files, (wake_r, wake_w), previous)
-    # The next spare is forked once the last caller has its answer and QUIET seconds have passed
-    # since, or once another caller connects: its fork and rehearsal would take the CPU that the
-    # caller's mount and its first requests wait for (5-6 ms of a mount and its first request here).
+    # The next spare is forked once the last caller has its answer: its fork and rehearsal would
+    # take the CPU that the caller's mount waits for (some 4 ms of a mount here).
     waiting = -1  # the spare that waits for a caller (-1: none)
     answering = -1  # the pipe of the spare that took the last caller, until it has answered (-1: none)
-    quiet_until = 0.0
     try:
         while True:
-            if waiting < 0 and answering < 0 and time.monotonic() >= quiet_until:
+            if waiting < 0 and answering < 0:
                 waiting, taken = spare.start()
                 deadline = time.monotonic() + idle if idle else None
             if answering >= 0:
                 watched, until = answering, answered_by
-            elif waiting < 0:
-                watched, until = listener, quiet_until
             else:
                 watched, until = taken, deadline
             timeout = None if until is None else max(0.0, until - time.monotonic())
@@ -139,14 +135,9 @@ def run(idle: float, readers: Readers) -> int:
                 if signums & {signal.SIGTERM, signal.SIGINT}:
                     break
                 continue
-            if answering >= 0:  # answered (end of file, or NEXT_NOW), gone, or slower than ANSWER_WAIT
-                next_now = ready and os.read(answering, 1) == NEXT_NOW
+            if answering >= 0:  # answered (end of file), gone, or slower than ANSWER_WAIT
                 os.close(answering)
                 answering = -1
-                quiet_until = 0.0 if next_now else time.monotonic() + QUIET
-                continue
-            if waiting < 0:  # quiet no more: a caller connected, or QUIET passed
-                quiet_until = 0.0
                 continue
             note = os.read(taken, 1) if ready else b""
             if ready:
@@ -196,10 +187,12 @@ def _drain(fd: int) -> set[int]:
 # What a spare tells the server when a caller connects: it took the request on, or the server's
 # code is stale (it exits; the caller starts a new one). After TAKEN, the spare closes the pipe
 # once its caller has its answer (the mount is live, or the launcher started), or after at most
-# ANSWER_WAIT seconds the server goes on all the same; a launcher says NEXT_NOW first: its own
-# mount asks the next spare right away.
-TAKEN, STALE, NEXT_NOW = b"t", b"s", b"n"
+# ANSWER_WAIT seconds the server goes on all the same.
+TAKEN, STALE = b"t", b"s"
 ANSWER_WAIT = 1.0
+# How long a spare waits for a caller after the first part of its rehearsal before it rehearses
+# requests: the caller just answered sends its first requests now, which that CPU would be
+# taken from.
 QUIET = 0.05
 
 
@@ -238,7 +231,9 @@ class Spare:
                 os.close(fd)
             setproctitle.setproctitle("pyunionfs fork-server spare")
             if self.stage is not None and not self._caller_waits():
-                _rehearse(self.readers, self.stage, self._caller_waits)
+                _rehearse(self.readers, self.stage, lambda: True)  # up to the union's opening
+                if not select.select([self.listener], [], [], QUIET)[0]:
+                    _rehearse(self.readers, self.stage, self._caller_waits)  # and its requests
             connection, _ = self.listener.accept()
             sysns.prctl(sysns.PR_SET_PDEATHSIG, 0)  # it serves now: it outlives the server
             self.listener.close()
@@ -298,7 +293,7 @@ def _rehearse(readers: Readers, stage: str, interrupted: Callable[[], bool]) -> 
     to every object it uses (reference counts): those pages are copied now, while no caller
     waits for it (some 7 ms of page faults per mount here, and 3 ms more in the mount's first
     requests). It changes nothing a request would see; if it fails, the request goes on all the
-    same. The server forks one spare at a time, so one rehearses at a time."""
+    same. Only the spare that waits for a caller rehearses: one at a time."""
     lower, upper, work, mountpoint = (os.path.join(stage, name) for name in ("lower", "upper", "work", "mnt"))
     opened: list[int] = []
     try:
@@ -531,7 +526,6 @@ def _launch(connection: socket.socket, request: RunRequest, argv: list[str], tit
     fcntl.fcntl(connection, fcntl.F_SETOWN, os.getpid())
     fcntl.fcntl(connection, fcntl.F_SETFL, fcntl.fcntl(connection, fcntl.F_GETFL) | os.O_ASYNC)
     _say_go(connection, os.pidfd_open(os.getpid()))
-    os.write(answered_fd, NEXT_NOW)
     os.close(answered_fd)
     if select.select([connection], [], [], 0)[0]:  # the caller sends nothing more: it is gone
         return 1
