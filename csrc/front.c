@@ -11,7 +11,9 @@
  * NAME=VALUE of the environment; with fds of the caller's working and root
  * directories, user and mount namespaces and stdio (SCM_RIGHTS). The server says "hello" once
  * it has checked who connected, then "go" with a pidfd of the process that took the request
- * on, or closes the connection (declined: nothing was done). The server's directory is
+ * on, or closes the connection (declined: nothing was done), after "retired" where this
+ * caller's limits or priority are beyond its processes (it exits; this caller starts a new one,
+ * which has them). The server's directory is
  * client.location()'s, named after the Python installation: PYUNIONFS_PYTHON's prefix and
  * PYTHONPATH (client.INSTALLATION). setup.py defines PYUNIONFS_PYTHON and PYUNIONFS_PREFIX. */
 #define _GNU_SOURCE
@@ -226,8 +228,9 @@ static struct text request_message(enum request kind, int argc, char **argv)
 }
 
 /* Send the request with this process's context; a pidfd of the process that took it on, or
- * -1 if none did. */
-static int send_request(int connection, const struct text *message)
+ * -1 if none did (*RETIRED set if the server said client.RETIRED: it exits, for a server of
+ * this caller's own). */
+static int send_request(int connection, const struct text *message, int *retired)
 {
     int fds[] = {open(".", O_PATH | O_CLOEXEC), open("/", O_PATH | O_CLOEXEC),
                  open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC), open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC),
@@ -257,6 +260,7 @@ static int send_request(int connection, const struct text *message)
         struct msghdr received = {.msg_iov = &reply_iov, .msg_iovlen = 1, .msg_control = answer.buffer,
                                   .msg_controllen = sizeof answer.buffer};
         ssize_t length = recvmsg(connection, &received, MSG_CMSG_CLOEXEC);
+        *retired = length == 7 && memcmp(reply, "retired", 7) == 0;
         struct cmsghdr *fd = length >= 0 ? CMSG_FIRSTHDR(&received) : NULL;
         if (fd && fd->cmsg_level == SOL_SOCKET && fd->cmsg_type == SCM_RIGHTS &&
             fd->cmsg_len >= CMSG_LEN(sizeof(int))) {
@@ -290,11 +294,12 @@ static void forward(int signum)
     errno = saved;
 }
 
-/* Have the server do what ARGV asks: the exit code, or -1 if it declined (nothing was done). */
-static int hand_over(int connection, enum request kind, int argc, char **argv)
+/* Have the server do what ARGV asks: the exit code, or -1 if it declined (nothing was done;
+ * *RETIRED as send_request sets it). */
+static int hand_over(int connection, enum request kind, int argc, char **argv, int *retired)
 {
     struct text message = request_message(kind, argc, argv);
-    int pidfd = send_request(connection, &message);
+    int pidfd = send_request(connection, &message, retired);
     free(message.data);
     if (pidfd < 0)
         return -1;
@@ -335,14 +340,16 @@ int main(int argc, char **argv)
     const char *fork_server = getenv("PYUNIONFS_FORK_SERVER"); /* "off": never use it */
     char where[PATH_MAX];
     if (kind != NONE && !(fork_server && strcmp(fork_server, "off") == 0) && server_directory(where, sizeof where)) {
-        int connection = connect_server(where);
+        int connection = connect_server(where), retired = 0;
         if (connection < 0) {
             start_server();
         } else {
-            int code = hand_over(connection, kind, argc, argv);
+            int code = hand_over(connection, kind, argc, argv, &retired);
             if (code >= 0)
                 return code;
             close(connection);
+            if (retired)
+                start_server();
         }
     }
     run_python(argc, argv);

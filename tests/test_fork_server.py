@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -278,6 +279,48 @@ def test_a_caller_with_fewer_capabilities_is_declined(fork_server, dirs):
         assert parent_of(daemon) != fork_server
     if result.returncode == 0:  # fusermount3 may still mount it, the slow way
         assert is_mounted(dirs["mnt"])
+
+
+def test_a_server_below_the_callers_limits_makes_way_for_the_callers_own(tmp_path, monkeypatch, dirs):
+    """A server started with a lower hard limit than a later caller's (podman applies its
+    default_ulimits to itself and to the mount program it starts) cannot give that caller's
+    mount the caller's limits: it declines and exits, and the caller, mounting the slow way,
+    starts a server of its own, which serves the next mount (with the old one, every such
+    caller went the slow way until it idled out)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 1024:
+        pytest.skip("this process's hard limit of open files is not above 1024")
+    base = tmp_path / "servers"
+    base.mkdir()
+    monkeypatch.setenv(client.DIRECTORY, str(base))
+    low = subprocess.Popen(["prlimit", "--nofile=1024:1024", PYUNIONFS, "fork-server", "--idle", "60"])
+    try:
+        deadline = time.monotonic() + 30
+        while not (server_pid() and os.path.exists(os.path.join(client.location(), client.SOCKET))):
+            assert low.poll() is None and time.monotonic() < deadline, "the fork server did not start"
+            time.sleep(0.02)
+        result = helper(dirs)
+        assert result.returncode == 0, result.stderr
+        (daemon,) = daemons_for(dirs["mnt"])
+        assert parent_of(daemon) != low.pid and resource.prlimit(daemon, resource.RLIMIT_NOFILE)[1] == hard
+        assert low.wait(timeout=10) == 0
+        deadline = time.monotonic() + 30
+        while not (server_pid() not in (None, low.pid) and os.path.exists(os.path.join(client.location(), client.SOCKET))):
+            assert time.monotonic() < deadline, "the caller started no server of its own"
+            time.sleep(0.02)
+        own = server_pid()
+        assert resource.prlimit(own, resource.RLIMIT_NOFILE)[1] == hard
+        force_unmount(dirs["mnt"])
+        while daemons_for(dirs["mnt"]):
+            assert time.monotonic() < deadline, "the first mount's FUSE server did not end"
+            time.sleep(0.02)
+        assert helper(dirs).returncode == 0
+        (daemon,) = daemons_for(dirs["mnt"])
+        assert parent_of(daemon) == own
+    finally:
+        low.kill()
+        low.wait()
+        server.stop_all(str(base))
 
 
 def test_new_code_retires_the_server(fork_server, dirs):

@@ -20,6 +20,12 @@ class Unlike(Exception):
     """The caller differs in a way this process cannot take on."""
 
 
+class Unreachable(Unlike):
+    """The caller has a resource limit above this process's hard limit, or a priority above its
+    own: only a privileged process may raise those, but a fork server that the caller started
+    would have them."""
+
+
 def effective_capabilities(status: dict[str, str]) -> int:
     """The effective capabilities in STATUS (see status())."""
     return int(status.get("CapEff", "0"), 16)
@@ -45,9 +51,15 @@ def take_on(pid: int, pidfd: int, status: dict[str, str]) -> None:
         _join_cgroups(cgroups)
         for limit, value in limits.items():
             if resource.getrlimit(limit) != value:
-                resource.setrlimit(limit, value)
+                try:
+                    resource.setrlimit(limit, value)
+                except ValueError as exc:  # EPERM: a hard limit above this process's
+                    raise Unreachable(str(exc)) from None
         if os.getpriority(os.PRIO_PROCESS, 0) != nice:
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+            except PermissionError as exc:
+                raise Unreachable(str(exc)) from None
         with open("/proc/self/oom_score_adj", "r+") as f:
             if f.read().strip() != oom_score_adj:
                 f.write(oom_score_adj)

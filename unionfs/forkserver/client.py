@@ -22,6 +22,9 @@ IDLE_SECONDS = 300  # a server started on first use exits after this long withou
 PROTOCOL = 4  # csrc/front.c speaks it too
 INITIAL_USER_NS = 0xEFFFFFFD  # the kernel's PROC_USER_INIT_INO
 SOCKET, LOCK, PID = "socket", "lock", "pid"
+# The server's answer to a request it declines because it cannot take on the caller's limits or
+# priority: it exits, and the caller starts a server of its own (see caller.Unreachable).
+RETIRED = b"retired"
 
 
 def _fnv1a(data: bytes) -> int:
@@ -158,6 +161,8 @@ def _send(connection: socket.socket, argv: list[str], kind: str, title: tuple[st
                 if level == socket.SOL_SOCKET and message_type == socket.SCM_RIGHTS and len(data) >= 4]
     if reply == b"go" and received:
         return received[0]
+    if reply == RETIRED:
+        start_server()
     for fd in received:
         os.close(fd)
     return None

@@ -136,8 +136,11 @@ def run(idle: float, readers: Readers) -> int:
                     break
                 continue
             if answering >= 0:  # answered (end of file), gone, or slower than ANSWER_WAIT
+                retire = bool(ready) and os.read(answering, 1) == RETIRE
                 os.close(answering)
                 answering = -1
+                if retire:
+                    break
                 continue
             note = os.read(taken, 1) if ready else b""
             if ready:
@@ -187,8 +190,9 @@ def _drain(fd: int) -> set[int]:
 # What a spare tells the server when a caller connects: it took the request on, or the server's
 # code is stale (it exits; the caller starts a new one). After TAKEN, the spare closes the pipe
 # once its caller has its answer (the mount is live, or the launcher started), or after at most
-# ANSWER_WAIT seconds the server goes on all the same.
-TAKEN, STALE = b"t", b"s"
+# ANSWER_WAIT seconds the server goes on all the same; or it says RETIRE first (see
+# caller.Unreachable): the server exits, and the caller starts one of its own.
+TAKEN, STALE, RETIRE = b"t", b"s", b"r"
 ANSWER_WAIT = 1.0
 # How long a spare waits for a caller after the first part of its rehearsal before it rehearses
 # requests: the caller just answered sends its first requests now, which that CPU would be
@@ -453,6 +457,10 @@ def _serve_request(connection: socket.socket, pid: int, status: dict[str, str], 
     try:
         try:
             caller.take_on(pid, fds[0], status)
+        except caller.Unreachable:
+            os.write(answered_fd, RETIRE)
+            connection.send(client.RETIRED)
+            raise Declined from None
         except caller.Unlike:
             raise Declined from None
         _enter_context(fds[1:])
