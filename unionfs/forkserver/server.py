@@ -309,7 +309,7 @@ def _rehearse(readers: Readers, stage: str, interrupted: Callable[[], bool]) -> 
                   os.pidfd_open(os.getpid())]
         caller.take_on(os.getpid(), opened[-1], caller.status("self"))
         _enter_context(opened)
-        if served is not None and not interrupted():
+        if served is not None:
             served.rehearse(interrupted)
     except Exception:  # noqa: BLE001  (only a rehearsal)
         pass
