@@ -4,13 +4,15 @@ One per user and user namespace, started on first use or as a service (`pyunionf
 It imports what a FUSE server and the container launcher need, then listens on a unix socket that
 only its user can reach (a 0700 directory; SO_PEERCRED, and the caller's effective capabilities
 must cover its own). It keeps one forked spare process, single-threaded, that has rehearsed a
-request (_rehearse) and waits for the next caller. The spare takes on that caller's cgroups,
+request (_rehearse) and waits for the next caller, and forks the next once that caller has its
+answer. The spare takes on that caller's cgroups,
 limits and priorities (caller.py), enters its user and mount namespaces (setns), root and working
 directory, takes on its stdio, environment and umask, and runs the command, with a process title
 of that command: it is the new FUSE server (or daemonizes one), or the container's launcher,
 which the caller's end ends (as it would end the caller's own launcher). A request it cannot take
 on (another command, a foreground mount, a context it cannot enter or take on) is declined before
-anything is done, and the caller does it the slow way."""
+anything is done, and the caller does it the slow way; where the caller's limits or priority are
+beyond the server's processes, the server exits too, and the caller starts one of its own."""
 from __future__ import annotations
 
 import contextlib
@@ -235,7 +237,7 @@ class Spare:
                 os.close(fd)
             setproctitle.setproctitle("pyunionfs fork-server spare")
             if self.stage is not None and not self._caller_waits():
-                _rehearse(self.readers, self.stage, lambda: True)  # up to the union's opening
+                _rehearse(self.readers, self.stage, lambda: True)  # up to opening and closing the union
                 if not select.select([self.listener], [], [], QUIET)[0]:
                     _rehearse(self.readers, self.stage, self._caller_waits)  # and its requests
             connection, _ = self.listener.accept()
