@@ -46,6 +46,14 @@ def parent_of(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
+def wait_until_serving(started: subprocess.Popen) -> None:
+    """Until the fork server STARTED (in this test's server directory) listens."""
+    deadline = time.monotonic() + 30
+    while not (server_pid() and os.path.exists(os.path.join(client.location(), client.SOCKET))):
+        assert started.poll() is None and time.monotonic() < deadline, "the fork server did not start"
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def fork_server(tmp_path, monkeypatch) -> int:
     """A running fork server of this test's own: its pid. Stopped afterwards."""
@@ -53,10 +61,7 @@ def fork_server(tmp_path, monkeypatch) -> int:
     base.mkdir()
     monkeypatch.setenv(client.DIRECTORY, str(base))
     started = subprocess.Popen([PYUNIONFS, "fork-server", "--idle", "60"])
-    deadline = time.monotonic() + 30
-    while not (server_pid() and os.path.exists(os.path.join(client.location(), client.SOCKET))):
-        assert started.poll() is None and time.monotonic() < deadline, "the fork server did not start"
-        time.sleep(0.02)
+    wait_until_serving(started)
     yield started.pid
     started.terminate()
     started.wait(timeout=10)
@@ -295,17 +300,15 @@ def test_a_server_below_the_callers_limits_makes_way_for_the_callers_own(tmp_pat
     monkeypatch.setenv(client.DIRECTORY, str(base))
     low = subprocess.Popen(["prlimit", "--nofile=1024:1024", PYUNIONFS, "fork-server", "--idle", "60"])
     try:
-        deadline = time.monotonic() + 30
-        while not (server_pid() and os.path.exists(os.path.join(client.location(), client.SOCKET))):
-            assert low.poll() is None and time.monotonic() < deadline, "the fork server did not start"
-            time.sleep(0.02)
+        wait_until_serving(low)
         result = helper(dirs)
         assert result.returncode == 0, result.stderr
         (daemon,) = daemons_for(dirs["mnt"])
         assert parent_of(daemon) != low.pid and resource.prlimit(daemon, resource.RLIMIT_NOFILE)[1] == hard
         assert low.wait(timeout=10) == 0
         deadline = time.monotonic() + 30
-        while not (server_pid() not in (None, low.pid) and os.path.exists(os.path.join(client.location(), client.SOCKET))):
+        socket_path = os.path.join(client.location(), client.SOCKET)
+        while not (server_pid() not in (None, low.pid) and os.path.exists(socket_path)):
             assert time.monotonic() < deadline, "the caller started no server of its own"
             time.sleep(0.02)
         own = server_pid()

@@ -238,7 +238,7 @@ class Spare:
             setproctitle.setproctitle("pyunionfs fork-server spare")
             if self.stage is not None and not self._caller_waits():
                 _rehearse(self.readers, self.stage, lambda: True)  # up to opening and closing the union
-                if not select.select([self.listener], [], [], QUIET)[0]:
+                if not self._caller_waits(QUIET):
                     _rehearse(self.readers, self.stage, self._caller_waits)  # and its requests
             connection, _ = self.listener.accept()
             sysns.prctl(sysns.PR_SET_PDEATHSIG, 0)  # it serves now: it outlives the server
@@ -258,8 +258,9 @@ class Spare:
             os._exit(code)
 
 
-    def _caller_waits(self) -> bool:
-        return bool(select.select([self.listener], [], [], 0)[0])
+    def _caller_waits(self, within: float = 0.0) -> bool:
+        """Does a caller wait to be accepted, or come WITHIN seconds?"""
+        return bool(select.select([self.listener], [], [], within)[0])
 
 
 def _end(pid: int) -> None:
@@ -284,7 +285,8 @@ def _make_stage(where: str) -> str | None:
         os.mkdir(stage, 0o700)
         for name in _STAGE_DIRS:
             os.mkdir(os.path.join(stage, name), 0o700)
-        os.close(os.open(os.path.join(stage, "lower", "etc", "hostname"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        hostname = os.path.join(stage, "lower", "etc", "hostname")
+        os.close(os.open(hostname, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
     except OSError:
         shutil.rmtree(stage, ignore_errors=True)
         return None

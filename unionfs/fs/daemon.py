@@ -135,10 +135,10 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
           lifeline_fd: int = -1, answered_fd: int = -1) -> int:
     """Mount CONFIG and serve it until unmounted or signalled, or until LIFELINE_FD (if given)
     reads end of file. In the foreground, READY_FD (if given) hears "ok" once the mount is live,
-    or why it failed; ANSWERED_FD (if given) is closed after that (a fork server's signal). Otherwise a daemon serves it, in a session of its own and with its stdio
-    detached once mounted: a child, and the calling process returns once the union is mounted;
-    or, if FORKED (a fork server's process), the calling process itself, which reports to
-    READY_FD."""
+    or why it failed; ANSWERED_FD (if given) is closed after that (a fork server's signal).
+    Otherwise a daemon serves it, in a session of its own and with its stdio detached once
+    mounted: a child, and the calling process returns once the union is mounted; or, if FORKED (a
+    fork server's process), the calling process itself, which reports to READY_FD."""
     os.umask(0)  # modes arrive with the caller's umask applied; the daemon's must not apply again
     # Every file open through the union is a file open here: as many as the limit allows, as
     # fuse-overlayfs does.
