@@ -18,6 +18,11 @@ from mounts import PYUNIONFS, daemons_for, force_unmount, overlay_options
 CLIENTS = 200
 OPS_PER_CLIENT = 30
 FD_LIMIT = 4096  # the daemon's limit in this test (lowered, as a busy host's would be reached)
+# The most layer files the clients hold open at once (8 read, 1 appended each), and room for the
+# daemon's own fds: a daemon that keeps only what is open stays below their sum. fuse-overlayfs's
+# own peak is no steadier bound: 575 to 1309 in four runs of this test.
+OPEN_AT_ONCE = CLIENTS * 9
+DAEMON_OWN_FDS = 64
 
 
 def make_tree(lower: Path) -> None:
@@ -90,7 +95,7 @@ def test_200_clients_get_no_emfile_and_the_daemon_holds_few_fds(tmp_path):
     (ours, our_errors), (theirs, their_errors) = results["pyunionfs"], results["fuse-overlayfs"]
     print(f"peak fds: pyunionfs {ours}, fuse-overlayfs {theirs}")
     assert our_errors == {} and their_errors == {}
-    assert ours <= 2 * theirs, f"the daemon held {ours} fds at most, fuse-overlayfs {theirs}"
+    assert ours <= OPEN_AT_ONCE + DAEMON_OWN_FDS, f"the daemon held {ours} fds at most, fuse-overlayfs {theirs}"
 
 
 def test_files_closed_through_the_union_are_closed_in_an_idle_daemon(tmp_path):

@@ -1,0 +1,86 @@
+"""Directory read-ahead: once a listing had to read from the disk, a thread reads the
+subdirectories it lists the same way (csrc/unionfs_core.h: ufs_warm_dir), so that their blocks,
+dentries and inodes are in the kernel's caches when a walk comes to them. A walk of a tree that
+is not cached otherwise waits for the disk at each directory, one read at a time, while the
+daemon's own work on the listings waits too; the thread's reads overlap both. It keeps nothing,
+and reads through the same symlink-safe C calls as the listings."""
+from __future__ import annotations
+
+import collections
+import resource
+import threading
+from typing import Sequence
+
+from unionfs.fs import core
+
+# Directories asked for and not yet read, at most; the oldest ones are dropped (a walk has moved
+# on). A walk goes depth first, so the newest are read first.
+PENDING_MAX = 1024
+# Entries read ahead per directory, at most: a huge directory is left to its own listing.
+NAMES_MAX = 4096
+
+DirPaths = Sequence[bytes | None]  # a directory's path in each layer, None where it takes no part
+
+
+def disk_reads() -> int:
+    """Blocks the calling thread has read from storage so far (page-cache hits do not count):
+    whether its last system calls found what they needed cached."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_inblock
+
+
+class DirReadahead:
+    """Reads directories ahead for LAYERS (the union's C layer array, whose root fds must outlive
+    it: close() it before the layers). The thread starts at the first ask()."""
+
+    def __init__(self, layers: core.LayerArray):
+        self._layers = layers
+        self._pending: collections.deque[tuple[int, DirPaths]] = collections.deque(maxlen=PENDING_MAX)
+        # Directories (by node id) whose read ahead went to the disk: their own subdirectories
+        # will be wanted ahead too, though their listing then finds everything cached.
+        self._uncached: dict[int, None] = {}
+        self._wanted = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.dirs_read = 0  # for the daemon's status line
+
+    def ask(self, dirs: Sequence[tuple[int, DirPaths]]) -> None:
+        """Read DIRS ahead (node id and paths of each), the first one first."""
+        with self._wanted:
+            if self._closed:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._read, name="readahead", daemon=True)
+                self._thread.start()
+            self._pending.extend(reversed(dirs))
+            self._wanted.notify()
+
+    def was_uncached(self, node_id: int) -> bool:
+        """Did reading directory NODE_ID ahead go to the disk? (Asked once per listing.)"""
+        with self._wanted:
+            return self._uncached.pop(node_id, 0) is None
+
+    def _read(self) -> None:
+        while True:
+            with self._wanted:
+                while not self._closed and not self._pending:
+                    self._wanted.wait()
+                if self._closed:
+                    return
+                node_id, dir_paths = self._pending.pop()
+            before = disk_reads()
+            # Errors are the listing's to report, when it comes; the GIL is let go meanwhile.
+            self._layers.warm(self._layers.dir_paths(dir_paths), NAMES_MAX)
+            self.dirs_read += 1
+            if disk_reads() > before:
+                with self._wanted:
+                    self._uncached[node_id] = None
+                    if len(self._uncached) > PENDING_MAX:
+                        del self._uncached[next(iter(self._uncached))]
+
+    def close(self) -> None:
+        with self._wanted:
+            self._closed = True
+            self._pending.clear()
+            self._wanted.notify()
+        if self._thread is not None:
+            self._thread.join()
