@@ -6,15 +6,16 @@ daemon's own work on the listings waits too; the thread's reads overlap both. It
 and reads through the same symlink-safe C calls as the listings."""
 from __future__ import annotations
 
-import collections
+import itertools
 import resource
 import threading
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from unionfs.fs import core
 
-# Directories asked for and not yet read, at most; the oldest ones are dropped (a walk has moved
-# on). A walk goes depth first, so the newest are read first.
+# Directories asked for and not yet read, at most; more are not asked for until the thread caught
+# up. They are read oldest first: a walk goes depth first, so the next subtree it comes to is its
+# oldest unread sibling, and the directories it lists meanwhile are the newest.
 PENDING_MAX = 1024
 # Entries read ahead per directory, at most: a huge directory is left to its own listing.
 NAMES_MAX = 4096
@@ -34,7 +35,7 @@ class DirReadahead:
 
     def __init__(self, layers: core.LayerArray):
         self._layers = layers
-        self._pending: collections.deque[tuple[int, DirPaths]] = collections.deque(maxlen=PENDING_MAX)
+        self._pending: dict[int, DirPaths] = {}  # by node id, oldest first
         # Directories (by node id) whose read ahead went to the disk: their own subdirectories
         # will be wanted ahead too, though their listing then finds everything cached.
         self._uncached: dict[int, None] = {}
@@ -43,20 +44,24 @@ class DirReadahead:
         self._closed = False
         self.dirs_read = 0  # for the daemon's status line
 
-    def ask(self, dirs: Sequence[tuple[int, DirPaths]]) -> None:
-        """Read DIRS ahead (node id and paths of each), the first one first."""
+    def ask(self, dirs: Iterable[tuple[int, DirPaths]]) -> None:
+        """Read DIRS ahead (the node id and paths of each), in that order, after those asked for
+        before."""
         with self._wanted:
             if self._closed:
                 return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._read, name="readahead", daemon=True)
                 self._thread.start()
-            self._pending.extend(reversed(dirs))
+            for node_id, dir_paths in itertools.islice(dirs, PENDING_MAX - len(self._pending)):
+                self._pending.setdefault(node_id, dir_paths)
             self._wanted.notify()
 
-    def was_uncached(self, node_id: int) -> bool:
-        """Did reading directory NODE_ID ahead go to the disk? (Asked once per listing.)"""
+    def listing(self, node_id: int) -> bool:
+        """Directory NODE_ID is being listed: not to be read ahead any more (the walk got there
+        first). Did reading it ahead go to the disk?"""
         with self._wanted:
+            self._pending.pop(node_id, None)
             return self._uncached.pop(node_id, 0) is None
 
     def _read(self) -> None:
@@ -66,7 +71,8 @@ class DirReadahead:
                     self._wanted.wait()
                 if self._closed:
                     return
-                node_id, dir_paths = self._pending.pop()
+                node_id = next(iter(self._pending))
+                dir_paths = self._pending.pop(node_id)
             before = disk_reads()
             # Errors are the listing's to report, when it comes; the GIL is let go meanwhile.
             self._layers.warm(self._layers.dir_paths(dir_paths), NAMES_MAX)

@@ -170,6 +170,7 @@ class Union(Namei):
         lower_files = shim.LowerFiles()
         subdirs: list[Node] = []
         reads_before = disk_reads()
+        read_ahead_uncached = self.readahead is not None and self.readahead.listing(node.id)
         for name, found in self.stack.c.list(c_dir, path):
             try:
                 resolved = self._resolve_in(dir_paths, name, found)
@@ -184,9 +185,8 @@ class Union(Namei):
                 listing.append((name, name_only_entry(ino, found.attr.mode)))
         shim.mark_many_no_xattrs(no_xattrs)
         lower_files.hand_over()
-        if subdirs and self.readahead is not None \
-                and (disk_reads() > reads_before or self.readahead.was_uncached(node.id)):
-            self.readahead.ask([(subdir.id, self._dir_paths(subdir)) for subdir in subdirs])
+        if subdirs and self.readahead is not None and (read_ahead_uncached or disk_reads() > reads_before):
+            self.readahead.ask((subdir.id, self._dir_paths(subdir)) for subdir in subdirs)
         return listing
 
     def is_empty(self, node: Node) -> bool:
