@@ -664,29 +664,6 @@ int ufs_resolve_names(const struct ufs_layer *layers, int nlayers, const char *c
     return rc < 0 && rc != -ENOENT ? rc : filled;
 }
 
-int ufs_warm_dir(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths, int max_names)
-{
-    enum { BATCH = 64 };
-    struct ufs_names names;
-    int rc = ufs_list_names(layers, nlayers, dir_paths, &names);
-    if (rc < 0)
-        return rc;
-    struct ufs_dirent *batch = malloc(BATCH * sizeof(*batch));
-    uint64_t pos = 0;
-    int resolved = 0;
-    if (!batch)
-        rc = -ENOMEM;
-    while (rc >= 0 && resolved < max_names) {
-        rc = ufs_resolve_names(layers, nlayers, dir_paths, &names, &pos, batch, BATCH);
-        if (rc <= 0)
-            break;
-        resolved += rc;
-    }
-    free(batch);
-    ufs_names_free(&names);
-    return rc < 0 ? rc : resolved;
-}
-
 int ufs_name_to_handle(int dir_fd, const char *name, unsigned char *handle, unsigned int *len, int *type)
 {
     union {

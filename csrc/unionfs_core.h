@@ -130,14 +130,6 @@ struct ufs_dirent {
 int ufs_resolve_names(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
                       const struct ufs_names *names, uint64_t *pos, struct ufs_dirent *out, int max);
 
-/*
- * Read and resolve the union directory given by DIR_PATHS as a listing would (its first MAX_NAMES
- * names at least), keeping nothing: what the system calls read stays in the kernel's caches
- * (directory blocks, dentries, inodes, xattrs) for the listing that follows. Returns the number
- * of entries resolved, or -errno.
- */
-int ufs_warm_dir(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths, int max_names);
-
 /* lstat() PATH below ROOT_FD into OUT, with the owner and mode of its override_stat xattr when
    LAYER_FLAGS has a UFS_LAYER_OVERRIDE_* flag (0: as it is). */
 int ufs_stat_at(int root_fd, const char *path, int layer_flags, struct ufs_attr *out);

@@ -209,28 +209,6 @@ def test_forget_keeps_the_inode_table_bounded(tmp_path, mnt):
     assert dropped < 100, f"{dropped} nodes still held after the kernel dropped its inodes"
 
 
-def test_a_walk_of_an_uncached_tree_reads_its_subdirectories_ahead(tmp_path, mnt):
-    """A listing that had to read from the disk has its subdirectories read ahead by a thread
-    (unionfs/fs/readahead.py); the walk still sees each merged directory as it is."""
-    top, bottom = layer_dirs(tmp_path, 2)
-    expected = set()
-    for d in range(40):
-        for layer, names in ((bottom, range(30)), (top, range(25, 40))):
-            (layer / f"d{d}" / "sub").mkdir(parents=True, exist_ok=True)
-            for f in names:
-                (layer / f"d{d}" / f"f{f}").touch()
-                expected.add(f"d{d}/f{f}")
-        expected |= {f"d{d}", f"d{d}/sub"}
-    log = tmp_path / "daemon.log"
-    with open(log, "w") as stderr, pyunionfs([top, bottom], mnt, stderr=stderr) as proc:
-        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
-        walked = subprocess.run(["find", ".", "-mindepth", "1", "-printf", "%P\\n"], cwd=mnt, check=True,
-                                capture_output=True, text=True).stdout.split()
-        read_ahead = daemon_status(proc, log, "read_ahead")
-    assert sorted(walked) == sorted(expected)
-    assert read_ahead > 0  # how many depends on how fast the walk goes: it lists some first
-
-
 @pytest.mark.parametrize("union", ["writable", "read-only", "read-only, passthrough=off"])
 def test_lower_files_read_are_opened_by_the_shim(tmp_path, mnt, union):
     """A lower file looked up and then opened for reading is opened by the shim, in C

@@ -151,11 +151,6 @@ class LayerArray:
         finally:
             lib.ufs_names_free(names)
 
-    def warm(self, dir_paths: tuple[Any, Any], max_names: int) -> None:
-        """Read and resolve a union directory (its first MAX_NAMES entries at least) into the
-        kernel's caches, keeping nothing; errors are left to the listing that follows."""
-        lib.ufs_warm_dir(self._c_layers, self.count, dir_paths[0], max_names)
-
 
 def stat_at(root_fd: int, path: bytes, layer_flags: int = 0) -> Attr:
     """lstat() of PATH below ROOT_FD as a struct ufs_attr, with the owner and mode of its

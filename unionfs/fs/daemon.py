@@ -117,8 +117,7 @@ async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
                         # As in fuse-overlayfs: the size of the inode table, seen from outside.
                         ops.apply_shim_queues()
                         print(f"pyunionfs: nodes={len(ops.union.inodes)} passthrough={ops.passthrough.nodes} "
-                              f"shim_opens={shim.lower_opens()} read_ahead={ops.union.readahead.dirs_read if ops.union.readahead else 0}",
-                              file=sys.stderr, flush=True)
+                              f"shim_opens={shim.lower_opens()}", file=sys.stderr, flush=True)
                         continue
                     log.debug("signal %d: unmounting", signum)
                     stopped = True
@@ -185,7 +184,6 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
         _detach_stdio()
     unmount = True
     gc.set_threshold(*GC_THRESHOLDS)
-    union.read_ahead()
     try:
         unmount = trio.run(_serve, ops, lifeline_fd)
     finally:

@@ -19,7 +19,6 @@ from unionfs.fs.file import Handles
 from unionfs.fs.inodes import NO_LOWER_PATHS, AttrView, InodeTable, Node, compact, name_only_entry
 from unionfs.fs.layers import ROOT_PATH, LayerStack, child_path
 from unionfs.fs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
-from unionfs.fs.readahead import DirReadahead, disk_reads
 from unionfs.fs.syscalls import SELF
 from unionfs.fs.workdir import WorkDir
 
@@ -73,18 +72,9 @@ class Union(Namei):
         # whether it does is known at the first lookup (after INIT).
         self._shim_opens_lower: bool | None = None if has_shim else False
         self.handles = Handles(self.inodes)
-        self.readahead: DirReadahead | None = None  # see read_ahead()
-
-    def read_ahead(self) -> None:
-        """From now on, read the subdirectories of listings that came from the disk ahead, in a
-        thread (unionfs/fs/readahead.py). A mounted union's daemon does; not a fork server's
-        spare, which must stay single-threaded, nor a union read without a mount."""
-        self.readahead = DirReadahead(self.stack.c)
 
     def close(self) -> None:
-        """Close the layers and the work directory (stopping the threads that use them)."""
-        if self.readahead is not None:
-            self.readahead.close()
+        """Close the layers and the work directory (stopping its spare-file thread)."""
         self.stack.close()
         if self.work is not None:
             self.work.close()
@@ -168,9 +158,6 @@ class Union(Namei):
         listing: list[tuple[bytes, Node | pyfuse3.EntryAttributes]] = [(b".", node), (b"..", node.parent or node)]
         no_xattrs = array.array("Q")
         lower_files = shim.LowerFiles()
-        subdirs: list[Node] = []
-        reads_before = disk_reads()
-        read_ahead_uncached = self.readahead is not None and self.readahead.listing(node.id)
         for name, found in self.stack.c.list(c_dir, path):
             try:
                 resolved = self._resolve_in(dir_paths, name, found)
@@ -178,15 +165,11 @@ class Union(Namei):
                 listing.append((name, entry_node))
                 # rm -rf unlinks what it lists, tar opens it
                 self._hand_found_to_shim(entry_node, resolved[0], lower_files)
-                if found.dir_layers:
-                    subdirs.append(entry_node)
             except OSError:
                 ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
                 listing.append((name, name_only_entry(ino, found.attr.mode)))
         shim.mark_many_no_xattrs(no_xattrs)
         lower_files.hand_over()
-        if subdirs and self.readahead is not None and (read_ahead_uncached or disk_reads() > reads_before):
-            self.readahead.ask((subdir.id, self._dir_paths(subdir)) for subdir in subdirs)
         return listing
 
     def is_empty(self, node: Node) -> bool:
