@@ -7,7 +7,8 @@
  *  - serve READ and WRITE of an open layer file itself, and OPEN (for reading) and RELEASE of
  *    lower files that Python handed over,
  *  - answer OPENDIR with ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
- *    (it drops a cached listing when the directory changes through the mount),
+ *    (it drops a cached listing when the directory changes through the mount), and the closing
+ *    read after a listing Python replied to the end,
  *  - answer GETXATTR with ENODATA for objects Python marked as having no xattrs,
  *  - answer GETATTR, and SETATTR of modes, owners and times, of upper-layer objects that Python
  *    handed over, reading and changing them itself (and queueing the changed ones for Python),
@@ -22,7 +23,8 @@
  *
  * The contract with unionfs/: Python publishes the layer fd behind each open file handle, and
  * its backing id when the kernel is to serve it (ufs_shim_set_file), and which node ids have no
- * xattrs (ufs_shim_mark_no_xattrs), and which upper objects the shim may read and change for a
+ * xattrs (ufs_shim_mark_no_xattrs), where a listing it replied to the end ends
+ * (ufs_shim_listed_to_end, ufs_shim_take_back_listed_end), and which upper objects the shim may read and change for a
  * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), and which lower
  * files it may open (ufs_shim_hand_over_lower), with the C core's functions to open and read them
  * (ufs_shim_set_core, once), from the thread that runs the request handlers, before it replies
@@ -70,6 +72,7 @@ static int (*reply_data)(fuse_req_t req, struct fuse_bufvec *bufv, enum fuse_buf
 static int (*reply_write)(fuse_req_t req, size_t count);
 static int (*reply_attr)(fuse_req_t req, const struct stat *attr, double attr_timeout);
 static int (*reply_entry)(fuse_req_t req, const struct fuse_entry_param *e);
+static int (*reply_buf)(fuse_req_t req, const char *buf, size_t size);
 static size_t (*buf_size)(const struct fuse_bufvec *bufv);
 static ssize_t (*buf_copy)(struct fuse_bufvec *dst, struct fuse_bufvec *src, enum fuse_buf_copy_flags flags);
 static int (*session_fd_of)(struct fuse_session *);
@@ -230,16 +233,6 @@ static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     (void)ino;
     (void)fi;
     reply_err(req, ENOSYS);
-}
-
-/* Without OPENDIR a listing arrives with handle 0: hand unionfs/fs/ops.py the node id instead, which
-   is what its own opendir returns as the handle. */
-static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                             struct fuse_file_info *fi)
-{
-    struct fuse_file_info with_handle = *fi;
-    with_handle.fh = ino;
-    python_readdirplus(req, ino, size, off, &with_handle);
 }
 
 /* A bit per node id whose object has no extended attribute a user can see, as unionfs/fs/union.py
@@ -434,6 +427,65 @@ static int take_answer(uint64_t id)
         return 0;
     answer_of = 0;
     return 1;
+}
+
+/* The closing read of a listing: once Python replied a directory's entries to the end, the
+   kernel reads once more at the offset after the last one, only to learn that nothing follows (a
+   round trip into Python per directory a walk lists). Python records that offset
+   (ufs_shim_listed_to_end) and such a read is answered here, empty, once; Python takes the
+   offset back as it answers any other read of the directory (a new pass, whose entries may go
+   further), and learns so whether the closing read came (the pass was read to its end, not left
+   after its first reply). A slot per node id's low bits: a closing read whose slot another
+   directory took goes to Python, which answers it as well, only slower. */
+#define LISTED_SLOTS 1024
+static struct listed_end {
+    uint64_t node_id; /* 0: an empty slot */
+    uint64_t end;
+} listed_ends[LISTED_SLOTS];
+uint64_t ufs_shim_closing_reads; /* answered here, since the start (for the status line) */
+
+void ufs_shim_listed_to_end(uint64_t node_id, uint64_t end)
+{
+    struct listed_end *slot = &listed_ends[node_id % LISTED_SLOTS];
+    slot->node_id = node_id;
+    slot->end = end;
+}
+
+/* Take back the end recorded for directory NODE_ID: 1 if it was still there (no closing read
+   came), 0 if its closing read was answered (or another directory took its slot). */
+int ufs_shim_take_back_listed_end(uint64_t node_id)
+{
+    struct listed_end *slot = &listed_ends[node_id % LISTED_SLOTS];
+    if (!node_id || slot->node_id != node_id)
+        return 0;
+    slot->node_id = 0;
+    return 1;
+}
+
+/* Is this read of directory NODE_ID at OFFSET its closing read? Then it is answered here. */
+static int closing_read(uint64_t node_id, uint64_t offset)
+{
+    struct listed_end *slot = &listed_ends[node_id % LISTED_SLOTS];
+    if (!node_id || slot->node_id != node_id || slot->end != offset)
+        return 0;
+    slot->node_id = 0;
+    answer_of = node_id;
+    ufs_shim_closing_reads++;
+    return 1;
+}
+
+/* Without OPENDIR a listing arrives with handle 0: hand unionfs/fs/ops.py the node id instead, which
+   is what its own opendir returns as the handle. */
+static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                             struct fuse_file_info *fi)
+{
+    if (take_answer(ino)) {
+        reply_buf(req, NULL, 0);
+        return;
+    }
+    struct fuse_file_info with_handle = *fi;
+    with_handle.fh = ino;
+    python_readdirplus(req, ino, size, off, &with_handle);
 }
 
 /* Lower files: regular files of a lower layer with one link, their data their own, that Python
@@ -1126,6 +1178,10 @@ static int answer_here(struct fuse_session *se, const struct fuse_buf *buf)
     case FUSE_OPENDIR:
         here = ops.opendir == shim_opendir;
         break;
+    case FUSE_READDIRPLUS:
+        here = ops.readdirplus == shim_readdirplus && reply_buf && arg_size >= sizeof(struct fuse_read_in) &&
+               closing_read(in->nodeid, ((const struct fuse_read_in *)(in + 1))->offset);
+        break;
     case FUSE_OPEN:
         here = ops.open == shim_open && arg_size >= sizeof(struct fuse_open_in) &&
                open_lower_file(in->nodeid, ((const struct fuse_open_in *)(in + 1))->flags);
@@ -1233,6 +1289,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     reply_write = (int (*)(fuse_req_t, size_t))dlsym(libfuse, "fuse_reply_write");
     reply_attr = (int (*)(fuse_req_t, const struct stat *, double))dlsym(libfuse, "fuse_reply_attr");
     reply_entry = (int (*)(fuse_req_t, const struct fuse_entry_param *))dlsym(libfuse, "fuse_reply_entry");
+    reply_buf = (int (*)(fuse_req_t, const char *, size_t))dlsym(libfuse, "fuse_reply_buf");
     buf_size = (size_t (*)(const struct fuse_bufvec *))dlsym(libfuse, "fuse_buf_size");
     buf_copy = (ssize_t (*)(struct fuse_bufvec *, struct fuse_bufvec *, enum fuse_buf_copy_flags))dlsym(
         libfuse, "fuse_buf_copy");

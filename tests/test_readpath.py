@@ -209,6 +209,45 @@ def test_forget_keeps_the_inode_table_bounded(tmp_path, mnt):
     assert dropped < 100, f"{dropped} nodes still held after the kernel dropped its inodes"
 
 
+@pytest.mark.parametrize("shim", ["shim", "no shim"])
+def test_listings_end_where_they_end(tmp_path, mnt, shim):
+    """The kernel's closing read after a listing replied to the end is answered by the shim
+    (csrc/fuse_shim.c), without Python; a new pass, whose listing goes further, still gets all
+    of it. Without the shim, Python answers it."""
+    top, bottom = layer_dirs(tmp_path, 2)
+    for d in range(20):
+        for layer, names in ((bottom, range(30)), (top, range(25, 40))):
+            (layer / f"d{d}").mkdir(exist_ok=True)
+            for f in names:
+                (layer / f"d{d}" / f"f{f}").touch()
+    (bottom / "big").mkdir()
+    for f in range(3000):  # several replies' worth
+        (bottom / "big" / f"entry-with-a-long-name-{f:04d}").touch()
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    log = tmp_path / "daemon.log"
+    prefix = ["env", "PYUNIONFS_NO_SHIM=1"] if shim == "no shim" else []
+    with open(log, "w") as stderr, pyunionfs([top, bottom], mnt, upper=upper, workdir=work, stderr=stderr,
+                                             prefix=prefix) as proc:
+        def names(d: Path) -> list[str]:
+            return sorted(os.listdir(d))
+
+        for d in range(20):
+            assert names(mnt / f"d{d}") == sorted(f"f{f}" for f in range(40))
+        assert len(names(mnt / "big")) == 3000
+        (mnt / "d3" / "new").touch()  # the kernel drops its listing; the next pass is a new one
+        for f in range(3000, 3100):
+            (mnt / "big" / f"entry-with-a-long-name-{f:04d}").touch()
+        assert names(mnt / "d3") == sorted([f"f{f}" for f in range(40)] + ["new"])
+        assert len(names(mnt / "big")) == 3100
+        closing_reads = daemon_status(proc, log, "closing_reads")
+    if prefix:
+        assert closing_reads == 0
+    else:  # the 23 passes above end in one each (23 here): those of the 20 directories at least
+        assert closing_reads >= 20
+
+
 @pytest.mark.parametrize("union", ["writable", "read-only", "read-only, passthrough=off"])
 def test_lower_files_read_are_opened_by_the_shim(tmp_path, mnt, union):
     """A lower file looked up and then opened for reading is opened by the shim, in C

@@ -117,7 +117,8 @@ async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
                         # As in fuse-overlayfs: the size of the inode table, seen from outside.
                         ops.apply_shim_queues()
                         print(f"pyunionfs: nodes={len(ops.union.inodes)} passthrough={ops.passthrough.nodes} "
-                              f"shim_opens={shim.lower_opens()}", file=sys.stderr, flush=True)
+                              f"shim_opens={shim.lower_opens()} closing_reads={shim.closing_reads()}",
+                              file=sys.stderr, flush=True)
                         continue
                     log.debug("signal %d: unmounting", signum)
                     stopped = True

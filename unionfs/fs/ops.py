@@ -185,6 +185,7 @@ class UnionOperations(pyfuse3.Operations):
             # ".." (the first two), which the kernel does not count (fuse_direntplus_link).
             if index >= DOT_ENTRIES and isinstance(node, Node):
                 inodes.remember(node)
+        self.listings.replied_to_end(fh, len(entries))
 
     @replies_errno
     async def releasedir(self, fh: int) -> None:

@@ -1,8 +1,8 @@
 """The daemon runs with csrc/fuse_shim.c loaded, which gives libfuse a fallocate handler that
-pyfuse3 lacks, serves reads, opens of lower files for reading and some GETXATTRs in C, queues
-FORGETs for Python, lets the kernel cache directory listings without OPENDIR round trips,
-negotiates FUSE passthrough, and lets pyfuse3's request loop wait for the next request outside
-trio (see the file for the contract). It is opened with RTLD_GLOBAL before pyfuse3 is imported:
+pyfuse3 lacks, serves reads, opens of lower files for reading, some GETXATTRs and the closing
+reads of listings in C, queues FORGETs for Python, lets the kernel cache directory listings
+without OPENDIR round trips, negotiates FUSE passthrough, and lets pyfuse3's request loop wait
+for the next request outside trio (see the file for the contract). It is opened with RTLD_GLOBAL before pyfuse3 is imported:
 pyfuse3's calls into libfuse then bind to the shim's wrappers, because the global scope is
 searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
 from __future__ import annotations
@@ -95,6 +95,9 @@ def load() -> bool:
     _loaded.ufs_shim_take_back.restype = None
     _loaded.ufs_shim_take_changed.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
     _loaded.ufs_shim_take_changed.restype = ctypes.c_size_t
+    _loaded.ufs_shim_listed_to_end.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
+    _loaded.ufs_shim_listed_to_end.restype = None
+    _loaded.ufs_shim_take_back_listed_end.argtypes = [ctypes.c_uint64]
     _loaded.ufs_shim_take_removed.argtypes = [ctypes.POINTER(_Removed), ctypes.c_size_t]
     _loaded.ufs_shim_take_removed.restype = ctypes.c_size_t
     global _queued
@@ -192,6 +195,20 @@ def mark_no_xattrs(node_id: int, none: bool) -> None:
     """Tell the shim whether node NODE_ID has no visible xattrs (it then answers GETXATTR)."""
     if _loaded is not None:
         _loaded.ufs_shim_mark_no_xattrs(node_id, int(none))
+
+
+def listed_to_end(node_id: int, end: int) -> None:
+    """Directory NODE_ID's listing was replied to the end: the shim answers the kernel's closing
+    read, at offset END, itself (once)."""
+    if _loaded is not None:
+        _loaded.ufs_shim_listed_to_end(node_id, end)
+
+
+def take_back_listed_end(node_id: int) -> bool:
+    """Another read of directory NODE_ID: the shim no longer answers its closing read. Whether
+    it was still waiting for it (no closing read came); without the shim, True (Python saw them
+    all)."""
+    return _loaded is None or bool(_loaded.ufs_shim_take_back_listed_end(node_id))
 
 
 def mark_many_no_xattrs(node_ids: array.array) -> None:
@@ -293,7 +310,16 @@ def adopt_open(fh: int) -> tuple[int, int] | None:
 
 def lower_opens() -> int:
     """How many opens the shim answered itself since the daemon started."""
-    return ctypes.c_uint64.in_dll(_loaded, "ufs_shim_lower_opens").value if _loaded is not None else 0
+    return _counter("ufs_shim_lower_opens")
+
+
+def closing_reads() -> int:
+    """How many closing reads of listings the shim answered itself since the daemon started."""
+    return _counter("ufs_shim_closing_reads")
+
+
+def _counter(name: str) -> int:
+    return ctypes.c_uint64.in_dll(_loaded, name).value if _loaded is not None else 0
 
 
 def queued() -> bool:
