@@ -24,10 +24,10 @@
  * The contract with unionfs/: Python publishes the layer fd behind each open file handle, and
  * its backing id when the kernel is to serve it (ufs_shim_set_file), and which node ids have no
  * xattrs (ufs_shim_mark_no_xattrs), where a listing it replied to the end ends
- * (ufs_shim_listed_to_end, ufs_shim_take_back_listed_end), and which upper objects the shim may read and change for a
- * node id (ufs_shim_set_upper once, ufs_shim_hand_over, ufs_shim_take_back), and which lower
- * files it may open (ufs_shim_hand_over_lower), with the C core's functions to open and read them
- * (ufs_shim_set_core, once), from the thread that runs the request handlers, before it replies
+ * (ufs_shim_listed_to_end, ufs_shim_take_back_listed_end), and which upper objects the shim
+ * may read and change for a node id (ufs_shim_set_upper once, ufs_shim_hand_over,
+ * ufs_shim_take_back), and which lower files it may open (ufs_shim_hand_over_lower), with the C
+ * core's functions to open and read them (ufs_shim_set_core, once), from the thread that runs the request handlers, before it replies
  * to the request that changes them; before a node's data moves or its name goes, it takes the
  * node back and adopts the files the shim opened for it (ufs_shim_adopt_opens), and a handle a
  * request names that the shim opened (ufs_shim_adopt_open); it

@@ -19,9 +19,10 @@ KEPT_MAX = 64
 # The shim answers the closing read of a pass replied to the end, so Python learns that it came
 # only at the directory's next read. Until then a snapshot replied to the end is kept only if it
 # is this small: rm reads one reply of each directory and then reads it all again, and a
-# directory listed in one reply (4 KiB, some 25 entries) is that small. A bigger one took several
-# replies, its closing read follows, and its nodes would be held after the kernel forgot them.
-KEPT_AT_END_MAX = 64
+# directory listed in one reply (32 KiB on Linux 6.18, some 190 entries) is that small. A bigger
+# one took several replies, its closing read follows, and its nodes would be held after the
+# kernel forgot them.
+KEPT_AT_END_MAX = 256
 # Directories replied to the end, with the offset after their last entry, remembered for this
 # many: their closing read, when it comes to Python, is answered without a listing.
 ENDED_MAX = 4096

@@ -2,9 +2,10 @@
 pyfuse3 lacks, serves reads, opens of lower files for reading, some GETXATTRs and the closing
 reads of listings in C, queues FORGETs for Python, lets the kernel cache directory listings
 without OPENDIR round trips, negotiates FUSE passthrough, and lets pyfuse3's request loop wait
-for the next request outside trio (see the file for the contract). It is opened with RTLD_GLOBAL before pyfuse3 is imported:
-pyfuse3's calls into libfuse then bind to the shim's wrappers, because the global scope is
-searched before a library's own dependencies. No restart with LD_PRELOAD needed."""
+for the next request outside trio (see the file for the contract). It is opened with
+RTLD_GLOBAL before pyfuse3 is imported: pyfuse3's calls into libfuse then bind to the shim's
+wrappers, because the global scope is searched before a library's own dependencies. No restart
+with LD_PRELOAD needed."""
 from __future__ import annotations
 
 import array
