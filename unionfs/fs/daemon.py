@@ -70,11 +70,11 @@ async def _answer_rehearsal(ops: UnionOperations, interrupted: Callable[[], bool
     root = pyfuse3.ROOT_INODE
     await ops.getattr(root, ctx)
     await ops.statfs(ctx)
-    for name, _ in (ops.listings.entries(ops.union.inodes.get(root), 0) or [])[DOT_ENTRIES:]:
+    for name in _listed_names(ops, root):
         parent = await ops.lookup(root, name, ctx)
         if interrupted() or not stat.S_ISDIR(parent.st_mode):
             continue
-        for child, _ in (ops.listings.entries(ops.union.inodes.get(parent.st_ino), 0) or [])[DOT_ENTRIES:]:
+        for child in _listed_names(ops, parent.st_ino):
             entry = await ops.lookup(parent.st_ino, child, ctx)
             if stat.S_ISREG(entry.st_mode):
                 info = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
@@ -93,6 +93,11 @@ async def _answer_rehearsal(ops: UnionOperations, interrupted: Callable[[], bool
         await ops.mkdir(root, b".rehearsal", 0o755, ctx)
         await ops.rename(root, b".rehearsal", root, b".rehearsal-renamed", 0, ctx)
         await ops.rmdir(root, b".rehearsal-renamed", ctx)
+
+
+def _listed_names(ops: UnionOperations, node_id: int) -> list[bytes]:
+    """The names a listing of directory NODE_ID shows, read as a READDIRPLUS reads them."""
+    return [name for name, _ in (ops.listings.entries(ops.union.inodes.get(node_id), 0) or [])[DOT_ENTRIES:]]
 
 
 async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
