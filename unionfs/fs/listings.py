@@ -71,7 +71,11 @@ class Listings:
             self._drop(node_id)
         self._ended[node_id] = end
         if len(self._ended) > ENDED_MAX:
-            del self._ended[next(iter(self._ended))]
+            # The shim must not keep an end Python forgot: a new pass that grew past it would be
+            # cut short there.
+            oldest = next(iter(self._ended))
+            del self._ended[oldest]
+            shim.take_back_listed_end(oldest)
         shim.listed_to_end(node_id, end)
 
     def _drop(self, node_id: int) -> None:
