@@ -4,11 +4,10 @@ One per user and user namespace, started on first use or as a service (`pyunionf
 It imports what a FUSE server and the container launcher need, then listens on a unix socket that
 only its user can reach (a 0700 directory; SO_PEERCRED, and the caller's effective capabilities
 must cover its own). It keeps one forked spare process, single-threaded, that has rehearsed a
-request (_rehearse) and waits for the next caller, and forks the next once that caller has its
-answer. The spare takes on that caller's cgroups,
-limits and priorities (caller.py), enters its user and mount namespaces (setns), root and working
-directory, takes on its stdio, environment and umask, and runs the command, with a process title
-of that command: it is the new FUSE server (or daemonizes one), or the container's launcher,
+request (_rehearse) and waits for the next caller; the server forks the next one once that caller
+has its answer. The spare takes on that caller's cgroups, limits and priorities (caller.py),
+enters its user and mount namespaces (setns), root and working directory, takes on its stdio,
+environment and umask, and runs the command, with a process title of that command: it is the new FUSE server (or daemonizes one), or the container's launcher,
 which the caller's end ends (as it would end the caller's own launcher). A request it cannot take
 on (another command, a foreground mount, a context it cannot enter or take on) is declined before
 anything is done, and the caller does it the slow way; where the caller's limits or priority are
@@ -196,9 +195,8 @@ def _drain(fd: int) -> set[int]:
 # caller.Unreachable): the server exits, and the caller starts one of its own.
 TAKEN, STALE, RETIRE = b"t", b"s", b"r"
 ANSWER_WAIT = 1.0
-# How long a spare waits for a caller after the first part of its rehearsal before it rehearses
-# requests: the caller just answered sends its first requests now, which that CPU would be
-# taken from.
+# How long a spare waits for a caller, its rehearsal's union open, before it rehearses requests:
+# the caller just answered sends its first requests now, which that CPU would be taken from.
 QUIET = 0.05
 
 
@@ -237,9 +235,7 @@ class Spare:
                 os.close(fd)
             setproctitle.setproctitle("pyunionfs fork-server spare")
             if self.stage is not None and not self._caller_waits():
-                _rehearse(self.readers, self.stage, lambda: True)  # up to opening and closing the union
-                if not self._caller_waits(QUIET):
-                    _rehearse(self.readers, self.stage, self._caller_waits)  # and its requests
+                _rehearse(self.readers, self.stage, self._requests_interrupted())
             connection, _ = self.listener.accept()
             sysns.prctl(sysns.PR_SET_PDEATHSIG, 0)  # it serves now: it outlives the server
             self.listener.close()
@@ -261,6 +257,17 @@ class Spare:
     def _caller_waits(self, within: float = 0.0) -> bool:
         """Does a caller wait to be accepted, or come WITHIN seconds?"""
         return bool(select.select([self.listener], [], [], within)[0])
+
+    def _requests_interrupted(self) -> Callable[[], bool]:
+        """The rehearsal's INTERRUPTED: its union is opened at once, then asked whether to stop
+        before the requests, which wait QUIET seconds for a caller first, and between them."""
+        asked = False
+
+        def interrupted() -> bool:
+            nonlocal asked
+            within, asked = (0.0 if asked else QUIET), True
+            return self._caller_waits(within)
+        return interrupted
 
 
 def _end(pid: int) -> None:
