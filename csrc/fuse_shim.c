@@ -18,6 +18,8 @@
  *  - let the kernel send more asynchronous requests (RELEASE among them) at once,
  *  - negotiate FUSE passthrough (Linux 6.9) at INIT, which libfuse 3.14 does not know, and mark
  *    the open and create replies of files Python gave a backing id (see "passthrough" below),
+ *  - answer INIT as soon as the mount is made (ufs_shim_answer_init), not when the request loop
+ *    first reads,
  * and wraps fuse_session_receive_buf(), so that requests it answers itself are served one after
  * the other without going back through pyfuse3's event loop (see fuse_session_receive_buf below).
  *
@@ -1252,6 +1254,29 @@ int ufs_shim_wait_request(void)
 {
     request_waiting = session && next_request_comes(session_fd_of(session));
     return request_waiting;
+}
+
+/* Answer the kernel's INIT, queued by the mount itself, at once: every other request waits in
+   the kernel until it is answered, and the request loop would first read it only after trio has
+   started (some milliseconds later, in a fresh fork). The caller holds the GIL: libfuse calls
+   pyfuse3's init handler. Nothing else can come first; libfuse would answer any other request
+   before INIT with EIO. Returns 1 if one was answered, 0 if none was waiting (the loop then
+   answers it), or -errno. */
+int ufs_shim_answer_init(void)
+{
+    struct pollfd ready = {.fd = session ? session_fd_of(session) : -1, .events = POLLIN};
+    if (!session || poll(&ready, 1, 0) <= 0)
+        return 0;
+    struct fuse_buf buf = {.mem = NULL};
+    int res = real_receive_buf(session, &buf);
+    if (res > 0) {
+        if (!(buf.flags & FUSE_BUF_IS_FD) && buf.size >= sizeof(struct fuse_in_header) &&
+            ((const struct fuse_in_header *)buf.mem)->opcode == FUSE_INIT)
+            note_init(buf.mem, buf.size - sizeof(struct fuse_in_header));
+        real_process_buf(session, &buf);
+    }
+    free(buf.mem);
+    return res > 0 ? 1 : res;
 }
 
 /* pyfuse3 waits in its event loop for the FUSE fd, receives one request and processes it: some

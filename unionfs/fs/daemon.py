@@ -178,6 +178,7 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
     except RuntimeError as exc:
         _report_ready(ready_w, f"mounting {config.mountpoint} failed: {exc}")
         return 1
+    shim.answer_init()  # before the caller hears "ok": its first access would wait for it
     try:
         _report_ready(ready_w, "")
     except BrokenPipeError:  # whoever asked is gone without knowing it is mounted: nobody would unmount it

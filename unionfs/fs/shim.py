@@ -177,6 +177,14 @@ def want_passthrough(max_stack_depth: int) -> bool:
     return _loaded is not None and _loaded.ufs_shim_want_passthrough(max_stack_depth) == 0
 
 
+def answer_init() -> None:
+    """Answer the kernel's INIT now, right after the mount: every request waits for it, and the
+    request loop would read it only once trio has started. Called with the GIL held (a
+    PYFUNCTYPE): libfuse calls pyfuse3's init handler, which is Python."""
+    if _loaded is not None:
+        ctypes.PYFUNCTYPE(ctypes.c_int)(("ufs_shim_answer_init", _loaded))()
+
+
 def passthrough() -> bool:
     """Did the kernel grant passthrough (known once INIT is answered)?"""
     return _loaded is not None and bool(_loaded.ufs_shim_passthrough())
