@@ -1236,15 +1236,7 @@ static long ns_since(const struct timespec *start)
     return (now.tv_sec - start->tv_sec) * 1000000000L + (now.tv_nsec - start->tv_nsec);
 }
 
-/* How long the next wait spins: SPIN_NS while requests follow each other that closely, halved
-   after each wait in which none came that soon, down to SPIN_MIN_NS (a stream that starts again
-   is caught within it, and its next wait spins in full). Requests that come apart (a container's
-   start: some sixty, up to milliseconds apart) would otherwise cost SPIN_NS of CPU each, taken
-   from the programs that send them. */
-#define SPIN_MIN_NS (SPIN_NS / 4)
-static long spin_ns = SPIN_NS;
-
-/* Is a request waiting on the FUSE fd FD, or does one come in time: within spin_ns, looked for
+/* Is a request waiting on the FUSE fd FD, or does one come in time: within SPIN_NS, looked for
    without sleeping, then NEXT_REQUEST_WAIT_MS? */
 static int next_request_comes(int fd)
 {
@@ -1252,13 +1244,9 @@ static int next_request_comes(int fd)
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
     do {
-        if (poll(&waiting, 1, 0) > 0) {
-            spin_ns = SPIN_NS;
+        if (poll(&waiting, 1, 0) > 0)
             return 1;
-        }
-    } while (ns_since(&start) < spin_ns);
-    if (spin_ns > SPIN_MIN_NS)
-        spin_ns /= 2;
+    } while (ns_since(&start) < SPIN_NS);
     return poll(&waiting, 1, NEXT_REQUEST_WAIT_MS) > 0;
 }
 
