@@ -23,7 +23,7 @@ ffibuilder.cdef(header_declarations())
 ffibuilder.set_source(
     "unionfs.fs._core",
     '#include "unionfs_core.h"',
-    sources=[str((CSRC / name).relative_to(CSRC.parent)) for name in ("unionfs_core.c", "copy_up.c")],
+    sources=[str((CSRC / name).relative_to(CSRC.parent)) for name in ("unionfs_core.c", "copy_up.c", "readahead.c")],
     include_dirs=[str(CSRC.relative_to(CSRC.parent))],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
 )

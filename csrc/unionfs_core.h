@@ -12,6 +12,7 @@
 #ifndef UNIONFS_CORE_H
 #define UNIONFS_CORE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define UFS_MAX_LAYERS 512 /* layers in one union, upper included (the kernel takes 500 lowers) */
@@ -129,6 +130,36 @@ struct ufs_dirent {
  */
 int ufs_resolve_names(const struct ufs_layer *layers, int nlayers, const char *const *dir_paths,
                       const struct ufs_names *names, uint64_t *pos, struct ufs_dirent *out, int max);
+
+/*
+ * Read-ahead (csrc/readahead.c): a worker thread lists and resolves queued directories, as
+ * ufs_list_names() and ufs_resolve_names() would, and keeps their entries for
+ * ufs_readahead_take(). It holds state, unlike the rest of the core, and its functions may be
+ * called from any thread.
+ */
+typedef struct ufs_readahead ufs_readahead;
+
+/* A reader of LAYERS (copied; their fds must stay open until ufs_readahead_stop()) that keeps no
+   directory of more than MAX_ENTRIES entries, MAX_KEPT_ENTRIES entries in all (the oldest go
+   first) and MAX_QUEUED directories queued (the oldest go first). NULL when out of memory. */
+ufs_readahead *ufs_readahead_new(const struct ufs_layer *layers, int nlayers, size_t max_entries,
+                                 size_t max_kept_entries, size_t max_queued);
+
+/* Queue the directory given by DIR_PATHS (copied) under KEY; the newest queued is read first. The
+   thread starts with the first. */
+int ufs_readahead_queue(ufs_readahead *ra, uint64_t key, const char *const *dir_paths);
+
+/* What was read of KEY: 1, with *ENTRIES (release with ufs_readahead_free_entries()) and *COUNT;
+   0 if nothing is kept for it (and it is no longer queued). Waits while KEY is being read. */
+int ufs_readahead_take(ufs_readahead *ra, uint64_t key, struct ufs_dirent **entries, size_t *count);
+
+void ufs_readahead_free_entries(struct ufs_dirent *entries);
+
+/* Drop all that is kept or queued, and what is being read when it is done. */
+void ufs_readahead_clear(ufs_readahead *ra);
+
+/* Stop the thread, wait for it, and release RA. */
+void ufs_readahead_stop(ufs_readahead *ra);
 
 /* lstat() PATH below ROOT_FD into OUT, with the owner and mode of its override_stat xattr when
    LAYER_FLAGS has a UFS_LAYER_OVERRIDE_* flag (0: as it is). */

@@ -248,6 +248,53 @@ def test_listings_end_where_they_end(tmp_path, mnt, shim):
         assert closing_reads >= 20
 
 
+def test_listings_read_ahead_show_what_changed_since(tmp_path, mnt):
+    """A walk's listings of lower directories come from the read-ahead thread (csrc/readahead.c)
+    where there is a second CPU; a directory read ahead and changed through the mount before it is
+    listed shows its change (names added, removed and renamed, in it and in a directory it holds)."""
+    top, bottom = layer_dirs(tmp_path, 2)
+    expected: dict[str, set[str]] = {}
+    for d in range(8):
+        for s in range(6):
+            sub = f"d{d}/s{s}"
+            (bottom / sub / "deeper").mkdir(parents=True)
+            (top / sub).mkdir(parents=True, exist_ok=True)
+            for f in range(10):
+                (bottom / sub / f"f{f}").touch()
+            (top / sub / "t").touch()
+            expected[sub] = {"deeper", "t"} | {f"f{f}" for f in range(10)}
+            expected[sub + "/deeper"] = set()
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    log = tmp_path / "daemon.log"
+
+    def listed(d: Path) -> set[str]:
+        return set(os.listdir(d))
+
+    with open(log, "w") as stderr, pyunionfs([top, bottom], mnt, upper=upper, workdir=work, stderr=stderr) as proc:
+        for sub, names in expected.items():
+            if sub.startswith("d0/"):  # d1 to d7 are walked below, after the changes
+                assert listed(mnt / sub) == names
+        walked = daemon_status(proc, log, "read_ahead")
+        for d in range(1, 8):
+            assert listed(mnt / f"d{d}") == {f"s{s}" for s in range(6)}  # its directories are read ahead
+        time.sleep(0.5)  # read ahead, all of them, by now
+        for d in range(1, 8):
+            (mnt / f"d{d}/s1/new").touch()
+            (mnt / f"d{d}/s2/f0").unlink()
+            (mnt / f"d{d}/s3/f1").rename(mnt / f"d{d}/s3/g1")
+            (mnt / f"d{d}/s4/deeper/made").mkdir()
+            expected[f"d{d}/s1"].add("new")
+            expected[f"d{d}/s2"].discard("f0")
+            expected[f"d{d}/s3"] = expected[f"d{d}/s3"] - {"f1"} | {"g1"}
+            expected[f"d{d}/s4/deeper"].add("made")
+        for sub, names in expected.items():
+            assert listed(mnt / sub) == names, sub
+    if len(os.sched_getaffinity(0)) > 1:
+        assert walked > 0, "no listing came from the read-ahead"
+
+
 @pytest.mark.parametrize("union", ["writable", "read-only", "read-only, passthrough=off"])
 def test_lower_files_read_are_opened_by_the_shim(tmp_path, mnt, union):
     """A lower file looked up and then opened for reading is opened by the shim, in C

@@ -138,6 +138,12 @@ class LayerArray:
              ) -> Iterator[tuple[bytes, Found]]:
         """The visible entries of a union directory, each resolved, BATCH_SIZE at a time: a huge
         directory's entries are never all held in C and Python at once."""
+        for raw in self._batches(dir_paths, path, batch_size):
+            yield from entries(raw)
+
+    def _batches(self, dir_paths: tuple[Any, Any], path: bytes, batch_size: int) -> Iterator[Any]:
+        """The entries of a union directory as C structs, BATCH_SIZE at a time (each batch valid
+        until the next one is asked for)."""
         names = ffi.new("struct ufs_names *")
         _check(lib.ufs_list_names(self._c_layers, self.count, dir_paths[0], names), path)
         try:
@@ -145,11 +151,51 @@ class LayerArray:
             pos = ffi.new("uint64_t *")
             while filled := _check(lib.ufs_resolve_names(self._c_layers, self.count, dir_paths[0], names, pos,
                                                          batch, batch_size), path):
-                for values in _DIRENT.iter_unpack(ffi.buffer(batch, filled * _DIRENT.size)):
-                    raw_name = values[0]
-                    yield raw_name[:raw_name.index(b"\0")], _found(values[1:])
+                yield ffi.buffer(batch, filled * _DIRENT.size)
         finally:
             lib.ufs_names_free(names)
+
+
+
+class DirReader:
+    """The C core's read-ahead thread (ufs_readahead_*) over LAYERS: directories queued under a
+    key are listed and resolved on another CPU, without the GIL, and kept for take()."""
+
+    def __init__(self, layers: LayerArray, max_entries: int, max_kept_entries: int, max_queued: int):
+        self._layers = layers  # its C array must outlive the thread
+        self._reader = lib.ufs_readahead_new(layers._c_layers, layers.count, max_entries, max_kept_entries,
+                                             max_queued)
+        if self._reader == ffi.NULL:
+            raise MemoryError("no memory for the read-ahead")
+        self._entries = ffi.new("struct ufs_dirent **")
+        self._count = ffi.new("size_t *")
+
+    def queue(self, key: int, dir_paths: tuple[Any, Any]) -> None:
+        """Read the directory DIR_PATHS (a LayerArray.dir_paths() argument) under KEY."""
+        _check(lib.ufs_readahead_queue(self._reader, key, dir_paths[0]), b"read-ahead")
+
+    def take(self, key: int) -> bytes | None:
+        """What was read of KEY, as C structs for entries(); None if nothing is kept for it."""
+        if not lib.ufs_readahead_take(self._reader, key, self._entries, self._count):
+            return None
+        try:
+            return ffi.buffer(self._entries[0], self._count[0] * _DIRENT.size)[:] if self._count[0] else b""
+        finally:
+            lib.ufs_readahead_free_entries(self._entries[0])
+
+    def clear(self) -> None:
+        lib.ufs_readahead_clear(self._reader)
+
+    def stop(self) -> None:
+        lib.ufs_readahead_stop(self._reader)
+        self._reader = ffi.NULL
+
+
+def entries(raw: Any) -> Iterator[tuple[bytes, Found]]:
+    """The (name, Found) of each struct ufs_dirent in RAW."""
+    for values in _DIRENT.iter_unpack(raw):
+        raw_name = values[0]
+        yield raw_name[:raw_name.index(b"\0")], _found(values[1:])
 
 
 def stat_at(root_fd: int, path: bytes, layer_flags: int = 0) -> Attr:

@@ -121,9 +121,10 @@ async def _serve(ops: UnionOperations, lifeline_fd: int) -> bool:
                     if signum == signal.SIGUSR1:
                         # As in fuse-overlayfs: the size of the inode table, seen from outside.
                         ops.apply_shim_queues()
+                        read_ahead = ops.union.read_ahead.used if ops.union.read_ahead is not None else 0
                         print(f"pyunionfs: nodes={len(ops.union.inodes)} passthrough={ops.passthrough.nodes} "
-                              f"shim_opens={shim.lower_opens()} closing_reads={shim.closing_reads()}",
-                              file=sys.stderr, flush=True)
+                              f"shim_opens={shim.lower_opens()} closing_reads={shim.closing_reads()} "
+                              f"read_ahead={read_ahead}", file=sys.stderr, flush=True)
                         continue
                     log.debug("signal %d: unmounting", signum)
                     stopped = True
@@ -190,6 +191,7 @@ def serve(config: MountConfig, foreground: bool, debug: bool, ready_fd: int = -1
     if not foreground:
         _detach_stdio()
     unmount = True
+    union.start_read_ahead()
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         unmount = trio.run(_serve, ops, lifeline_fd)

@@ -19,6 +19,7 @@ from unionfs.fs.file import Handles
 from unionfs.fs.inodes import NO_LOWER_PATHS, AttrView, InodeTable, Node, compact, name_only_entry
 from unionfs.fs.layers import ROOT_PATH, LayerStack, child_path
 from unionfs.fs.namei import METACOPY, NLINK, UPPER, UPPER_BIT, Namei, Resolved, fail
+from unionfs.fs.readahead import DIR_SIZE_MAX, ReadAhead
 from unionfs.fs.syscalls import SELF
 from unionfs.fs.workdir import WorkDir
 
@@ -72,9 +73,13 @@ class Union(Namei):
         # whether it does is known at the first lookup (after INIT).
         self._shim_opens_lower: bool | None = None if has_shim else False
         self.handles = Handles(self.inodes)
+        self.read_ahead: ReadAhead | None = None  # see start_read_ahead()
 
     def close(self) -> None:
-        """Close the layers and the work directory (stopping its spare-file thread)."""
+        """Close the layers and the work directory (stopping its spare-file thread, and the
+        read-ahead thread first: both read through their fds)."""
+        if self.read_ahead is not None:
+            self.read_ahead.stop()
         self.stack.close()
         if self.work is not None:
             self.work.close()
@@ -158,19 +163,37 @@ class Union(Namei):
         listing: list[tuple[bytes, Node | pyfuse3.EntryAttributes]] = [(b".", node), (b"..", node.parent or node)]
         no_xattrs = array.array("Q")
         lower_files = shim.LowerFiles()
-        for name, found in self.stack.c.list(c_dir, path):
+        read_ahead = self.read_ahead.take(node.id, dir_paths) if self.read_ahead is not None else None
+        subdirs: list[Node] = []
+        for name, found in self.stack.c.list(c_dir, path) if read_ahead is None else core.entries(read_ahead):
             try:
                 resolved = self._resolve_in(dir_paths, name, found)
                 entry_node = self._node_for(node, name, resolved, path, no_xattrs)
                 listing.append((name, entry_node))
                 # rm -rf unlinks what it lists, tar opens it
                 self._hand_found_to_shim(entry_node, resolved[0], lower_files)
+                if self._may_read_ahead(entry_node):
+                    subdirs.append(entry_node)
             except OSError:
                 ino = self.stack.compose_ino(found.attr.dev, found.attr.ino)
                 listing.append((name, name_only_entry(ino, found.attr.mode)))
         shim.mark_many_no_xattrs(no_xattrs)
         lower_files.hand_over()
+        if subdirs:
+            self.read_ahead.queue([(subdir.id, *self._dir_view(subdir)) for subdir in subdirs])
         return listing
+
+    def start_read_ahead(self) -> None:
+        """Read the lower layers' directories ahead of a walk (unionfs/fs/readahead.py), where
+        another CPU can: a daemon that serves a mount does, nothing else (a rehearsal must stay
+        single-threaded)."""
+        if self.read_ahead is None and len(os.sched_getaffinity(0)) > 1:
+            self.read_ahead = ReadAhead(self.stack.c)
+
+    def _may_read_ahead(self, node: Node) -> bool:
+        """Is NODE a directory of the lower layers alone, not too big, to be read ahead?"""
+        return (self.read_ahead is not None and node.is_dir and not (self.has_upper and node.dir_layers & UPPER_BIT)
+                and node.entry.st_size <= DIR_SIZE_MAX)
 
     def is_empty(self, node: Node) -> bool:
         """Does directory NODE show no entries? Answered from the first one listed, resolved
@@ -476,6 +499,8 @@ class Union(Namei):
         self._now_in_upper(node)
 
     def _now_in_upper(self, node: Node) -> None:
+        if self.read_ahead is not None:
+            self.read_ahead.changed()
         if not node.is_dir:
             node.lower_paths = NO_LOWER_PATHS  # all of the file is in the upper copy now
         self.refresh(node)
