@@ -135,13 +135,13 @@ static void drop_queued(struct ufs_readahead *ra, size_t i)
 /* Called with the lock held. */
 static void keep(struct ufs_readahead *ra, uint64_t key, struct ufs_dirent *entries, size_t count)
 {
-    while (ra->kept_count && (ra->kept_count == ra->max_kept_entries ||
-                              ra->kept_entries + count > ra->max_kept_entries))
-        drop_kept(ra, 0);
     if (count > ra->max_kept_entries) {
         free(entries);
         return;
     }
+    while (ra->kept_count && (ra->kept_count == ra->max_kept_entries ||
+                              ra->kept_entries + count > ra->max_kept_entries))
+        drop_kept(ra, 0);
     ra->kept[ra->kept_count++] = (struct ra_kept){.key = key, .entries = entries, .count = count};
     ra->kept_entries += count;
 }

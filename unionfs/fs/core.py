@@ -156,7 +156,6 @@ class LayerArray:
             lib.ufs_names_free(names)
 
 
-
 class DirReader:
     """The C core's read-ahead thread (ufs_readahead_*) over LAYERS: directories queued under a
     key are listed and resolved on another CPU, without the GIL, and kept for take()."""
@@ -171,8 +170,9 @@ class DirReader:
         self._count = ffi.new("size_t *")
 
     def queue(self, key: int, dir_paths: tuple[Any, Any]) -> None:
-        """Read the directory DIR_PATHS (a LayerArray.dir_paths() argument) under KEY."""
-        _check(lib.ufs_readahead_queue(self._reader, key, dir_paths[0]), b"read-ahead")
+        """Read the directory DIR_PATHS (a LayerArray.dir_paths() argument) under KEY. If it
+        cannot be queued (no memory, no thread), the listing that asks reads it itself."""
+        lib.ufs_readahead_queue(self._reader, key, dir_paths[0])
 
     def take(self, key: int) -> bytes | None:
         """What was read of KEY, as C structs for entries(); None if nothing is kept for it."""
