@@ -80,6 +80,7 @@ class Union(Namei):
         read-ahead thread first: both read through their fds)."""
         if self.read_ahead is not None:
             self.read_ahead.stop()
+            self.read_ahead = None
         self.stack.close()
         if self.work is not None:
             self.work.close()
