@@ -54,13 +54,15 @@ static void free_paths(char **paths, int nlayers)
 struct ufs_readahead *ufs_readahead_new(const struct ufs_layer *layers, int nlayers, size_t max_entries,
                                         size_t max_kept_entries, size_t max_queued)
 {
+    if (nlayers < 1 || nlayers > UFS_MAX_LAYERS)
+        return NULL;
     struct ufs_readahead *ra = calloc(1, sizeof(*ra));
     if (!ra)
         return NULL;
     ra->layers = malloc(nlayers * sizeof(*layers));
     ra->queued = calloc(max_queued ? max_queued : 1, sizeof(*ra->queued));
     ra->kept = calloc(max_kept_entries ? max_kept_entries : 1, sizeof(*ra->kept));
-    if (!ra->layers || !ra->queued || !ra->kept || nlayers < 1 || nlayers > UFS_MAX_LAYERS) {
+    if (!ra->layers || !ra->queued || !ra->kept) {
         free(ra->layers);
         free(ra->queued);
         free(ra->kept);

@@ -141,7 +141,8 @@ typedef struct ufs_readahead ufs_readahead;
 
 /* A reader of LAYERS (copied; their fds must stay open until ufs_readahead_stop()) that keeps no
    directory of more than MAX_ENTRIES entries, MAX_KEPT_ENTRIES entries in all (the oldest go
-   first) and MAX_QUEUED directories queued (the oldest go first). NULL when out of memory. */
+   first) and MAX_QUEUED directories queued (the oldest go first). NULL when out of memory, or
+   when NLAYERS is not 1 to UFS_MAX_LAYERS. */
 ufs_readahead *ufs_readahead_new(const struct ufs_layer *layers, int nlayers, size_t max_entries,
                                  size_t max_kept_entries, size_t max_queued);
 

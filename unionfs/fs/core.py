@@ -161,7 +161,6 @@ class DirReader:
     key are listed and resolved on another CPU, without the GIL, and kept for take()."""
 
     def __init__(self, layers: LayerArray, max_entries: int, max_kept_entries: int, max_queued: int):
-        self._layers = layers  # its C array must outlive the thread
         self._reader = lib.ufs_readahead_new(layers._c_layers, layers.count, max_entries, max_kept_entries,
                                              max_queued)
         if self._reader == ffi.NULL:
