@@ -378,6 +378,53 @@ def test_a_server_that_exits_while_its_mounts_live_is_replaced(fork_server, dirs
         server.stop()
 
 
+def waiting_spare(server_pid: int) -> tuple[int, float]:
+    """The spare SERVER_PID forked that waits for a caller, and when it started (seconds since
+    boot); waited for."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    comm, fields = f.read().split(" (", 1)[1].rsplit(") ", 1)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            fields = fields.split()
+            if int(fields[1]) == server_pid and comm == "pyunionfs fork-":  # "... fork-server spare"
+                return int(entry), int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        time.sleep(0.01)
+    raise AssertionError("the server forked no spare")
+
+
+def test_a_slow_callers_next_spare_is_forked_once_its_container_has_started(fork_server, dirs, tmp_path):
+    """After a caller that came long after the last one had its answer, the next spare is forked
+    FORK_DELAY later (its fork would take the CPU the caller's container starts with); a caller
+    that connects in the meantime is served all the same, by a spare forked for it at once."""
+    time.sleep(2 * server.FORK_DELAY)  # the first caller comes slowly
+    assert helper(dirs).returncode == 0
+    answered = time.clock_gettime(time.CLOCK_BOOTTIME)
+    _, started = waiting_spare(fork_server)
+    # The spare's start is counted in clock ticks; the caller had its answer a little before `answered`.
+    assert started >= answered + server.FORK_DELAY - 0.03, (started, answered)
+
+    others = []
+    for name in ("second", "third"):
+        other = {key: tmp_path / name / key for key in ("upper", "work", "mnt")}
+        for path in other.values():
+            path.mkdir(parents=True)
+        others.append({"lower": dirs["lower"], **other})
+    try:
+        time.sleep(2 * server.FORK_DELAY)
+        assert helper(others[0]).returncode == 0
+        assert helper(others[1]).returncode == 0  # most likely within the delay
+        for other in others:
+            (daemon,) = daemons_for(other["mnt"])
+            assert parent_of(daemon) == fork_server and (other["mnt"] / "f").read_text() == "lower\n"
+    finally:
+        for other in others:
+            force_unmount(other["mnt"])
+
+
 def test_the_server_and_its_mounts_keep_few_fds(fork_server, dirs):
     """Each request is served by a spare the server forked ahead of time: the server keeps nothing
     per spare, and a FUSE server it forked has the fds of one mount only."""
@@ -386,8 +433,9 @@ def test_the_server_and_its_mounts_keep_few_fds(fork_server, dirs):
         return len(os.listdir(f"/proc/{pid}/fd"))
 
     def server_fds() -> int:
-        """The server's fds between forks: it forks the next spare once a mount is answered,
-        and holds both ends of its pipe to it for that moment."""
+        """The server's fds between forks: it forks the next spare once a mount is answered (or
+        FORK_DELAY later), and holds both ends of its pipe to it for that moment."""
+        time.sleep(server.FORK_DELAY)
         samples = []
         for _ in range(10):
             time.sleep(0.02)

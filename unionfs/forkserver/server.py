@@ -5,7 +5,7 @@ It imports what a FUSE server and the container launcher need, then listens on a
 only its user can reach (a 0700 directory; SO_PEERCRED, and the caller's effective capabilities
 must cover its own). It keeps one forked spare process, single-threaded, that has rehearsed a
 request (_rehearse) and waits for the next caller; the server forks the next one once that caller
-has its answer. The spare takes on that caller's cgroups, limits and priorities (caller.py),
+has its answer (or a little later: FORK_DELAY). The spare takes on that caller's cgroups, limits and priorities (caller.py),
 enters its user and mount namespaces (setns), root and working directory, takes on its stdio,
 environment and umask, and runs the command, with a process title of that command: it is the new FUSE server (or daemonizes one), or the container's launcher,
 which the caller's end ends (as it would end the caller's own launcher). A request it cannot take
@@ -115,17 +115,19 @@ def run(idle: float, readers: Readers) -> int:
     setproctitle.setproctitle("pyunionfs fork-server")
     stage = _make_stage(where)
     spare = Spare(listener, lock, readers, stage, code_files, (wake_r, wake_w), previous)
-    # The next spare is forked once the last caller has its answer: its fork and rehearsal would
-    # take the CPU that the caller's mount waits for (some 4 ms of a mount here).
     waiting = -1  # the spare that waits for a caller (-1: none)
     answering = -1  # the pipe of the spare that took the last caller, until it has answered (-1: none)
+    fork_at = 0.0  # when the next spare is forked (see FORK_DELAY), or at once when a caller connects
+    quiet_since = time.monotonic()  # when the last caller had its answer (or the server started)
     try:
         while True:
-            if waiting < 0 and answering < 0:
+            if waiting < 0 and answering < 0 and time.monotonic() >= fork_at:
                 waiting, taken = spare.start()
                 deadline = time.monotonic() + idle if idle else None
             if answering >= 0:
                 watched, until = answering, answered_by
+            elif waiting < 0:
+                watched, until = listener.fileno(), fork_at
             else:
                 watched, until = taken, deadline
             timeout = None if until is None else max(0.0, until - time.monotonic())
@@ -142,6 +144,12 @@ def run(idle: float, readers: Readers) -> int:
                 answering = -1
                 if retire:
                     break
+                now = time.monotonic()
+                fork_at = now + FORK_DELAY if connected - quiet_since >= FORK_DELAY else now
+                quiet_since = now
+                continue
+            if waiting < 0:  # the delay is over, or a caller connected: fork its spare now
+                fork_at = 0.0
                 continue
             note = os.read(taken, 1) if ready else b""
             if ready:
@@ -149,7 +157,8 @@ def run(idle: float, readers: Readers) -> int:
             if note != TAKEN:
                 os.close(taken)
                 break  # idle, new code (the next caller starts a new server), or a spare that died
-            answering, answered_by = taken, time.monotonic() + ANSWER_WAIT
+            connected = time.monotonic()
+            answering, answered_by = taken, connected + ANSWER_WAIT
     finally:
         signal.set_wakeup_fd(-1)
         for signum, handler in previous.items():
@@ -195,6 +204,13 @@ def _drain(fd: int) -> set[int]:
 # caller.Unreachable): the server exits, and the caller starts one of its own.
 TAKEN, STALE, RETIRE = b"t", b"s", b"r"
 ANSWER_WAIT = 1.0
+# The next spare is forked once the last caller has its answer (before, it would take the CPU the
+# caller's mount waits for), and FORK_DELAY seconds later where callers come less often than
+# that: the fork and the spare's first steps (some 8 ms of CPU here) would take it from the
+# caller's container as it starts (`podman run --rm true`: 1.07-1.11x fuse-overlayfs's time with
+# the fork at once, 1.02-1.05x with it 0.1 s later). A caller that connects in the meantime has its
+# spare forked at once, and so has the next (callers in quick succession find a rehearsed spare).
+FORK_DELAY = 0.1
 # How long a spare waits for a caller, its rehearsal's union open, before it rehearses requests:
 # the caller just answered sends its first requests now, which that CPU would be taken from.
 QUIET = 0.05
