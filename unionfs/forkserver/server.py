@@ -5,9 +5,10 @@ It imports what a FUSE server and the container launcher need, then listens on a
 only its user can reach (a 0700 directory; SO_PEERCRED, and the caller's effective capabilities
 must cover its own). It keeps one forked spare process, single-threaded, that has rehearsed a
 request (_rehearse) and waits for the next caller; the server forks the next one once that caller
-has its answer (or a little later: FORK_DELAY). The spare takes on that caller's cgroups, limits and priorities (caller.py),
-enters its user and mount namespaces (setns), root and working directory, takes on its stdio,
-environment and umask, and runs the command, with a process title of that command: it is the new FUSE server (or daemonizes one), or the container's launcher,
+has its answer (or a little later: FORK_DELAY). The spare takes on that caller's cgroups, limits
+and priorities (caller.py), enters its user and mount namespaces (setns), root and working
+directory, takes on its stdio, environment and umask, and runs the command, with a process title
+of that command: it is the new FUSE server (or daemonizes one), or the container's launcher,
 which the caller's end ends (as it would end the caller's own launcher). A request it cannot take
 on (another command, a foreground mount, a context it cannot enter or take on) is declined before
 anything is done, and the caller does it the slow way; where the caller's limits or priority are
@@ -207,9 +208,10 @@ ANSWER_WAIT = 1.0
 # The next spare is forked once the last caller has its answer (before, it would take the CPU the
 # caller's mount waits for), and FORK_DELAY seconds later where callers come less often than
 # that: the fork and the spare's first steps (some 8 ms of CPU here) would take it from the
-# caller's container as it starts (`podman run --rm true`: 1.07-1.11x fuse-overlayfs's time with
-# the fork at once, 1.02-1.05x with it 0.1 s later). A caller that connects in the meantime has its
-# spare forked at once, and so has the next (callers in quick succession find a rehearsed spare).
+# caller's container as it starts (`podman run --rm true` every ~0.4 s: 1.07x fuse-overlayfs's time
+# with the fork at once, 1.04x with it 0.1 s later; back to back, where the delayed fork meets the
+# next run's start, no difference could be measured). A caller that connects in the meantime has
+# its spare forked at once, and so has the next (callers in quick succession find a rehearsed spare).
 FORK_DELAY = 0.1
 # How long a spare waits for a caller, its rehearsal's union open, before it rehearses requests:
 # the caller just answered sends its first requests now, which that CPU would be taken from.
