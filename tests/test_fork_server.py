@@ -398,8 +398,9 @@ def waiting_spare(server_pid: int) -> tuple[int, float]:
 
 def test_a_slow_callers_next_spare_is_forked_once_its_container_has_started(fork_server, dirs, tmp_path):
     """After a caller that came long after the last one had its answer, the next spare is forked
-    FORK_DELAY later (its fork would take the CPU the caller's container starts with); a caller
-    that connects in the meantime is served all the same, by a spare forked for it at once."""
+    FORK_DELAY later (its fork would take the CPU the caller's container starts with); callers
+    that come right after one another are all served by the server (which, for one that connects
+    before the next spare is forked, forks it at once)."""
     time.sleep(2 * server.FORK_DELAY)  # the first caller comes slowly
     assert helper(dirs).returncode == 0
     answered = time.clock_gettime(time.CLOCK_BOOTTIME)
