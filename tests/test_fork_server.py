@@ -32,18 +32,22 @@ def server_pid() -> int | None:
         return None
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name: state, parent, ... (proc(5) field 3 on)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def gone(pid: int) -> bool:
     """PID has ended (a zombie that nobody reaps counts as ended)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        return stat_fields(pid)[0] == "Z"
     except FileNotFoundError:
         return True
 
 
 def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+    return int(stat_fields(pid)[1])
 
 
 def wait_until_serving(started: subprocess.Popen) -> None:
@@ -378,20 +382,19 @@ def test_a_server_that_exits_while_its_mounts_live_is_replaced(fork_server, dirs
         server.stop()
 
 
-def waiting_spare(server_pid: int) -> tuple[int, float]:
-    """The spare SERVER_PID forked that waits for a caller, and when it started (seconds since
-    boot); waited for."""
+def waiting_spare_started(server_pid: int) -> float:
+    """When the spare SERVER_PID forked to wait for a caller started (seconds since boot); waited
+    for."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for entry in filter(str.isdigit, os.listdir("/proc")):
+        with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+            children = f.read().split()
+        for child in children:
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    comm, fields = f.read().split(" (", 1)[1].rsplit(") ", 1)
-            except (FileNotFoundError, ProcessLookupError):
+                if Path(f"/proc/{child}/comm").read_text() == "pyunionfs fork-\n":  # "... fork-server spare"
+                    return int(stat_fields(int(child))[19]) / os.sysconf("SC_CLK_TCK")  # starttime
+            except FileNotFoundError:
                 continue
-            fields = fields.split()
-            if int(fields[1]) == server_pid and comm == "pyunionfs fork-":  # "... fork-server spare"
-                return int(entry), int(fields[19]) / os.sysconf("SC_CLK_TCK")
         time.sleep(0.01)
     raise AssertionError("the server forked no spare")
 
@@ -404,7 +407,7 @@ def test_a_slow_callers_next_spare_is_forked_once_its_container_has_started(fork
     time.sleep(2 * server.FORK_DELAY)  # the first caller comes slowly
     assert helper(dirs).returncode == 0
     answered = time.clock_gettime(time.CLOCK_BOOTTIME)
-    _, started = waiting_spare(fork_server)
+    started = waiting_spare_started(fork_server)
     # The spare's start is counted in clock ticks; the caller had its answer a little before `answered`.
     assert started >= answered + server.FORK_DELAY - 0.03, (started, answered)
 
