@@ -160,6 +160,27 @@ def test_names_that_can_be_made(layout, mnt):
     assert sorted(os.listdir(layout["upper"] / "d")) == [long_name]
 
 
+def test_names_made_behind_the_kernels_back_are_not_made_over(layout, mnt):
+    """A name the kernel holds as absent (a cached negative lookup) that appeared in a directory
+    of the upper layer alone: making it through the union fails with EEXIST and leaves it as it
+    is, whichever way it is made."""
+    with pyunionfs([layout["lower"]], mnt, "-o", "timeout=60", upper=layout["upper"], workdir=layout["work"]):
+        (mnt / "new").mkdir()
+        names = ["file", "excl", "dir", "link", "fifo"]
+        for name in names:
+            assert not (mnt / "new" / name).exists()  # cached as absent for 60 s
+            (layout["upper"] / "new" / name).write_text(f"made behind the kernel's back: {name}")
+        makers = {"file": lambda p: os.open(p, os.O_WRONLY | os.O_CREAT, 0o644),
+                  "excl": lambda p: os.open(p, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o644),
+                  "dir": lambda p: os.mkdir(p), "link": lambda p: os.symlink("target", p),
+                  "fifo": lambda p: os.mkfifo(p)}
+        for name, make in makers.items():
+            with pytest.raises(FileExistsError):
+                make(mnt / "new" / name)
+    for name in names:
+        assert (layout["upper"] / "new" / name).read_text() == f"made behind the kernel's back: {name}"
+
+
 def test_concurrent_writers_and_a_copy_up_racing_readers(layout, mnt):
     data = os.urandom(8 << 20)
     (layout["lower"] / "shared").write_bytes(data)

@@ -67,6 +67,17 @@ def held_open(root: Path, served=lambda: 0) -> list:
     seen.append(os.pread(again, 64, 0))
     for fd in (created, other, again):
         os.close(fd)
+    # A file created write-only (its backing file is the daemon's read-write fd of it), read and
+    # mapped by another opener while the writer still writes.
+    writer = os.open(root / "write-only", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(writer, b"first\n")
+    reader = os.open(root / "write-only", os.O_RDONLY)
+    os.write(writer, b"second\n")
+    seen.append(os.pread(reader, 64, 0))
+    with mmap.mmap(reader, 0, prot=mmap.PROT_READ) as mapped:
+        seen.append(mapped[:])
+    os.close(writer)
+    os.close(reader)
     # Large writes and reads through a fresh upper file.
     block = os.urandom(1 << 20)
     with open(root / "large", "wb") as f:

@@ -86,9 +86,14 @@ def _check_name(name: bytes) -> None:
         raise fail(errno.EINVAL)
 
 
-def _check_new_name(union: Union, parent: Node, name: bytes) -> None:
+def _check_new_name(union: Union, parent: Node, name: bytes, made_exclusively: bool = False) -> None:
+    """NAME may be made in PARENT. MADE_EXCLUSIVELY: what makes it fails with EEXIST where NAME
+    is in the way, so a directory of the upper layer alone, where the union shows what is there,
+    needs no look at the layers first."""
     union.require_writable()
     _check_name(name)
+    if made_exclusively and parent.dir_layers == UPPER_BIT:
+        return
     if union.resolve(parent, name) is not None:
         raise fail(errno.EEXIST)
 
@@ -115,7 +120,7 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int, 
     """Create NAME in PARENT with MAKE(dir_fd, name), owned by the caller, and return its node
     (counted as a kernel reference). A directory made over a whiteout is opaque, so the lower
     directory's entries stay hidden."""
-    _check_new_name(union, parent, name)
+    _check_new_name(union, parent, name, made_exclusively=True)
     union.ensure_upper_dir(parent)
     # With redirects on, the kernel makes every new directory in a merged one opaque: a
     # directory renamed later may bring lower entries of the same name into view.
@@ -132,7 +137,7 @@ def install(union: Union, parent: Node, name: bytes, caller: Caller, mode: int, 
         if not stat.S_ISDIR(mode):
             node = union.remember_new(parent, name, parent_fd, fd)
             # Before the kernel asks (security.capability, at the first write).
-            union.xattr_names(node, (parent_fd, name) if fd is None else (fd, SELF))
+            union.xattr_names(node, (parent_fd, name) if fd is None else fd)
             return node
     node = union.lookup(parent, name)  # a directory: resolved across the layers, as any lookup
     assert node is not None
@@ -157,12 +162,15 @@ def symlink(union: Union, parent: Node, name: bytes, target: bytes, caller: Call
                    lambda dir_fd, n: syscalls.symlink(target, dir_fd, n))
 
 
-def create(union: Union, parent: Node, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Node, int]:
-    """Create and open a regular file; returns its node and an fd opened with FLAGS' access mode."""
+def create(union: Union, parent: Node, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Node, int, int]:
+    """Create and open a regular file; returns its node, an fd and the fd's access mode: FLAGS'
+    own, but read-write for a writer, so that a passthrough open can register that fd as its
+    backing file instead of opening the file again."""
+    access = os.O_RDONLY if flags & os.O_ACCMODE == os.O_RDONLY else os.O_RDWR
     opened: list[int] = []
 
     def make(dir_fd: int, n: bytes) -> int:
-        opened.append(syscalls.create(dir_fd, n, flags & os.O_ACCMODE, 0o600))
+        opened.append(syscalls.create(dir_fd, n, access, 0o600))
         return opened[-1]
 
     try:
@@ -171,7 +179,7 @@ def create(union: Union, parent: Node, name: bytes, mode: int, flags: int, calle
         for fd in opened:
             os.close(fd)
         raise
-    return node, opened[0]
+    return node, opened[0], access
 
 
 async def link(union: Union, node: Node, new_parent: Node, new_name: bytes) -> Node:

@@ -206,8 +206,8 @@ class UnionOperations(pyfuse3.Operations):
     @replies_errno
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         self.listings.changed(parent_inode)
-        node, fd = dirops.create(self.union, self._node(parent_inode), name, mode, flags, _caller(ctx))
-        handle = OpenFile(node, fd, flags & os.O_ACCMODE)
+        node, fd, access = dirops.create(self.union, self._node(parent_inode), name, mode, flags, _caller(ctx))
+        handle = OpenFile(node, fd, access)
         fh = self._add_handle(handle)
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.passthrough.keep_cache(handle)), node.entry
 

@@ -51,14 +51,19 @@ class Passthrough:
         if not shim.passthrough():
             self.available = False  # not asked for, or not granted at INIT
             return 0
-        try:
-            fd = self.union.open_file(node, os.O_RDWR if self.union.writable else os.O_RDONLY)
-        except OSError:
-            return 0  # an immutable file, say: the shim serves it
-        try:
-            backing = shim.backing_open(fd)
-        finally:
-            os.close(fd)
+        access = os.O_RDWR if self.union.writable else os.O_RDONLY
+        if handle.flags == access:
+            # The handle's own file will do (the kernel holds the backing file by itself).
+            backing = shim.backing_open(handle.fd)
+        else:
+            try:
+                fd = self.union.open_file(node, access)
+            except OSError:
+                return 0  # an immutable file, say: the shim serves it
+            try:
+                backing = shim.backing_open(fd)
+            finally:
+                os.close(fd)
         if backing <= 0:
             self.available = -backing not in UNAVAILABLE
             return 0

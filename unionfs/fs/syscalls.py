@@ -111,6 +111,11 @@ def listxattr(dir_fd: int, name: bytes) -> list[bytes]:
     return [os.fsencode(key) for key in os.listxattr(fd_path(dir_fd, name), follow_symlinks=_follow(name))]
 
 
+def flistxattr(fd: int) -> list[bytes]:
+    """The xattr names of open file FD (not an O_PATH fd, which flistxattr refuses)."""
+    return [os.fsencode(key) for key in os.listxattr(fd)]
+
+
 # ---- names ----
 
 def open_root(path: str) -> int:

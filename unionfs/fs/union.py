@@ -107,7 +107,8 @@ class Union(Namei):
                 else:
                     no_xattrs.append(node.id)
         if node.layer == UPPER:
-            if found.layer == UPPER and self.writable:  # attributes as they are now
+            # Attributes as they are now; a new node (not yet counted) has just been made from them.
+            if found.layer == UPPER and self.writable and node.lookups:
                 node.update(found, self.view)
         elif index_name is not None:  # a lower name of an object copied up through another
             node.update(found, self.view)
@@ -282,12 +283,15 @@ class Union(Namei):
         with self._data_at(node) as (dir_fd, name):
             return syscalls.open_beneath(dir_fd, name, flags)
 
-    def xattr_names(self, node: Node, at: tuple[int, bytes] | None = None) -> frozenset[bytes]:
-        """The names of NODE's xattrs, read once (from AT, NODE's (dir_fd, name), if the caller
-        has it open)."""
+    def xattr_names(self, node: Node, at: tuple[int, bytes] | int | None = None) -> frozenset[bytes]:
+        """The names of NODE's xattrs, read once (from AT if the caller has NODE at hand: its
+        (dir_fd, name), or a file descriptor of it open for reading or writing)."""
         if node.xattr_names is None:
-            with self.object_at(node) if at is None else contextlib.nullcontext(at) as where:
-                node.xattr_names = frozenset(syscalls.listxattr(*where))
+            if isinstance(at, int):
+                node.xattr_names = frozenset(syscalls.flistxattr(at))
+            else:
+                with self.object_at(node) if at is None else contextlib.nullcontext(at) as where:
+                    node.xattr_names = frozenset(syscalls.listxattr(*where))
             if self.xattrs and not xattrs.visible(list(node.xattr_names), self.stack.hidden_xattrs):
                 shim.mark_no_xattrs(node.id, True)
         return node.xattr_names
