@@ -331,7 +331,8 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
     dst_count = await _link_count(union, dst)
     src_has_lower = union.has_lower(old_parent, old_name)
     samedir = old_parent is new_parent
-    with union.upper_dir(old_parent) as old_fd, union.upper_dir(new_parent) as new_fd:
+    with union.upper_dir(old_parent) as old_fd, \
+            contextlib.nullcontext(old_fd) if samedir else union.upper_dir(new_parent) as new_fd:
         if dst is None:
             adopt_oci_whiteout(new_fd, new_name)
         _prepare_moving_dir(union, src, old_fd, old_name, new_parent, samedir)
@@ -349,7 +350,7 @@ async def rename(union: Union, old_parent: Node, old_name: bytes, new_parent: No
     _record_link_count(union, dst, dst_count, 0 if flags & RENAME_EXCHANGE else -1)
     # A rename moves names and private xattrs (overlay.redirect, overlay.impure), none a user sees.
     changed = (dst, src, old_parent, new_parent) if flags & RENAME_EXCHANGE else (src, old_parent, new_parent)
-    for moved in changed:
+    for moved in dict.fromkeys(changed):  # the parent once when both are one
         union.refresh(moved, xattrs_changed=False)
 
 
